@@ -1,0 +1,295 @@
+//! The command line: argument types and the subcommands they run. `main`
+//! only parses, starts telemetry and calls [`run`].
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
+
+use crate::config::Settings;
+use crate::pass::{run_pass, Mode, PassOptions, PassReport, Progress};
+use crate::report;
+use crate::store::AnyStore;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "driftd",
+    version,
+    about = "Keeps local SQL copies of upstream resources true."
+)]
+pub struct Cli {
+    /// Configuration file (TOML); `DRIFTD_*` variables override it.
+    #[arg(
+        long,
+        global = true,
+        env = "DRIFTD_CONFIG",
+        default_value = "driftd.toml"
+    )]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print the resolved resources.
+    Check,
+    /// Run one reconciliation pass of RESOURCE and print its report.
+    Reconcile {
+        resource: String,
+        /// Compute and print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Apply even if a guard trips.
+        #[arg(long)]
+        force: bool,
+        /// Which actions to take.
+        #[arg(long, value_enum, default_value = "full")]
+        mode: ModeArg,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the last recorded passes of RESOURCE.
+    History {
+        resource: String,
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+    },
+    /// See drift found and repaired: a sample upstream and a seeded SQLite file.
+    Quickstart {
+        /// Keep serving the sample upstream afterwards (Ctrl-C to stop).
+        #[arg(long)]
+        serve: bool,
+    },
+    /// Serve the bundled sample upstream (Wazo-shaped tenants and users).
+    SampleUpstream {
+        #[arg(long, default_value = "127.0.0.1:8931")]
+        listen: String,
+        #[arg(long, default_value_t = 50)]
+        tenants: u64,
+        #[arg(long, default_value_t = 2000)]
+        users: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ModeArg {
+    Full,
+    PurgeOnly,
+    RepairOnly,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Full => Mode::Full,
+            ModeArg::PurgeOnly => Mode::PurgeOnly,
+            ModeArg::RepairOnly => Mode::RepairOnly,
+        }
+    }
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Reconcile {
+            resource,
+            dry_run,
+            force,
+            mode,
+            json,
+        } => {
+            let settings = Settings::load(&cli.config)?;
+            let opts = PassOptions {
+                mode: mode.into(),
+                dry_run,
+                force,
+            };
+            let report = reconcile(&settings, &resource, opts, !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report::human(&report));
+            }
+            Ok(report::exit_code(&report))
+        }
+        Command::History { resource, limit } => {
+            let settings = Settings::load(&cli.config)?;
+            settings.resource(&resource)?;
+            let store = open_store(&settings).await?;
+            let rows = match &store {
+                AnyStore::Sqlite(s) => {
+                    crate::store::Store::recent_passes(s, &resource, limit).await?
+                }
+                AnyStore::Postgres(s) => {
+                    crate::store::Store::recent_passes(s, &resource, limit).await?
+                }
+            };
+            for row in rows {
+                println!("{row}");
+            }
+            Ok(report::exit::OK)
+        }
+        Command::Quickstart { serve } => crate::quickstart::run(serve).await,
+        Command::SampleUpstream {
+            listen,
+            tenants,
+            users,
+        } => {
+            let up = crate::sample::SampleUpstream::new();
+            crate::sample::populate(&up, tenants, users);
+            let listener = tokio::net::TcpListener::bind(&listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            eprintln!(
+                "sample upstream on http://{} ({tenants} tenants, {users} users); Ctrl-C to stop",
+                listener.local_addr()?
+            );
+            tokio::select! {
+                r = up.serve(listener) => r?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            Ok(report::exit::OK)
+        }
+    }
+}
+
+fn check(path: &std::path::Path) -> anyhow::Result<i32> {
+    let settings = Settings::load(path)?;
+    println!("{}: OK", path.display());
+    println!("store: {}", mask_url(settings.store.url.expose_secret()));
+    for (name, r) in &settings.resources {
+        let u = &r.upstream;
+        println!("resource {name}");
+        println!(
+            "  upstream  {}{} ({:?}, page size {})",
+            u.base_url, u.list_path, u.pagination, u.page_size
+        );
+        println!(
+            "  token     {}",
+            if u.resolved_token.is_some() {
+                "set (hidden)"
+            } else {
+                "none"
+            }
+        );
+        println!(
+            "  key       {} -> {}.{}",
+            r.key.upstream, r.local.table, r.key.column
+        );
+        for (col, c) in &r.columns {
+            println!("  column    {} -> {col} ({:?})", c.from, c.kind);
+        }
+        let p = &r.policy;
+        println!(
+            "  policy    insert {} repair {} purge {} ({:?}), max purge {:.0}% / {} rows, confirm {}",
+            p.insert_missing,
+            p.repair_stale,
+            p.purge_extra,
+            p.purge,
+            p.max_purge_fraction * 100.0,
+            p.max_purge_count,
+            p.confirm_purge
+        );
+    }
+    Ok(report::exit::OK)
+}
+
+/// Hides the password in a database URL.
+pub fn mask_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+pub async fn open_store(settings: &Settings) -> anyhow::Result<AnyStore> {
+    AnyStore::open(&settings.store.url, settings.store.max_connections)
+        .await
+        .with_context(|| format!("store {}", mask_url(settings.store.url.expose_secret())))
+}
+
+/// Runs one pass of `resource`, with a progress line on a terminal.
+pub async fn reconcile(
+    settings: &Settings,
+    resource: &str,
+    opts: PassOptions,
+    show_progress: bool,
+) -> anyhow::Result<PassReport> {
+    let res = settings.resource(resource)?;
+    let store = open_store(settings).await?;
+    let progress = TerminalProgress::new(show_progress && std::io::stderr().is_terminal());
+    let report = match &store {
+        AnyStore::Sqlite(s) => run_pass(s, resource, res, opts, &progress).await,
+        AnyStore::Postgres(s) => run_pass(s, resource, res, opts, &progress).await,
+    };
+    progress.finish();
+    Ok(report)
+}
+
+/// A `\r`-rewritten status line on stderr, at most five times a second.
+struct TerminalProgress {
+    enabled: bool,
+    started: Instant,
+    last: Mutex<Option<Instant>>,
+}
+
+impl TerminalProgress {
+    fn new(enabled: bool) -> Self {
+        Self {
+            enabled,
+            started: Instant::now(),
+            last: Mutex::new(None),
+        }
+    }
+
+    fn finish(&self) {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if self.enabled && last.is_some() {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+impl Progress for TerminalProgress {
+    fn listed(&self, pages: u64, rows: u64) {
+        if !self.enabled {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|t| t.elapsed().as_millis() < 200) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        eprint!(
+            "\r\x1b[2Klisted {rows} rows in {pages} pages, {:.0} rows/s",
+            rows as f64 / secs
+        );
+        let _ = std::io::stderr().flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mask_url;
+
+    #[test]
+    fn masks_passwords() {
+        assert_eq!(
+            mask_url("postgres://app:s3cret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(mask_url("sqlite://a.db"), "sqlite://a.db");
+    }
+}

@@ -1,0 +1,812 @@
+//! Typed configuration: one `Deserialize` tree, loaded once (defaults → TOML
+//! file → `DRIFTD_` environment with `__` between levels) and validated
+//! completely before any task starts.
+//!
+//! Invariants once [`Settings::load`] returns `Ok`:
+//! - every SQL identifier is a plain identifier ([`Ident`]), so it can be
+//!   quoted and interpolated without risk;
+//! - every URL parses and every JSON pointer is well formed;
+//! - every secret that a resource names is present (and is never printed:
+//!   it lives in a [`SecretString`]).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use reqwest::Url;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, naming where it is: the file, the resource and
+/// the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read or parsed, or a field had the wrong type.
+    #[error("{file}: {source}")]
+    Parse {
+        file: String,
+        #[source]
+        source: Box<figment::Error>,
+    },
+    /// A field parsed but its value is not acceptable.
+    #[error("{file}: resource `{resource}`, field `{field}`: {problem}")]
+    Invalid {
+        file: String,
+        resource: String,
+        field: String,
+        problem: String,
+    },
+    /// A field outside any resource is not acceptable.
+    #[error("{file}: field `{field}`: {problem}")]
+    InvalidGlobal {
+        file: String,
+        field: String,
+        problem: String,
+    },
+}
+
+/// The whole configuration tree.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Where driftd's own state lives and where the mirrored tables are.
+    #[serde(default)]
+    pub store: StoreSettings,
+    /// Mirrored resources by name; the name is what the CLI and metrics use.
+    #[serde(default)]
+    pub resources: BTreeMap<String, ResourceConfig>,
+    /// The file this was loaded from, for error messages.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// Database connection.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    /// `sqlite://path.db`, `sqlite::memory:` or `postgres://...`. It may hold
+    /// a password, so it is a secret and never logged.
+    #[serde(default = "default_store_url")]
+    pub url: SecretString,
+    /// Connections in the pool (PostgreSQL; SQLite keeps one writer).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            url: default_store_url(),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+fn default_store_url() -> SecretString {
+    SecretString::from("sqlite://driftd.db")
+}
+fn default_max_connections() -> u32 {
+    4
+}
+
+/// One mirrored kind of upstream object.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceConfig {
+    pub upstream: UpstreamConfig,
+    pub key: KeyConfig,
+    pub local: LocalConfig,
+    /// Local column ← upstream field, for the columns driftd owns.
+    #[serde(default)]
+    pub columns: BTreeMap<String, ColumnConfig>,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+}
+
+/// Where and how to list the upstream collection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub base_url: String,
+    /// Path of the list endpoint, joined to `base_url`.
+    pub list_path: String,
+    /// Path of the get-by-key endpoint with a `{key}` placeholder; needed for
+    /// `policy.confirm_purge`.
+    pub get_path: Option<String>,
+    #[serde(default)]
+    pub pagination: Pagination,
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// JSON pointer to the array of items in a page (`""` = the body itself).
+    #[serde(default = "default_items_pointer")]
+    pub items_pointer: String,
+    /// JSON pointer to the announced total row count, if the API gives one.
+    /// A listing whose row count disagrees with it is incomplete.
+    pub total_pointer: Option<String>,
+    /// The order the query asks for (e.g. with `order=uuid`); a page that
+    /// breaks it makes the listing incomplete.
+    #[serde(default)]
+    pub key_order: KeyOrder,
+    /// Extra query parameters sent with every list request.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// Extra headers sent with every request (e.g. `Wazo-Tenant`).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Bearer token, usually given as `DRIFTD_RESOURCES__<NAME>__UPSTREAM__TOKEN`.
+    pub token: Option<SecretString>,
+    /// Name of an environment variable holding the token.
+    pub token_env: Option<String>,
+    /// File holding the token (trailing whitespace is trimmed).
+    pub token_file: Option<PathBuf>,
+    /// Header carrying the token; `Authorization` sends `Bearer <token>`.
+    #[serde(default = "default_token_header")]
+    pub token_header: String,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: f64,
+    /// Whole-request timeout, body included.
+    #[serde(default = "default_request_timeout")]
+    pub timeout_secs: f64,
+    /// Attempts after the first on transient errors (connect, timeout, 5xx, 429).
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    #[serde(default = "default_backoff_ms")]
+    pub backoff_ms: u64,
+    /// A listing needing more pages than this is treated as a pagination loop.
+    #[serde(default = "default_max_pages")]
+    pub max_pages: u64,
+    /// The token after resolution (from `token`, `token_env` or `token_file`).
+    #[serde(skip)]
+    pub resolved_token: Option<SecretString>,
+}
+
+fn default_page_size() -> u32 {
+    1000
+}
+fn default_items_pointer() -> String {
+    "/items".into()
+}
+fn default_token_header() -> String {
+    "Authorization".into()
+}
+fn default_connect_timeout() -> f64 {
+    5.0
+}
+fn default_request_timeout() -> f64 {
+    30.0
+}
+fn default_retries() -> u32 {
+    3
+}
+fn default_backoff_ms() -> u64 {
+    200
+}
+fn default_max_pages() -> u64 {
+    100_000
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.connect_timeout_secs)
+    }
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout_secs)
+    }
+}
+
+/// How the list endpoint pages.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Pagination {
+    /// `?limit=N&offset=M`.
+    Offset {
+        #[serde(default = "default_limit_param")]
+        limit_param: String,
+        #[serde(default = "default_offset_param")]
+        offset_param: String,
+    },
+    /// `?page=P&per_page=N`, pages numbered from `first_page`.
+    Page {
+        #[serde(default = "default_page_param")]
+        page_param: String,
+        #[serde(default = "default_per_page_param")]
+        per_page_param: String,
+        #[serde(default = "default_first_page")]
+        first_page: u64,
+    },
+    /// An opaque next-page token found at a JSON pointer in the body.
+    Cursor {
+        #[serde(default = "default_cursor_param")]
+        cursor_param: String,
+        next_pointer: String,
+        #[serde(default = "default_limit_param")]
+        limit_param: String,
+    },
+    /// RFC 8288 `Link: <...>; rel="next"` headers.
+    Link {
+        #[serde(default = "default_limit_param")]
+        limit_param: String,
+    },
+}
+
+impl Default for Pagination {
+    fn default() -> Self {
+        Pagination::Offset {
+            limit_param: default_limit_param(),
+            offset_param: default_offset_param(),
+        }
+    }
+}
+
+fn default_limit_param() -> String {
+    "limit".into()
+}
+fn default_offset_param() -> String {
+    "offset".into()
+}
+fn default_page_param() -> String {
+    "page".into()
+}
+fn default_per_page_param() -> String {
+    "per_page".into()
+}
+fn default_first_page() -> u64 {
+    1
+}
+fn default_cursor_param() -> String {
+    "cursor".into()
+}
+
+/// The order the upstream promises for its listing.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyOrder {
+    /// No promise: no order check.
+    #[default]
+    None,
+    /// Strictly ascending keys (bytewise for text keys, numeric for integers).
+    Asc,
+}
+
+/// The key that pairs upstream items with local rows.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// JSON pointer to the key in an upstream item, e.g. `/uuid`.
+    pub upstream: String,
+    /// Local key column.
+    pub column: String,
+    #[serde(default, rename = "type")]
+    pub kind: KeyType,
+}
+
+/// Key types; integer keys are compared and stored as integers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyType {
+    #[default]
+    Text,
+    Integer,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalConfig {
+    /// The mirrored table, `name` or `schema.name`. It belongs to the user:
+    /// driftd reads and writes rows, never alters it.
+    pub table: String,
+}
+
+/// One owned column: its upstream source and how to compare it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnConfig {
+    /// JSON pointer into the upstream item.
+    pub from: String,
+    #[serde(default, rename = "type")]
+    pub kind: ColumnType,
+}
+
+/// Column types driftd compares with type awareness.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ColumnType {
+    #[default]
+    Text,
+    Integer,
+    Boolean,
+}
+
+/// What a pass may do, and the limits on purging.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    #[serde(default = "yes")]
+    pub insert_missing: bool,
+    #[serde(default = "yes")]
+    pub repair_stale: bool,
+    #[serde(default = "yes")]
+    pub purge_extra: bool,
+    #[serde(default)]
+    pub purge: PurgeMode,
+    /// A purge above this fraction of the local rows trips the guard.
+    #[serde(default = "default_max_purge_fraction")]
+    pub max_purge_fraction: f64,
+    /// A purge above this many rows trips the guard.
+    #[serde(default = "default_max_purge_count")]
+    pub max_purge_count: u64,
+    /// Check each purge candidate with `upstream.get_path`; purge only on 404.
+    #[serde(default)]
+    pub confirm_purge: bool,
+    /// Rows per write statement/transaction.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            insert_missing: true,
+            repair_stale: true,
+            purge_extra: true,
+            purge: PurgeMode::default(),
+            max_purge_fraction: default_max_purge_fraction(),
+            max_purge_count: default_max_purge_count(),
+            confirm_purge: false,
+            batch_size: default_batch_size(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_purge_fraction() -> f64 {
+    0.10
+}
+fn default_max_purge_count() -> u64 {
+    10_000
+}
+fn default_batch_size() -> usize {
+    1000
+}
+
+/// How an extra row is purged.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum PurgeMode {
+    /// `DELETE` the row.
+    #[default]
+    Delete,
+    /// Set this timestamp column to the current time instead (rows already
+    /// soft-deleted are not scanned).
+    SoftDelete { column: String },
+}
+
+/// A plain SQL identifier: `[A-Za-z_][A-Za-z0-9_]*`, at most 63 bytes,
+/// optionally `schema.name`. Anything else is rejected, never interpolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ident(String);
+
+impl Ident {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = raw.split('.').collect();
+        if parts.len() > 2 {
+            return Err(format!("`{raw}` has more than one dot"));
+        }
+        for part in &parts {
+            let ok = !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !ok {
+                return Err(format!(
+                    "`{raw}` is not a plain SQL identifier (letters, digits and _; not starting with a digit; at most 63 characters)"
+                ));
+            }
+        }
+        Ok(Ident(raw.to_string()))
+    }
+
+    /// The identifier double-quoted part by part, safe to interpolate.
+    pub fn quoted(&self) -> String {
+        self.0
+            .split('.')
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(".")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the store needs to know about a mirrored table, validated.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub table: Ident,
+    pub key_column: Ident,
+    pub key_type: KeyType,
+    /// Owned columns in a fixed order; values travel in this order.
+    pub columns: Vec<(Ident, ColumnType)>,
+    /// Soft-delete column, if purges are soft.
+    pub soft_delete: Option<Ident>,
+}
+
+impl Settings {
+    /// Loads defaults, then `path`, then `DRIFTD_*` variables, and validates.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let file = path.display().to_string();
+        if !path.exists() {
+            return Err(ConfigError::InvalidGlobal {
+                file,
+                field: "--config".into(),
+                problem: "file not found".into(),
+            });
+        }
+        let figment = Figment::new()
+            .merge(Toml::file_exact(path))
+            .merge(Env::prefixed("DRIFTD_").split("__"));
+        Self::from_figment(figment, &file, path)
+    }
+
+    /// Loads from TOML text (tests, the quickstart); environment still applies.
+    pub fn from_toml_str(text: &str, name: &str) -> Result<Settings, ConfigError> {
+        let figment = Figment::new()
+            .merge(Toml::string(text))
+            .merge(Env::prefixed("DRIFTD_").split("__"));
+        Self::from_figment(figment, name, Path::new(name))
+    }
+
+    fn from_figment(figment: Figment, file: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let mut settings: Settings = figment.extract().map_err(|source| ConfigError::Parse {
+            file: file.to_string(),
+            source: Box::new(source),
+        })?;
+        settings.source = path.to_path_buf();
+        settings.validate(file)?;
+        Ok(settings)
+    }
+
+    fn validate(&mut self, file: &str) -> Result<(), ConfigError> {
+        if self.store.max_connections == 0 {
+            return Err(ConfigError::InvalidGlobal {
+                file: file.into(),
+                field: "store.max_connections".into(),
+                problem: "must be at least 1".into(),
+            });
+        }
+        let url = self.store.url.expose_secret();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            return Err(ConfigError::InvalidGlobal {
+                file: file.into(),
+                field: "store.url".into(),
+                problem: "must start with sqlite:, postgres:// or postgresql://".into(),
+            });
+        }
+        for (name, res) in &mut self.resources {
+            res.validate(name)
+                .map_err(|(field, problem)| ConfigError::Invalid {
+                    file: file.into(),
+                    resource: name.clone(),
+                    field,
+                    problem,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// The resource called `name`, or an error listing the known ones.
+    pub fn resource(&self, name: &str) -> anyhow::Result<&ResourceConfig> {
+        self.resources.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.resources.keys().map(String::as_str).collect();
+            anyhow::anyhow!(
+                "unknown resource `{name}` in {} (known: {})",
+                self.source.display(),
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
+    }
+}
+
+type FieldProblem = (String, String);
+
+fn problem(field: &str, text: impl Into<String>) -> FieldProblem {
+    (field.to_string(), text.into())
+}
+
+fn check_pointer(field: &str, pointer: &str) -> Result<(), FieldProblem> {
+    if pointer.is_empty() || pointer.starts_with('/') {
+        Ok(())
+    } else {
+        Err(problem(
+            field,
+            format!("`{pointer}` is not a JSON pointer (it must be empty or start with `/`)"),
+        ))
+    }
+}
+
+fn check_ident(field: &str, raw: &str) -> Result<Ident, FieldProblem> {
+    Ident::parse(raw).map_err(|e| problem(field, e))
+}
+
+impl ResourceConfig {
+    fn validate(&mut self, name: &str) -> Result<(), FieldProblem> {
+        Ident::parse(name).map_err(|_| {
+            problem(
+                "name",
+                "resource names must be letters, digits and _ (they are metric labels)",
+            )
+        })?;
+        self.upstream.validate()?;
+        check_pointer("key.upstream", &self.key.upstream)?;
+        if self.key.upstream.is_empty() {
+            return Err(problem("key.upstream", "must point into the item"));
+        }
+        check_ident("key.column", &self.key.column)?;
+        check_ident("local.table", &self.local.table)?;
+        if self.local.table.contains('.') {
+            // `schema.table` is fine; already validated.
+        }
+        for (column, spec) in &self.columns {
+            check_ident(&format!("columns.{column}"), column)?;
+            check_pointer(&format!("columns.{column}.from"), &spec.from)?;
+            if column == &self.key.column {
+                return Err(problem(
+                    &format!("columns.{column}"),
+                    "is the key column; the key is mapped by `key`",
+                ));
+            }
+        }
+        let p = &self.policy;
+        if !(0.0..=1.0).contains(&p.max_purge_fraction) || p.max_purge_fraction.is_nan() {
+            return Err(problem(
+                "policy.max_purge_fraction",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if p.batch_size == 0 || p.batch_size > 10_000 {
+            return Err(problem("policy.batch_size", "must be between 1 and 10000"));
+        }
+        if let PurgeMode::SoftDelete { column } = &p.purge {
+            check_ident("policy.purge.soft_delete.column", column)?;
+        }
+        if p.confirm_purge && self.upstream.get_path.is_none() {
+            return Err(problem(
+                "policy.confirm_purge",
+                "needs upstream.get_path to confirm candidates",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The validated table description the store works with.
+    pub fn table_spec(&self) -> TableSpec {
+        // `validate` has checked every identifier, so these parses succeed;
+        // fall back to an impossible name rather than panic if it did not.
+        let ident = |s: &str| Ident::parse(s).unwrap_or_else(|_| Ident("invalid".into()));
+        TableSpec {
+            table: ident(&self.local.table),
+            key_column: ident(&self.key.column),
+            key_type: self.key.kind,
+            columns: self
+                .columns
+                .iter()
+                .map(|(name, c)| (ident(name), c.kind))
+                .collect(),
+            soft_delete: match &self.policy.purge {
+                PurgeMode::Delete => None,
+                PurgeMode::SoftDelete { column } => Some(ident(column)),
+            },
+        }
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&mut self) -> Result<(), FieldProblem> {
+        let base = Url::parse(&self.base_url)
+            .map_err(|e| problem("upstream.base_url", format!("`{}`: {e}", self.base_url)))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(problem("upstream.base_url", "must be http or https"));
+        }
+        if !self.list_path.starts_with('/') {
+            return Err(problem("upstream.list_path", "must start with `/`"));
+        }
+        if let Some(get) = &self.get_path {
+            if !get.starts_with('/') || !get.contains("{key}") {
+                return Err(problem(
+                    "upstream.get_path",
+                    "must start with `/` and contain `{key}`",
+                ));
+            }
+        }
+        if self.page_size == 0 || self.page_size > 100_000 {
+            return Err(problem(
+                "upstream.page_size",
+                "must be between 1 and 100000",
+            ));
+        }
+        check_pointer("upstream.items_pointer", &self.items_pointer)?;
+        if let Some(t) = &self.total_pointer {
+            check_pointer("upstream.total_pointer", t)?;
+        }
+        if let Pagination::Cursor { next_pointer, .. } = &self.pagination {
+            check_pointer("upstream.pagination.next_pointer", next_pointer)?;
+        }
+        for (field, secs) in [
+            ("upstream.connect_timeout_secs", self.connect_timeout_secs),
+            ("upstream.timeout_secs", self.timeout_secs),
+        ] {
+            if !(secs > 0.0 && secs <= 3600.0) {
+                return Err(problem(field, "must be between 0 and 3600 seconds"));
+            }
+        }
+        if self.retries > 20 {
+            return Err(problem("upstream.retries", "must be at most 20"));
+        }
+        if self.max_pages == 0 {
+            return Err(problem("upstream.max_pages", "must be at least 1"));
+        }
+        for name in self
+            .headers
+            .keys()
+            .chain(std::iter::once(&self.token_header))
+        {
+            if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(problem(
+                    "upstream.headers",
+                    format!("`{name}` is not a valid header name"),
+                ));
+            }
+        }
+        for (name, value) in &self.headers {
+            if reqwest::header::HeaderValue::from_str(value).is_err() {
+                return Err(problem(
+                    &format!("upstream.headers.{name}"),
+                    "is not a valid header value",
+                ));
+            }
+        }
+        self.resolved_token = self.resolve_token()?;
+        Ok(())
+    }
+
+    fn resolve_token(&self) -> Result<Option<SecretString>, FieldProblem> {
+        let given = [
+            self.token.is_some(),
+            self.token_env.is_some(),
+            self.token_file.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(problem(
+                "upstream.token",
+                "give at most one of token, token_env and token_file",
+            ));
+        }
+        if let Some(t) = &self.token {
+            return Ok(Some(t.clone()));
+        }
+        if let Some(var) = &self.token_env {
+            return match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Ok(Some(SecretString::from(v))),
+                _ => Err(problem(
+                    "upstream.token_env",
+                    format!("environment variable `{var}` is not set"),
+                )),
+            };
+        }
+        if let Some(path) = &self.token_file {
+            return match std::fs::read_to_string(path) {
+                Ok(v) if !v.trim().is_empty() => {
+                    Ok(Some(SecretString::from(v.trim_end().to_string())))
+                }
+                Ok(_) => Err(problem(
+                    "upstream.token_file",
+                    format!("`{}` is empty", path.display()),
+                )),
+                Err(e) => Err(problem(
+                    "upstream.token_file",
+                    format!("`{}`: {e}", path.display()),
+                )),
+            };
+        }
+        Ok(None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[resources.users]
+upstream = { base_url = "http://127.0.0.1:9", list_path = "/users" }
+key = { upstream = "/uuid", column = "uuid" }
+local = { table = "users" }
+columns = { name = { from = "/name" } }
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let s = Settings::from_toml_str(MINIMAL, "t.toml").expect("loads");
+        let r = &s.resources["users"];
+        assert_eq!(r.upstream.page_size, 1000);
+        assert_eq!(r.policy.max_purge_fraction, 0.10);
+        assert_eq!(r.upstream.pagination, Pagination::default());
+    }
+
+    #[test]
+    fn bad_identifier_is_rejected_naming_the_field() {
+        let text = MINIMAL.replace("table = \"users\"", "table = \"users; DROP TABLE x\"");
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml"), "{err}");
+        assert!(err.contains("`users`"), "{err}");
+        assert!(err.contains("local.table"), "{err}");
+    }
+
+    #[test]
+    fn unknown_field_is_rejected() {
+        let text = MINIMAL.replace("[resources.users]", "[resources.users]\nbogus = 1");
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+
+    #[test]
+    fn bad_pointer_and_url_are_rejected() {
+        let text = MINIMAL.replace("\"/name\"", "\"name\"");
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("columns.name.from"), "{err}");
+        let text = MINIMAL.replace("http://127.0.0.1:9", "not a url");
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.base_url"), "{err}");
+    }
+
+    #[test]
+    fn missing_secret_is_rejected() {
+        let text = MINIMAL.replace(
+            "list_path = \"/users\"",
+            "list_path = \"/users\", token_env = \"DRIFTD_TEST_SURELY_UNSET\"",
+        );
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DRIFTD_TEST_SURELY_UNSET"), "{err}");
+    }
+
+    #[test]
+    fn ident_quoting() {
+        assert_eq!(Ident::parse("a.b").unwrap().quoted(), "\"a\".\"b\"");
+        assert!(Ident::parse("1abc").is_err());
+        assert!(Ident::parse("a\"b").is_err());
+        assert!(Ident::parse("").is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! Guards judge a [`Plan`] before anything is applied. A purge that is too
+//! large, or an empty upstream against a non-empty table, stops the pass;
+//! only an explicit force applies it anyway.
+//!
+//! The other guard, "an incomplete listing never purges", is structural: a
+//! pass only builds a plan (and so reaches these guards) from a listing the
+//! pager and the differ declared complete.
+
+use serde::Serialize;
+
+use crate::config::PolicyConfig;
+use crate::diff::Plan;
+
+/// Why a plan was stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[serde(tag = "guard", rename_all = "snake_case")]
+pub enum GuardTrip {
+    #[error(
+        "upstream listed no rows while the local table has {local}; refusing to purge everything"
+    )]
+    EmptyUpstream { local: u64 },
+    #[error("purge of {purge} rows is {percent:.1}% of {local} local rows, above the {max_percent:.1}% limit")]
+    PurgeFraction {
+        purge: u64,
+        local: u64,
+        percent: f64,
+        max_percent: f64,
+    },
+    #[error("purge of {purge} rows is above the limit of {max}")]
+    PurgeCount { purge: u64, max: u64 },
+}
+
+impl GuardTrip {
+    /// A closed-set name for reports and metric labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            GuardTrip::EmptyUpstream { .. } => "empty_upstream",
+            GuardTrip::PurgeFraction { .. } => "purge_fraction",
+            GuardTrip::PurgeCount { .. } => "purge_count",
+        }
+    }
+}
+
+/// Judges the purge part of `plan` under `policy`. `None` means go ahead.
+/// Only purges are judged: inserts and repairs copy what upstream listed.
+pub fn judge(plan: &Plan, policy: &PolicyConfig) -> Option<GuardTrip> {
+    let purge = plan.purge.len() as u64;
+    if !policy.purge_extra || purge == 0 {
+        return None;
+    }
+    if plan.upstream_rows == 0 && plan.local_rows > 0 {
+        return Some(GuardTrip::EmptyUpstream {
+            local: plan.local_rows,
+        });
+    }
+    if purge > policy.max_purge_count {
+        return Some(GuardTrip::PurgeCount {
+            purge,
+            max: policy.max_purge_count,
+        });
+    }
+    let fraction = purge as f64 / plan.local_rows.max(1) as f64;
+    if fraction > policy.max_purge_fraction {
+        return Some(GuardTrip::PurgeFraction {
+            purge,
+            local: plan.local_rows,
+            percent: fraction * 100.0,
+            max_percent: policy.max_purge_fraction * 100.0,
+        });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Key;
+
+    fn plan(local: u64, upstream: u64, purge: usize) -> Plan {
+        Plan {
+            purge: (0..purge).map(|i| Key(i.to_string().into())).collect(),
+            local_rows: local,
+            upstream_rows: upstream,
+            ..Plan::default()
+        }
+    }
+
+    #[test]
+    fn small_purge_passes() {
+        assert_eq!(judge(&plan(100, 95, 5), &PolicyConfig::default()), None);
+    }
+
+    #[test]
+    fn fraction_above_limit_trips() {
+        let trip = judge(&plan(100, 89, 11), &PolicyConfig::default()).unwrap();
+        assert_eq!(trip.name(), "purge_fraction");
+        // exactly at the limit is allowed
+        assert_eq!(judge(&plan(100, 90, 10), &PolicyConfig::default()), None);
+    }
+
+    #[test]
+    fn count_above_limit_trips() {
+        let policy = PolicyConfig {
+            max_purge_count: 3,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            judge(&plan(1000, 996, 4), &policy),
+            Some(GuardTrip::PurgeCount { purge: 4, max: 3 })
+        );
+    }
+
+    #[test]
+    fn empty_upstream_trips_even_with_permissive_limits() {
+        let policy = PolicyConfig {
+            max_purge_fraction: 1.0,
+            max_purge_count: u64::MAX,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(
+            judge(&plan(3, 0, 3), &policy),
+            Some(GuardTrip::EmptyUpstream { local: 3 })
+        );
+    }
+
+    #[test]
+    fn purge_disabled_never_trips() {
+        let policy = PolicyConfig {
+            purge_extra: false,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(judge(&plan(3, 0, 3), &policy), None);
+    }
+}

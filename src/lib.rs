@@ -1,0 +1,23 @@
+//! driftd keeps a service's local SQL copies of upstream resources true: it
+//! pages through the upstream list API, diffs against the local table, and
+//! inserts, repairs or purges what drifted, behind guards that make a wrong
+//! purge impossible without an explicit force.
+//!
+//! Module map: [`config`] (typed settings), [`upstream`] (HTTP client and
+//! pager), [`store`] (SQLite and PostgreSQL), [`model`] (typed values),
+//! [`diff`] (pure plan), [`guard`] (judging plans), [`pass`] (one
+//! reconciliation), [`report`] (rendering), [`cli`] (commands),
+//! [`sample`] (bundled sample upstream), [`quickstart`].
+
+pub mod cli;
+pub mod config;
+pub mod diff;
+pub mod guard;
+pub mod model;
+pub mod pass;
+pub mod quickstart;
+pub mod report;
+pub mod sample;
+pub mod store;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,167 @@
+//! The values a pass compares: keys, typed column values, and rows.
+//!
+//! Both sides are brought to one typed form before comparing, so an upstream
+//! `true` equals a SQLite `1` in a boolean column, and an upstream `42`
+//! equals a local `'42'` in a text column. A row's owned columns are reduced
+//! to a 64-bit fingerprint for the local index, so the diff keeps a key and a
+//! hash per row, never the parsed document.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use serde_json::Value as Json;
+
+use crate::config::{ColumnType, KeyType};
+
+/// A row's key, in canonical text form (integers in decimal), so a text key
+/// and an integer key share one representation in the index.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub Box<str>);
+
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A typed column value.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Text(String),
+}
+
+impl Value {
+    /// Converts an upstream JSON value (or its absence) to `kind`.
+    pub fn from_json(json: Option<&Json>, kind: ColumnType) -> Result<Value, String> {
+        let json = match json {
+            None | Some(Json::Null) => return Ok(Value::Null),
+            Some(j) => j,
+        };
+        match (kind, json) {
+            (ColumnType::Text, Json::String(s)) => Ok(Value::Text(s.clone())),
+            (ColumnType::Text, Json::Number(n)) => Ok(Value::Text(n.to_string())),
+            (ColumnType::Text, Json::Bool(b)) => Ok(Value::Text(b.to_string())),
+            (ColumnType::Integer, Json::Number(n)) => n
+                .as_i64()
+                .map(Value::Int)
+                .ok_or_else(|| format!("{n} is not a 64-bit integer")),
+            (ColumnType::Integer, Json::String(s)) => s
+                .parse()
+                .map(Value::Int)
+                .map_err(|_| format!("\"{s}\" is not an integer")),
+            (ColumnType::Boolean, Json::Bool(b)) => Ok(Value::Bool(*b)),
+            (ColumnType::Boolean, Json::Number(n)) => match n.as_i64() {
+                Some(0) => Ok(Value::Bool(false)),
+                Some(1) => Ok(Value::Bool(true)),
+                _ => Err(format!("{n} is not a boolean")),
+            },
+            (kind, other) => Err(format!("{} is not a valid {kind:?} value", kind_of(other))),
+        }
+    }
+}
+
+fn kind_of(json: &Json) -> &'static str {
+    match json {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+/// Reads a key from an upstream item.
+pub fn key_from_json(json: Option<&Json>, kind: KeyType) -> Result<Key, String> {
+    match (kind, json) {
+        (_, None | Some(Json::Null)) => Err("the key is missing".into()),
+        (KeyType::Text, Some(Json::String(s))) if !s.is_empty() => Ok(Key(s.as_str().into())),
+        (KeyType::Text, Some(Json::Number(n))) => Ok(Key(n.to_string().into())),
+        (KeyType::Integer, Some(Json::Number(n))) => n
+            .as_i64()
+            .map(|i| Key(i.to_string().into()))
+            .ok_or_else(|| format!("key {n} is not a 64-bit integer")),
+        (KeyType::Integer, Some(Json::String(s))) => s
+            .parse::<i64>()
+            .map(|i| Key(i.to_string().into()))
+            .map_err(|_| format!("key \"{s}\" is not an integer")),
+        (_, Some(other)) => Err(format!("the key is {}", kind_of(other))),
+    }
+}
+
+/// One row as driftd owns it: the key and the owned columns, in the
+/// [`crate::config::TableSpec`] column order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub key: Key,
+    pub values: Vec<Value>,
+}
+
+/// The fingerprint of a row's owned columns. The top bit is reserved by the
+/// diff index (it marks a row as seen upstream), so it is always clear here.
+/// `DefaultHasher::new()` has fixed keys: equal values hash equal within a
+/// process, which is all one pass needs.
+pub fn fingerprint(values: &[Value]) -> u64 {
+    let mut h = DefaultHasher::new();
+    values.hash(&mut h);
+    h.finish() & !crate::diff::SEEN
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn json_converts_by_column_type() {
+        assert_eq!(
+            Value::from_json(Some(&json!(true)), ColumnType::Boolean),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(
+            Value::from_json(Some(&json!(1)), ColumnType::Boolean),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(
+            Value::from_json(Some(&json!("7")), ColumnType::Integer),
+            Ok(Value::Int(7))
+        );
+        assert_eq!(
+            Value::from_json(Some(&json!(42)), ColumnType::Text),
+            Ok(Value::Text("42".into()))
+        );
+        assert_eq!(Value::from_json(None, ColumnType::Text), Ok(Value::Null));
+        assert!(Value::from_json(Some(&json!({"a": 1})), ColumnType::Text).is_err());
+        assert!(Value::from_json(Some(&json!(2)), ColumnType::Boolean).is_err());
+    }
+
+    #[test]
+    fn keys_are_canonical() {
+        assert_eq!(
+            key_from_json(Some(&json!("0042")), KeyType::Integer).unwrap(),
+            key_from_json(Some(&json!(42)), KeyType::Integer).unwrap()
+        );
+        assert!(key_from_json(None, KeyType::Text).is_err());
+        assert!(key_from_json(Some(&json!("")), KeyType::Text).is_err());
+    }
+
+    #[test]
+    fn fingerprint_distinguishes_null_from_empty_and_types() {
+        let a = fingerprint(&[Value::Null]);
+        let b = fingerprint(&[Value::Text(String::new())]);
+        let c = fingerprint(&[Value::Int(1)]);
+        let d = fingerprint(&[Value::Bool(true)]);
+        assert_ne!(a, b);
+        assert_ne!(c, d);
+        assert_eq!(a, fingerprint(&[Value::Null]));
+        assert_eq!(a & crate::diff::SEEN, 0);
+    }
+}

@@ -1,0 +1,522 @@
+//! One reconciliation pass of one resource: list upstream completely, scan
+//! local, diff, guard, apply (or only report, in dry-run), record.
+//!
+//! Safety invariants, in the order the code enforces them:
+//! 1. a plan exists only after the pager declared the listing complete and
+//!    the differ found no repeated or out-of-order key; any failure before
+//!    that ends the pass with nothing applied;
+//! 2. the guards judge the plan; a trip stops the pass before any write
+//!    unless forced;
+//! 3. with `confirm_purge`, each candidate is purged only on a 404 from the
+//!    get-by-key endpoint;
+//! 4. writes go in batches, one transaction each, inserts and repairs first,
+//!    purges last: a crash leaves whole batches and the next pass converges.
+//!
+//! The upstream side runs in its own task (fetch, parse, map to typed rows),
+//! handing over at most [`PAGES_IN_FLIGHT`] pages, while this task scans the
+//! local table and diffs; the two overlap on two cores.
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use futures_util::{stream, StreamExt};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tracing::Instrument;
+
+use crate::config::{ColumnType, ResourceConfig, TableSpec};
+use crate::diff::{Differ, ListingError, Plan};
+use crate::guard::{self, GuardTrip};
+use crate::model::{key_from_json, Key, Row, Value};
+use crate::store::{PassRecord, Store, StoreError};
+use crate::upstream::{Client, Page, Pager, Presence, UpstreamError};
+
+/// Pages buffered between the upstream task and the differ.
+const PAGES_IN_FLIGHT: usize = 4;
+/// Keys listed per kind in a report (all of them in dry-run).
+const SAMPLE: usize = 10;
+/// Get-by-key confirmations in flight at once.
+const CONFIRM_CONCURRENCY: usize = 8;
+
+/// Which actions a pass may take.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Insert, repair and purge (each as the policy allows).
+    #[default]
+    Full,
+    /// Only purge extra rows.
+    PurgeOnly,
+    /// Only insert missing and repair stale rows.
+    RepairOnly,
+}
+
+/// How a pass is run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PassOptions {
+    pub mode: Mode,
+    /// Compute and report, change nothing.
+    pub dry_run: bool,
+    /// Apply even when a guard trips.
+    pub force: bool,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// No drift found.
+    InSync,
+    /// Drift found and applied.
+    Repaired,
+    /// Drift found, nothing applied (dry-run).
+    DryRun,
+    /// A guard stopped the pass before any write.
+    GuardTripped,
+    /// An error stopped the pass; see `error`.
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::InSync => "in_sync",
+            Outcome::Repaired => "repaired",
+            Outcome::DryRun => "dry_run",
+            Outcome::GuardTripped => "guard_tripped",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// Rows found per kind of drift.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Counts {
+    pub missing: u64,
+    pub stale: u64,
+    pub extra: u64,
+}
+
+/// Rows changed (or that would be, in dry-run) per action.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Actions {
+    pub insert: u64,
+    pub update: u64,
+    pub purge: u64,
+    /// Purge candidates the get-by-key check found still present upstream.
+    pub purge_kept: u64,
+}
+
+/// Keys affected, per kind.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Samples {
+    pub insert: Vec<String>,
+    pub update: Vec<String>,
+    pub purge: Vec<String>,
+}
+
+/// What one pass found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassReport {
+    pub resource: String,
+    pub mode: Mode,
+    pub dry_run: bool,
+    pub forced: bool,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub outcome: Outcome,
+    pub local_rows: u64,
+    pub upstream_rows: u64,
+    pub upstream_pages: u64,
+    pub found: Counts,
+    /// Applied actions (planned ones, in dry-run or when a guard tripped).
+    pub actions: Actions,
+    /// Keys per action; every key in dry-run, a sample otherwise.
+    pub keys: Samples,
+    pub guard: Option<GuardTrip>,
+    pub error: Option<String>,
+}
+
+/// Why a pass failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("incomplete listing: {0}")]
+    Listing(#[from] ListingError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("GET {url}: item {index}{key}: {problem}")]
+    Mapping {
+        url: String,
+        index: usize,
+        key: String,
+        problem: String,
+    },
+    #[error("upstream task ended unexpectedly: {0}")]
+    Task(String),
+}
+
+impl PassError {
+    /// Whether running the pass again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PassError::Upstream(e) => e.is_transient(),
+            PassError::Store(e) => e.is_transient(),
+            PassError::Listing(_) => true,
+            PassError::Mapping { .. } | PassError::Task(_) => false,
+        }
+    }
+}
+
+/// Progress of the listing, for a terminal progress line.
+pub trait Progress: Send + Sync {
+    fn listed(&self, pages: u64, rows: u64);
+}
+
+impl Progress for () {
+    fn listed(&self, _: u64, _: u64) {}
+}
+
+/// Runs one pass and records it. Never panics on bad input: every failure
+/// becomes a report with outcome `failed` and the error's cause chain.
+pub async fn run_pass<S: Store>(
+    store: &S,
+    name: &str,
+    res: &ResourceConfig,
+    opts: PassOptions,
+    progress: &dyn Progress,
+) -> PassReport {
+    let span =
+        tracing::info_span!("pass", resource = %name, mode = ?opts.mode, dry_run = opts.dry_run);
+    async move {
+        let started = Instant::now();
+        let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut report = PassReport {
+            resource: name.to_string(),
+            mode: opts.mode,
+            dry_run: opts.dry_run,
+            forced: opts.force,
+            started_at,
+            duration_ms: 0,
+            outcome: Outcome::Failed,
+            local_rows: 0,
+            upstream_rows: 0,
+            upstream_pages: 0,
+            found: Counts::default(),
+            actions: Actions::default(),
+            keys: Samples::default(),
+            guard: None,
+            error: None,
+        };
+        if let Err(e) = execute(store, res, opts, progress, &mut report).await {
+            report.outcome = Outcome::Failed;
+            report.error = Some(error_chain(&e));
+            tracing::error!(error = %error_chain(&e), transient = e.is_transient(), "pass failed");
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(
+            outcome = report.outcome.as_str(),
+            missing = report.found.missing,
+            stale = report.found.stale,
+            extra = report.found.extra,
+            duration_ms = report.duration_ms,
+            "pass finished"
+        );
+        record(store, &report).await;
+        report
+    }
+    .instrument(span)
+    .await
+}
+
+async fn record<S: Store>(store: &S, report: &PassReport) {
+    let record = PassRecord {
+        resource: report.resource.clone(),
+        outcome: report.outcome.as_str().into(),
+        dry_run: report.dry_run,
+        started_at: report.started_at.clone(),
+        duration_ms: report.duration_ms,
+        report_json: serde_json::to_string(report).unwrap_or_default(),
+    };
+    if let Err(e) = store.record_pass(&record).await {
+        tracing::warn!(error = %error_chain(&e), "could not record the pass in history");
+    }
+}
+
+/// The error and its sources, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let next = s.to_string();
+        if !text.contains(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        source = s.source();
+    }
+    text
+}
+
+async fn execute<S: Store>(
+    store: &S,
+    res: &ResourceConfig,
+    opts: PassOptions,
+    progress: &dyn Progress,
+    report: &mut PassReport,
+) -> Result<(), PassError> {
+    let spec = res.table_spec();
+    store.prepare(&spec).await?;
+    let client = Arc::new(Client::new(&res.upstream)?);
+    let plan = list_and_diff(store, res, &spec, client.clone(), progress, report).await?;
+
+    report.local_rows = plan.local_rows;
+    report.upstream_rows = plan.upstream_rows;
+    report.found = Counts {
+        missing: plan.insert.len() as u64,
+        stale: plan.update.len() as u64,
+        extra: plan.purge.len() as u64,
+    };
+    let mut plan = restrict(plan, res, opts.mode);
+
+    if let Some(trip) = guard::judge(&plan, &res.policy) {
+        if !opts.force {
+            tracing::warn!(
+                guard = trip.name(),
+                "{trip}; nothing applied (use --force to apply)"
+            );
+            report.guard = Some(trip);
+            report.outcome = Outcome::GuardTripped;
+            fill_planned(report, &plan, true);
+            return Ok(());
+        }
+        tracing::warn!(guard = trip.name(), "{trip}; applying anyway (forced)");
+        report.guard = Some(trip);
+    }
+
+    if res.policy.confirm_purge && !plan.purge.is_empty() {
+        let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge)).await?;
+        plan.purge = gone;
+        report.actions.purge_kept = kept;
+    }
+
+    let drift = !plan.insert.is_empty() || !plan.update.is_empty() || !plan.purge.is_empty();
+    if opts.dry_run {
+        fill_planned(report, &plan, true);
+        report.outcome = if drift {
+            Outcome::DryRun
+        } else {
+            Outcome::InSync
+        };
+        return Ok(());
+    }
+    fill_planned(report, &plan, false);
+    apply(store, &spec, &plan, res.policy.batch_size, report).await?;
+    report.outcome = if drift {
+        Outcome::Repaired
+    } else {
+        Outcome::InSync
+    };
+    Ok(())
+}
+
+/// Streams the upstream listing through the differ; returns the plan only
+/// for a listing that ended complete.
+async fn list_and_diff<S: Store>(
+    store: &S,
+    res: &ResourceConfig,
+    spec: &TableSpec,
+    client: Arc<Client>,
+    progress: &dyn Progress,
+    report: &mut PassReport,
+) -> Result<Plan, PassError> {
+    let (tx, mut rx) = mpsc::channel::<Vec<Row>>(PAGES_IN_FLIGHT);
+    let mapper = RowMapper::new(res);
+    let pager = Pager::new(client, res.upstream.clone());
+    let lister = tokio::spawn(list_upstream(pager, mapper, tx).in_current_span());
+
+    // Scan while the first pages arrive.
+    let index = match store.scan(spec).await {
+        Ok(index) => index,
+        Err(e) => {
+            lister.abort();
+            return Err(e.into());
+        }
+    };
+    let mut differ = Differ::new(index, res.upstream.key_order, res.key.kind);
+    let mut pages = 0u64;
+    let mut rows = 0u64;
+    while let Some(page) = rx.recv().await {
+        pages += 1;
+        rows += page.len() as u64;
+        for row in page {
+            if let Err(e) = differ.observe(row) {
+                lister.abort();
+                return Err(e.into());
+            }
+        }
+        progress.listed(pages, rows);
+    }
+    report.upstream_pages = pages;
+    match lister.await {
+        Ok(Ok(())) => Ok(differ.finish()),
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(PassError::Task(e.to_string())),
+    }
+}
+
+/// The upstream task: pages in, typed rows out. Ends with `Ok` only when the
+/// pager says the listing is complete.
+async fn list_upstream(
+    mut pager: Pager,
+    mapper: RowMapper,
+    tx: mpsc::Sender<Vec<Row>>,
+) -> Result<(), PassError> {
+    while let Some(page) = pager.next_page().await? {
+        let rows = mapper.map_page(page)?;
+        if tx.send(rows).await.is_err() {
+            // The differ stopped; its error is the one to report.
+            return Ok(());
+        }
+    }
+    tracing::debug!(rows = pager.rows(), total = ?pager.total(), elapsed_ms = pager.elapsed().as_millis() as u64, "listing complete");
+    Ok(())
+}
+
+/// Turns upstream JSON items into typed rows by the resource's mapping.
+struct RowMapper {
+    key_pointer: String,
+    key_type: crate::config::KeyType,
+    columns: Vec<(String, String, ColumnType)>,
+}
+
+impl RowMapper {
+    fn new(res: &ResourceConfig) -> Self {
+        Self {
+            key_pointer: res.key.upstream.clone(),
+            key_type: res.key.kind,
+            columns: res
+                .columns
+                .iter()
+                .map(|(name, c)| (name.clone(), c.from.clone(), c.kind))
+                .collect(),
+        }
+    }
+
+    fn map_page(&self, page: Page) -> Result<Vec<Row>, PassError> {
+        let mut rows = Vec::with_capacity(page.items.len());
+        for (index, item) in page.items.iter().enumerate() {
+            let fail = |key: &str, problem: String| PassError::Mapping {
+                url: page.url.clone(),
+                index,
+                key: key.to_string(),
+                problem,
+            };
+            let key = key_from_json(item.pointer(&self.key_pointer), self.key_type)
+                .map_err(|p| fail("", format!("`{}`: {p}", self.key_pointer)))?;
+            let mut values = Vec::with_capacity(self.columns.len());
+            for (column, pointer, kind) in &self.columns {
+                let v = Value::from_json(item.pointer(pointer), *kind).map_err(|p| {
+                    fail(
+                        &format!(" (key {key})"),
+                        format!("column `{column}` from `{pointer}`: {p}"),
+                    )
+                })?;
+                values.push(v);
+            }
+            rows.push(Row { key, values });
+        }
+        Ok(rows)
+    }
+}
+
+/// Drops the actions the mode or the policy does not allow.
+fn restrict(mut plan: Plan, res: &ResourceConfig, mode: Mode) -> Plan {
+    let p = &res.policy;
+    if !p.insert_missing || mode == Mode::PurgeOnly {
+        plan.insert.clear();
+    }
+    if !p.repair_stale || mode == Mode::PurgeOnly {
+        plan.update.clear();
+    }
+    if !p.purge_extra || mode == Mode::RepairOnly {
+        plan.purge.clear();
+    }
+    plan
+}
+
+fn fill_planned(report: &mut PassReport, plan: &Plan, all_keys: bool) {
+    let take = if all_keys { usize::MAX } else { SAMPLE };
+    report.actions.insert = plan.insert.len() as u64;
+    report.actions.update = plan.update.len() as u64;
+    report.actions.purge = plan.purge.len() as u64;
+    report.keys = Samples {
+        insert: plan
+            .insert
+            .iter()
+            .take(take)
+            .map(|r| r.key.to_string())
+            .collect(),
+        update: plan
+            .update
+            .iter()
+            .take(take)
+            .map(|r| r.key.to_string())
+            .collect(),
+        purge: plan.purge.iter().take(take).map(Key::to_string).collect(),
+    };
+}
+
+/// Splits candidates into confirmed-gone and still-present (kept).
+async fn confirm(client: &Client, candidates: Vec<Key>) -> Result<(Vec<Key>, u64), PassError> {
+    let checks: Vec<(Key, Result<Presence, UpstreamError>)> = stream::iter(candidates)
+        .map(|key| async move {
+            let presence = client.confirm(key.as_str()).await;
+            (key, presence)
+        })
+        .buffered(CONFIRM_CONCURRENCY)
+        .collect()
+        .await;
+    let mut gone = Vec::new();
+    let mut kept = 0;
+    for (key, presence) in checks {
+        match presence? {
+            Presence::Gone => gone.push(key),
+            Presence::Present => {
+                tracing::warn!(%key, "purge candidate still exists upstream; kept (the listing missed it)");
+                kept += 1;
+            }
+        }
+    }
+    Ok((gone, kept))
+}
+
+async fn apply<S: Store>(
+    store: &S,
+    spec: &TableSpec,
+    plan: &Plan,
+    batch: usize,
+    report: &mut PassReport,
+) -> Result<(), PassError> {
+    // Count what is really done, batch by batch, so a failed pass reports
+    // what it had applied before the failure.
+    let done = &mut report.actions;
+    done.insert = 0;
+    done.update = 0;
+    done.purge = 0;
+    for chunk in plan.insert.chunks(batch) {
+        if spec.soft_delete.is_some() {
+            // A soft-deleted row with this key exists: revive it first.
+            done.insert += store.update(spec, chunk).await?;
+        }
+        done.insert += store.insert(spec, chunk).await?;
+    }
+    for chunk in plan.update.chunks(batch) {
+        done.update += store.update(spec, chunk).await?;
+    }
+    for chunk in plan.purge.chunks(batch) {
+        done.purge += store.purge(spec, chunk).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,342 @@
+//! A bundled sample upstream, Wazo-shaped, for the quickstart, the tests and
+//! the benchmark: `GET /0.1/{collection}?limit&offset` (also `page`/`per_page`
+//! and an opaque `cursor`) answering `{"items": [...], "total": N,
+//! "filtered": N, "next": cursor|null}` with an RFC 8288 `Link: rel="next"`
+//! header, and `GET /0.1/{collection}/{key}` answering the item or 404.
+//!
+//! Items are kept serialized, ordered by key, so a million-row collection
+//! costs a few hundred bytes a row. Tests can inject [`Fault`]s to play a
+//! misbehaving upstream.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Value as Json};
+use tokio::net::TcpListener;
+
+/// One stored item: its key and its JSON text.
+#[derive(Debug, Clone)]
+struct Item {
+    key: String,
+    json: String,
+}
+
+/// A way to misbehave, applied to list requests whose offset matches.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answer with this status, `times` times (then behave).
+    Status {
+        offset: u64,
+        status: u16,
+        times: u32,
+    },
+    /// Answer with a body that is not JSON.
+    Malformed { offset: u64 },
+    /// Answer JSON without the `items` field.
+    NoItems { offset: u64 },
+    /// Serve only the first `keep` items of the page.
+    Truncate { offset: u64, keep: usize },
+    /// Serve the page at `from` instead (a repeated page).
+    Repeat { offset: u64, from: u64 },
+    /// Before serving, delete the first `count` items, but keep announcing
+    /// the old total (offsets shift under the reader).
+    ShiftKeepTotal { offset: u64, count: usize },
+    /// Before serving, delete the first `count` items (total changes too).
+    Shift { offset: u64, count: usize },
+    /// Serve the page in reverse key order.
+    Reverse { offset: u64 },
+    /// Sleep before answering.
+    Delay { offset: u64, ms: u64 },
+    /// The `next` cursor and Link always point back to the first page.
+    CursorLoop,
+    /// Every listing is empty.
+    Empty,
+}
+
+impl Fault {
+    fn offset(&self) -> Option<u64> {
+        match self {
+            Fault::Status { offset, .. }
+            | Fault::Malformed { offset }
+            | Fault::NoItems { offset }
+            | Fault::Truncate { offset, .. }
+            | Fault::Repeat { offset, .. }
+            | Fault::ShiftKeepTotal { offset, .. }
+            | Fault::Shift { offset, .. }
+            | Fault::Reverse { offset }
+            | Fault::Delay { offset, .. } => Some(*offset),
+            Fault::CursorLoop | Fault::Empty => None,
+        }
+    }
+}
+
+/// The sample upstream's data and faults, shared with its handlers.
+#[derive(Default)]
+pub struct SampleUpstream {
+    collections: RwLock<HashMap<String, Vec<Item>>>,
+    faults: Mutex<Vec<Fault>>,
+    /// List requests served, for tests.
+    requests: Mutex<u64>,
+}
+
+impl SampleUpstream {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Replaces a collection; `key` is the field holding each item's key.
+    pub fn set(&self, collection: &str, key: &str, items: Vec<Json>) {
+        let mut items: Vec<Item> = items
+            .into_iter()
+            .map(|j| Item {
+                key: match &j[key] {
+                    Json::String(s) => s.clone(),
+                    other => other.to_string(),
+                },
+                json: j.to_string(),
+            })
+            .collect();
+        items.sort_by(|a, b| a.key.cmp(&b.key));
+        self.collections
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(collection.to_string(), items);
+    }
+
+    /// Removes one item by key.
+    pub fn remove(&self, collection: &str, key: &str) {
+        let mut all = self.collections.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(items) = all.get_mut(collection) {
+            items.retain(|i| i.key != key);
+        }
+    }
+
+    /// Adds a fault for the following requests.
+    pub fn inject(&self, fault: Fault) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(fault);
+    }
+
+    pub fn clear_faults(&self) {
+        self.faults
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// List requests served so far.
+    pub fn list_requests(&self) -> u64 {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Serves on `listener` until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let app = Router::new()
+            .route("/0.1/{collection}", get(list))
+            .route("/0.1/{collection}/{key}", get(get_one))
+            .with_state(self);
+        axum::serve(listener, app).await
+    }
+
+    /// Binds `addr` and serves in a background task; returns the address.
+    pub async fn spawn(self: &Arc<Self>, addr: &str) -> std::io::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = me.serve(listener).await {
+                tracing::error!(error = %e, "sample upstream stopped");
+            }
+        });
+        Ok(local)
+    }
+
+    /// Takes the faults that apply to a list request at `offset`.
+    fn faults_for(&self, offset: u64) -> Vec<Fault> {
+        let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hit = Vec::new();
+        for f in faults.iter_mut() {
+            if f.offset().is_some_and(|o| o != offset) {
+                continue;
+            }
+            if let Fault::Status { times, .. } = f {
+                if *times == 0 {
+                    continue;
+                }
+                *times -= 1;
+            }
+            hit.push(f.clone());
+        }
+        // Shifts happen once.
+        faults.retain(|f| !matches!(f, Fault::Shift { offset: o, .. } | Fault::ShiftKeepTotal { offset: o, .. } if *o == offset));
+        hit
+    }
+}
+
+async fn list(
+    State(up): State<Arc<SampleUpstream>>,
+    Path(collection): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    *up.requests.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    let num = |name: &str| q.get(name).and_then(|v| v.parse::<u64>().ok());
+    let limit = num("limit")
+        .or(num("per_page"))
+        .unwrap_or(100)
+        .clamp(1, 100_000);
+    let offset = match (num("offset"), num("page"), q.get("cursor")) {
+        (Some(o), _, _) => o,
+        (_, Some(p), _) => p.saturating_sub(1) * limit,
+        (_, _, Some(c)) => match c.strip_prefix("c").and_then(|n| n.parse().ok()) {
+            Some(o) => o,
+            None => return (StatusCode::BAD_REQUEST, "bad cursor").into_response(),
+        },
+        _ => 0,
+    };
+    let faults = up.faults_for(offset);
+    let mut announced_total: Option<usize> = None;
+    let mut serve_offset = offset;
+    for f in &faults {
+        match f {
+            Fault::Status { status, .. } => {
+                let code =
+                    StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                return (code, "injected failure").into_response();
+            }
+            Fault::Malformed { .. } => return (StatusCode::OK, "{\"items\": [").into_response(),
+            Fault::NoItems { .. } => return axum::Json(json!({"total": 1})).into_response(),
+            Fault::Delay { ms, .. } => tokio::time::sleep(Duration::from_millis(*ms)).await,
+            Fault::Repeat { from, .. } => serve_offset = *from,
+            Fault::ShiftKeepTotal { count, .. } | Fault::Shift { count, .. } => {
+                let mut all = up.collections.write().unwrap_or_else(|p| p.into_inner());
+                if let Some(items) = all.get_mut(&collection) {
+                    let before = items.len();
+                    let n = (*count).min(before);
+                    items.drain(..n);
+                    if matches!(f, Fault::ShiftKeepTotal { .. }) {
+                        announced_total = Some(before);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let all = up.collections.read().unwrap_or_else(|p| p.into_inner());
+    let Some(items) = all.get(&collection) else {
+        return (StatusCode::NOT_FOUND, "no such collection").into_response();
+    };
+    let empty = faults.iter().any(|f| matches!(f, Fault::Empty));
+    let total = if empty { 0 } else { items.len() };
+    let start = (serve_offset as usize).min(total);
+    let end = (start + limit as usize).min(total);
+    let mut page: Vec<&Item> = items[start..end].iter().collect();
+    for f in &faults {
+        match f {
+            Fault::Truncate { keep, .. } => page.truncate(*keep),
+            Fault::Reverse { .. } => page.reverse(),
+            _ => {}
+        }
+    }
+    let looping = faults.iter().any(|f| matches!(f, Fault::CursorLoop));
+    let next = if looping {
+        Some(0)
+    } else if (offset as usize) + (limit as usize) < total {
+        Some(offset + limit)
+    } else {
+        None
+    };
+    let total = announced_total.unwrap_or(total);
+    let mut body = String::with_capacity(64 + page.iter().map(|i| i.json.len() + 1).sum::<usize>());
+    body.push_str("{\"items\":[");
+    for (i, item) in page.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&item.json);
+    }
+    body.push_str(&format!(
+        "],\"total\":{total},\"filtered\":{total},\"next\":{}}}",
+        next.map_or("null".to_string(), |n| format!("\"c{n}\""))
+    ));
+    drop(all);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(n) = next {
+        let link = format!("</0.1/{collection}?limit={limit}&offset={n}>; rel=\"next\"");
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            headers.insert(header::LINK, v);
+        }
+    }
+    (StatusCode::OK, headers, body).into_response()
+}
+
+async fn get_one(
+    State(up): State<Arc<SampleUpstream>>,
+    Path((collection, key)): Path<(String, String)>,
+) -> Response {
+    let all = up.collections.read().unwrap_or_else(|p| p.into_inner());
+    let found = all.get(&collection).and_then(|items| {
+        items
+            .binary_search_by(|i| i.key.as_str().cmp(&key))
+            .ok()
+            .map(|at| items[at].json.clone())
+    });
+    match found {
+        Some(json) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "not found").into_response(),
+    }
+}
+
+/// A UUID-shaped key whose text order follows `i`.
+pub fn sample_uuid(tag: u16, i: u64) -> String {
+    format!("{:08x}-{tag:04x}-4000-8000-{:012x}", i, i)
+}
+
+/// The `i`-th sample tenant.
+pub fn tenant(i: u64) -> Json {
+    json!({
+        "uuid": sample_uuid(0x7e, i),
+        "name": format!("Tenant {i}"),
+        "slug": format!("tenant{i}"),
+    })
+}
+
+/// The `i`-th sample user, spread over `tenants` tenants.
+pub fn user(i: u64, tenants: u64) -> Json {
+    json!({
+        "uuid": sample_uuid(0x05, i),
+        "tenant_uuid": sample_uuid(0x7e, i % tenants.max(1)),
+        "firstname": format!("First{i}"),
+        "lastname": format!("Last{}", i % 997),
+        "email": format!("user{i}@example.com"),
+        "enabled": i % 10 != 0,
+        "extension": 1000 + (i % 9000) as i64,
+    })
+}
+
+/// Fills `up` with `tenants` tenants and `users` users.
+pub fn populate(up: &SampleUpstream, tenants: u64, users: u64) {
+    up.set("tenants", "uuid", (0..tenants).map(tenant).collect());
+    up.set(
+        "users",
+        "uuid",
+        (0..users).map(|i| user(i, tenants)).collect(),
+    );
+}

@@ -1,0 +1,164 @@
+//! Storage behind one small trait, with a SQLite and a PostgreSQL
+//! implementation (sqlx's `Any` driver cannot carry the types we need).
+//!
+//! Invariants:
+//! - the mirrored tables belong to the user: driftd reads and writes rows in
+//!   them, never creates, alters or drops them;
+//! - every identifier reaching SQL is a validated [`crate::config::Ident`],
+//!   quoted; every value is a bound parameter;
+//! - each write call is one transaction, so a crash leaves whole batches.
+//!
+//! driftd's own state (pass history) lives in tables it creates by
+//! migrations, prefixed `driftd_`.
+
+mod postgres;
+mod sqlite;
+
+use std::future::Future;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::config::TableSpec;
+use crate::diff::{DuplicateLocalKey, LocalIndex};
+use crate::model::{Key, Row};
+
+/// What can go wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("table `{table}`: {problem}")]
+    Schema { table: String, problem: String },
+    #[error("table `{table}`: {source}")]
+    DuplicateKey {
+        table: String,
+        #[source]
+        source: DuplicateLocalKey,
+    },
+    #[error("table `{table}`: {problem}")]
+    BadRow { table: String, problem: String },
+    #[error("{context}: {source}")]
+    Query {
+        context: String,
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl StoreError {
+    /// Whether trying again later may succeed (busy database, lost
+    /// connection), as opposed to a schema or data problem.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Connect(_) => true,
+            StoreError::Query { source, .. } => matches!(
+                source,
+                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed
+            ),
+            _ => false,
+        }
+    }
+}
+
+pub(crate) fn query_err(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Query { context, source }
+}
+
+/// One recorded pass, as stored in `driftd_passes`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PassRecord {
+    pub resource: String,
+    pub outcome: String,
+    pub dry_run: bool,
+    pub started_at: String,
+    pub duration_ms: u64,
+    pub report_json: String,
+}
+
+/// The storage contract a pass needs.
+pub trait Store: Send + Sync {
+    /// Creates or upgrades driftd's own tables.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Checks that the mirrored table and every column in `spec` exist.
+    fn prepare(&self, spec: &TableSpec) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reads the live (not soft-deleted) rows into a key → fingerprint index.
+    fn scan(&self, spec: &TableSpec)
+        -> impl Future<Output = Result<LocalIndex, StoreError>> + Send;
+
+    /// Inserts rows whose key is not present yet; returns rows inserted.
+    fn insert(
+        &self,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Overwrites the owned columns of existing rows (and clears the
+    /// soft-delete column); returns rows updated.
+    fn update(
+        &self,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Deletes (or soft-deletes) rows by key; returns rows purged.
+    fn purge(
+        &self,
+        spec: &TableSpec,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Appends a pass to the history.
+    fn record_pass(
+        &self,
+        record: &PassRecord,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The most recent passes, newest first, as stored JSON reports.
+    fn recent_passes(
+        &self,
+        resource: &str,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+}
+
+/// The backend chosen by the store URL.
+pub enum AnyStore {
+    Sqlite(SqliteStore),
+    Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// Opens the database named by `url` and runs migrations.
+    pub async fn open(url: &SecretString, max_connections: u32) -> Result<AnyStore, StoreError> {
+        let raw = url.expose_secret();
+        let store = if raw.starts_with("sqlite:") {
+            AnyStore::Sqlite(SqliteStore::open(raw).await?)
+        } else {
+            AnyStore::Postgres(PgStore::open(raw, max_connections).await?)
+        };
+        match &store {
+            AnyStore::Sqlite(s) => s.migrate().await?,
+            AnyStore::Postgres(s) => s.migrate().await?,
+        }
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            AnyStore::Sqlite(_) => "sqlite",
+            AnyStore::Postgres(_) => "postgres",
+        }
+    }
+}
+
+/// Splits `rows` so that one statement binds at most `max_params` values.
+pub(crate) fn rows_per_statement(columns: usize, max_params: usize, batch: usize) -> usize {
+    (max_params / (columns + 1)).clamp(1, batch.max(1))
+}

@@ -1,0 +1,411 @@
+//! PostgreSQL backend: bulk writes with `UNNEST` over typed arrays (one
+//! statement per batch, a handful of parameters whatever its size), values
+//! cast to each column's real type as the catalog reports it (so `uuid` or
+//! `varchar` columns work with text values).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row as _};
+
+use super::sqlite::check_columns;
+use super::{query_err, PassRecord, Store, StoreError};
+use crate::config::{ColumnType, TableSpec};
+use crate::diff::LocalIndex;
+use crate::model::{fingerprint, Key, Row, Value};
+
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE driftd_passes (
+        id BIGSERIAL PRIMARY KEY,
+        resource TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        dry_run BOOLEAN NOT NULL,
+        started_at TEXT NOT NULL,
+        duration_ms BIGINT NOT NULL,
+        report TEXT NOT NULL
+    )",
+        "CREATE INDEX driftd_passes_resource ON driftd_passes (resource, id)",
+    ],
+)];
+
+/// Serializes concurrent migrations from several driftd processes.
+const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
+
+pub struct PgStore {
+    pool: PgPool,
+    /// Column → catalog type name, per table, filled by `prepare`.
+    types: Mutex<HashMap<String, HashMap<String, String>>>,
+}
+
+impl PgStore {
+    pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(StoreError::Connect)?;
+        Ok(Self {
+            pool,
+            types: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The catalog type of `column`, for casts; `text` if unknown.
+    fn type_of(&self, spec: &TableSpec, column: &str) -> String {
+        let types = self.types.lock().unwrap_or_else(|p| p.into_inner());
+        types
+            .get(spec.table.as_str())
+            .and_then(|t| t.get(column))
+            .cloned()
+            .unwrap_or_else(|| "text".into())
+    }
+
+    /// Parameter arrays for `rows`: keys, then one array per owned column.
+    fn arrays<'a>(spec: &TableSpec, rows: &'a [Row]) -> (Vec<&'a str>, Vec<ColumnArray>) {
+        let keys = rows.iter().map(|r| r.key.as_str()).collect();
+        let cols = spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, kind))| ColumnArray::collect(*kind, rows.iter().map(|r| &r.values[i])))
+            .collect();
+        (keys, cols)
+    }
+}
+
+/// One column's values as a typed PostgreSQL array parameter.
+enum ColumnArray {
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i64>>),
+    Bool(Vec<Option<bool>>),
+}
+
+impl ColumnArray {
+    fn collect<'a>(kind: ColumnType, values: impl Iterator<Item = &'a Value>) -> Self {
+        match kind {
+            ColumnType::Text => ColumnArray::Text(
+                values
+                    .map(|v| match v {
+                        Value::Text(s) => Some(s.clone()),
+                        Value::Int(i) => Some(i.to_string()),
+                        Value::Bool(b) => Some(b.to_string()),
+                        Value::Null => None,
+                    })
+                    .collect(),
+            ),
+            ColumnType::Integer => ColumnArray::Int(
+                values
+                    .map(|v| match v {
+                        Value::Int(i) => Some(*i),
+                        Value::Bool(b) => Some(i64::from(*b)),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            ColumnType::Boolean => ColumnArray::Bool(
+                values
+                    .map(|v| match v {
+                        Value::Bool(b) => Some(*b),
+                        Value::Int(i) => Some(*i != 0),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn sql_type(&self) -> &'static str {
+        match self {
+            ColumnArray::Text(_) => "text[]",
+            ColumnArray::Int(_) => "int8[]",
+            ColumnArray::Bool(_) => "bool[]",
+        }
+    }
+
+    fn bind<'q>(
+        self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        match self {
+            ColumnArray::Text(v) => q.bind(v),
+            ColumnArray::Int(v) => q.bind(v),
+            ColumnArray::Bool(v) => q.bind(v),
+        }
+    }
+}
+
+fn decode(row: &PgRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Error> {
+    Ok(match kind {
+        ColumnType::Text => row
+            .try_get::<Option<String>, _>(i)?
+            .map_or(Value::Null, Value::Text),
+        ColumnType::Integer => row
+            .try_get::<Option<i64>, _>(i)?
+            .map_or(Value::Null, Value::Int),
+        ColumnType::Boolean => row
+            .try_get::<Option<bool>, _>(i)?
+            .map_or(Value::Null, Value::Bool),
+    })
+}
+
+fn cast(kind: ColumnType) -> &'static str {
+    match kind {
+        ColumnType::Text => "text",
+        ColumnType::Integer => "int8",
+        ColumnType::Boolean => "bool",
+    }
+}
+
+impl Store for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_err("begin migrations"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err("lock migrations"))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create driftd_schema_migrations"))?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(query_err("read driftd_schema_migrations"))?;
+        for (version, statements) in MIGRATIONS {
+            if done.is_some_and(|d| d >= *version) {
+                continue;
+            }
+            for sql in *statements {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(format!("migration {version}")))?;
+            }
+            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("record migration"))?;
+        }
+        tx.commit().await.map_err(query_err("commit migrations"))
+    }
+
+    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
+        )
+        .bind(spec.table.quoted())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err(format!("inspect table {}", spec.table)))?;
+        let names: Vec<String> = rows.iter().map(|(n, _)| n.clone()).collect();
+        check_columns(spec, &names)?;
+        let mut types = self.types.lock().unwrap_or_else(|p| p.into_inner());
+        types.insert(spec.table.to_string(), rows.into_iter().collect());
+        Ok(())
+    }
+
+    async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
+        let mut select = vec![format!("{}::text", spec.key_column.quoted())];
+        for (col, kind) in &spec.columns {
+            select.push(format!("{}::{}", col.quoted(), cast(*kind)));
+        }
+        let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
+        if let Some(soft) = &spec.soft_delete {
+            sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+        }
+        let estimate: i64 = sqlx::query_scalar(
+            "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
+        )
+        .bind(spec.table.quoted())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err(format!("estimate {}", spec.table)))?
+        .unwrap_or(0);
+        let mut index = LocalIndex::with_capacity(estimate.clamp(0, 50_000_000) as usize);
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        let mut values = Vec::with_capacity(spec.columns.len());
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(query_err(format!("scan {}", spec.table)))?
+        {
+            let key: Option<String> = row
+                .try_get(0)
+                .map_err(query_err(format!("scan {}", spec.table)))?;
+            let Some(key) = key else {
+                return Err(StoreError::BadRow {
+                    table: spec.table.to_string(),
+                    problem: format!("a row has a NULL key in `{}`", spec.key_column),
+                });
+            };
+            values.clear();
+            for (i, (_, kind)) in spec.columns.iter().enumerate() {
+                values.push(
+                    decode(&row, i + 1, *kind)
+                        .map_err(query_err(format!("decode {}", spec.table)))?,
+                );
+            }
+            index
+                .insert(Key(key.into()), fingerprint(&values))
+                .map_err(|source| StoreError::DuplicateKey {
+                    table: spec.table.to_string(),
+                    source,
+                })?;
+        }
+        Ok(index)
+    }
+
+    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        let (keys, cols) = Self::arrays(spec, rows);
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let mut names = vec![spec.key_column.quoted()];
+        let mut unnest = vec!["$1::text[]".to_string()];
+        let mut aliases = vec!["k".to_string()];
+        let mut picks = vec![format!("u.k::{kt}")];
+        for (i, ((col, _), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+            names.push(col.quoted());
+            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
+            aliases.push(format!("c{i}"));
+            picks.push(format!("u.c{i}::{}", self.type_of(spec, col.as_str())));
+        }
+        let sql = format!(
+            "INSERT INTO {t} ({names}) SELECT {picks} FROM UNNEST({unnest}) AS u({aliases}) \
+             WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = u.k::{kt})",
+            t = spec.table.quoted(),
+            names = names.join(", "),
+            picks = picks.join(", "),
+            unnest = unnest.join(", "),
+            aliases = aliases.join(", "),
+            k = spec.key_column.quoted(),
+        );
+        let mut q = sqlx::query(&sql).bind(keys);
+        for arr in cols {
+            q = arr.bind(q);
+        }
+        let mut tx = self.pool.begin().await.map_err(query_err("begin insert"))?;
+        let done = q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("insert into {}", spec.table)))?
+            .rows_affected();
+        tx.commit().await.map_err(query_err("commit insert"))?;
+        Ok(done)
+    }
+
+    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        let (keys, cols) = Self::arrays(spec, rows);
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let mut unnest = vec!["$1::text[]".to_string()];
+        let mut aliases = vec!["k".to_string()];
+        let mut sets = Vec::new();
+        for (i, ((col, _), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
+            aliases.push(format!("c{i}"));
+            sets.push(format!(
+                "{} = u.c{i}::{}",
+                col.quoted(),
+                self.type_of(spec, col.as_str())
+            ));
+        }
+        if let Some(soft) = &spec.soft_delete {
+            sets.push(format!("{} = NULL", soft.quoted()));
+        }
+        if sets.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE {t} SET {sets} FROM UNNEST({unnest}) AS u({aliases}) WHERE {t}.{k} = u.k::{kt}",
+            t = spec.table.quoted(),
+            sets = sets.join(", "),
+            unnest = unnest.join(", "),
+            aliases = aliases.join(", "),
+            k = spec.key_column.quoted(),
+        );
+        let mut q = sqlx::query(&sql).bind(keys);
+        for arr in cols {
+            q = arr.bind(q);
+        }
+        let mut tx = self.pool.begin().await.map_err(query_err("begin update"))?;
+        let done = q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("update {}", spec.table)))?
+            .rows_affected();
+        tx.commit().await.map_err(query_err("commit update"))?;
+        Ok(done)
+    }
+
+    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let keys: Vec<&str> = keys.iter().map(Key::as_str).collect();
+        let sql = match &spec.soft_delete {
+            None => format!(
+                "DELETE FROM {} WHERE {} = ANY($1::text[]::{kt}[])",
+                spec.table.quoted(),
+                spec.key_column.quoted()
+            ),
+            Some(soft) => format!(
+                "UPDATE {} SET {s} = now() WHERE {} = ANY($1::text[]::{kt}[]) AND {s} IS NULL",
+                spec.table.quoted(),
+                spec.key_column.quoted(),
+                s = soft.quoted()
+            ),
+        };
+        let mut tx = self.pool.begin().await.map_err(query_err("begin purge"))?;
+        let done = sqlx::query(&sql)
+            .bind(keys)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("purge from {}", spec.table)))?
+            .rows_affected();
+        tx.commit().await.map_err(query_err("commit purge"))?;
+        Ok(done)
+    }
+
+    async fn record_pass(&self, r: &PassRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO driftd_passes (resource, outcome, dry_run, started_at, duration_ms, report) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&r.resource)
+        .bind(&r.outcome)
+        .bind(r.dry_run)
+        .bind(&r.started_at)
+        .bind(r.duration_ms as i64)
+        .bind(&r.report_json)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("record pass"))?;
+        Ok(())
+    }
+
+    async fn recent_passes(&self, resource: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT report FROM driftd_passes WHERE resource = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(resource)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("read pass history"))
+    }
+}

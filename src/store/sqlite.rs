@@ -1,0 +1,385 @@
+//! SQLite backend, the embedded default: WAL journal, writes in
+//! `BEGIN IMMEDIATE` transactions (one writer at a time, no upgrade
+//! deadlocks), multi-row `VALUES` statements.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use futures_util::TryStreamExt;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::{Row as _, SqlitePool};
+
+use super::{query_err, rows_per_statement, PassRecord, Store, StoreError};
+use crate::config::{ColumnType, KeyType, TableSpec};
+use crate::diff::LocalIndex;
+use crate::model::{fingerprint, Key, Row, Value};
+
+/// SQLite's default limit on bound parameters is 32766; stay well below.
+const MAX_PARAMS: usize = 30_000;
+
+const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE driftd_passes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        resource TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        dry_run INTEGER NOT NULL,
+        started_at TEXT NOT NULL,
+        duration_ms INTEGER NOT NULL,
+        report TEXT NOT NULL
+    )",
+        "CREATE INDEX driftd_passes_resource ON driftd_passes (resource, id)",
+    ],
+)];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let in_memory = url.contains(":memory:");
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Connect)?
+            .create_if_missing(true)
+            .journal_mode(if in_memory {
+                SqliteJournalMode::Memory
+            } else {
+                SqliteJournalMode::Wal
+            })
+            .busy_timeout(Duration::from_secs(10));
+        // An in-memory database exists once per connection: keep exactly one.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(if in_memory { 1 } else { 4 })
+            .min_connections(if in_memory { 1 } else { 0 })
+            .idle_timeout(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(600))
+            })
+            .max_lifetime(if in_memory {
+                None
+            } else {
+                Some(Duration::from_secs(1800))
+            })
+            .connect_with(options)
+            .await
+            .map_err(StoreError::Connect)?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for tests and the quickstart that seed tables.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, StoreError> {
+        self.pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(query_err("begin write transaction"))
+    }
+}
+
+fn bind_value<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    v: &'q Value,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    match v {
+        Value::Null => q.bind(None::<String>),
+        Value::Bool(b) => q.bind(*b),
+        Value::Int(i) => q.bind(*i),
+        Value::Text(s) => q.bind(s.as_str()),
+    }
+}
+
+fn bind_key<'q>(
+    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    key: &'q Key,
+    kind: KeyType,
+) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+    match (kind, key.as_str().parse::<i64>()) {
+        (KeyType::Integer, Ok(i)) => q.bind(i),
+        _ => q.bind(key.as_str()),
+    }
+}
+
+/// `(?,?,?),(?,?,?)` for `rows` rows of `width` values.
+fn values_list(rows: usize, width: usize) -> String {
+    let one = format!("({})", vec!["?"; width].join(","));
+    vec![one; rows].join(",")
+}
+
+fn decode(row: &SqliteRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Error> {
+    Ok(match kind {
+        ColumnType::Text => row
+            .try_get::<Option<String>, _>(i)?
+            .map_or(Value::Null, Value::Text),
+        ColumnType::Integer => row
+            .try_get::<Option<i64>, _>(i)?
+            .map_or(Value::Null, Value::Int),
+        ColumnType::Boolean => row
+            .try_get::<Option<i64>, _>(i)?
+            .map_or(Value::Null, |v| Value::Bool(v != 0)),
+    })
+}
+
+fn cast(kind: ColumnType) -> &'static str {
+    match kind {
+        ColumnType::Text => "TEXT",
+        ColumnType::Integer | ColumnType::Boolean => "INTEGER",
+    }
+}
+
+impl Store for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create driftd_schema_migrations"))?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(query_err("read driftd_schema_migrations"))?;
+        for (version, statements) in MIGRATIONS {
+            if done.is_some_and(|d| d >= *version) {
+                continue;
+            }
+            for sql in *statements {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(format!("migration {version}")))?;
+            }
+            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES (?)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("record migration"))?;
+        }
+        tx.commit().await.map_err(query_err("commit migrations"))
+    }
+
+    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
+        let (schema, table) = match spec.table.as_str().split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("main", spec.table.as_str()),
+        };
+        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?1, ?2)")
+            .bind(table)
+            .bind(schema)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect table {}", spec.table)))?;
+        check_columns(spec, &names)
+    }
+
+    async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
+        let mut select = vec![format!("CAST({} AS TEXT)", spec.key_column.quoted())];
+        for (col, kind) in &spec.columns {
+            select.push(format!("CAST({} AS {})", col.quoted(), cast(*kind)));
+        }
+        let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
+        if let Some(soft) = &spec.soft_delete {
+            sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+        }
+        let count: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query_err(format!("count {}", spec.table)))?;
+        let mut index = LocalIndex::with_capacity(count.max(0) as usize);
+        let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        let mut values = Vec::with_capacity(spec.columns.len());
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(query_err(format!("scan {}", spec.table)))?
+        {
+            let key: Option<String> = row
+                .try_get(0)
+                .map_err(query_err(format!("scan {}", spec.table)))?;
+            let Some(key) = key else {
+                return Err(StoreError::BadRow {
+                    table: spec.table.to_string(),
+                    problem: format!("a row has a NULL key in `{}`", spec.key_column),
+                });
+            };
+            values.clear();
+            for (i, (_, kind)) in spec.columns.iter().enumerate() {
+                values.push(
+                    decode(&row, i + 1, *kind)
+                        .map_err(query_err(format!("decode {}", spec.table)))?,
+                );
+            }
+            index
+                .insert(Key(key.into()), fingerprint(&values))
+                .map_err(|source| StoreError::DuplicateKey {
+                    table: spec.table.to_string(),
+                    source,
+                })?;
+        }
+        Ok(index)
+    }
+
+    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        let width = spec.columns.len() + 1;
+        let mut names = vec![spec.key_column.quoted()];
+        names.extend(spec.columns.iter().map(|(c, _)| c.quoted()));
+        let picks: Vec<String> = (1..=width).map(|i| format!("column{i}")).collect();
+        let mut tx = self.begin().await?;
+        let mut done = 0;
+        for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
+            let sql = format!(
+                "INSERT INTO {t} ({names}) SELECT {picks} FROM (VALUES {values}) AS v \
+                 WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = v.column1)",
+                t = spec.table.quoted(),
+                names = names.join(", "),
+                picks = picks.join(", "),
+                values = values_list(chunk.len(), width),
+                k = spec.key_column.quoted(),
+            );
+            let mut q = sqlx::query(&sql);
+            for row in chunk {
+                q = bind_key(q, &row.key, spec.key_type);
+                for v in &row.values {
+                    q = bind_value(q, v);
+                }
+            }
+            done += q
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err(format!("insert into {}", spec.table)))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(query_err("commit insert"))?;
+        Ok(done)
+    }
+
+    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        let width = spec.columns.len() + 1;
+        let mut sets: Vec<String> = spec
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, (c, _))| format!("{} = v.column{}", c.quoted(), i + 2))
+            .collect();
+        if let Some(soft) = &spec.soft_delete {
+            sets.push(format!("{} = NULL", soft.quoted()));
+        }
+        if sets.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        let mut done = 0;
+        for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
+            let sql = format!(
+                "UPDATE {t} SET {sets} FROM (VALUES {values}) AS v WHERE {t}.{k} = v.column1",
+                t = spec.table.quoted(),
+                sets = sets.join(", "),
+                values = values_list(chunk.len(), width),
+                k = spec.key_column.quoted(),
+            );
+            let mut q = sqlx::query(&sql);
+            for row in chunk {
+                q = bind_key(q, &row.key, spec.key_type);
+                for v in &row.values {
+                    q = bind_value(q, v);
+                }
+            }
+            done += q
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err(format!("update {}", spec.table)))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(query_err("commit update"))?;
+        Ok(done)
+    }
+
+    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut done = 0;
+        for chunk in keys.chunks(MAX_PARAMS) {
+            let marks = vec!["?"; chunk.len()].join(",");
+            let sql = match &spec.soft_delete {
+                None => format!(
+                    "DELETE FROM {} WHERE {} IN ({marks})",
+                    spec.table.quoted(),
+                    spec.key_column.quoted()
+                ),
+                Some(soft) => format!(
+                    "UPDATE {} SET {s} = CURRENT_TIMESTAMP WHERE {} IN ({marks}) AND {s} IS NULL",
+                    spec.table.quoted(),
+                    spec.key_column.quoted(),
+                    s = soft.quoted()
+                ),
+            };
+            let mut q = sqlx::query(&sql);
+            for key in chunk {
+                q = bind_key(q, key, spec.key_type);
+            }
+            done += q
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err(format!("purge from {}", spec.table)))?
+                .rows_affected();
+        }
+        tx.commit().await.map_err(query_err("commit purge"))?;
+        Ok(done)
+    }
+
+    async fn record_pass(&self, r: &PassRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO driftd_passes (resource, outcome, dry_run, started_at, duration_ms, report) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.resource)
+        .bind(&r.outcome)
+        .bind(r.dry_run)
+        .bind(&r.started_at)
+        .bind(r.duration_ms as i64)
+        .bind(&r.report_json)
+        .execute(&self.pool)
+        .await
+        .map_err(query_err("record pass"))?;
+        Ok(())
+    }
+
+    async fn recent_passes(&self, resource: &str, limit: u32) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT report FROM driftd_passes WHERE resource = ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(resource)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err("read pass history"))
+    }
+}
+
+/// Fails naming the first configured column the table lacks.
+pub(super) fn check_columns(spec: &TableSpec, names: &[String]) -> Result<(), StoreError> {
+    if names.is_empty() {
+        return Err(StoreError::Schema {
+            table: spec.table.to_string(),
+            problem: "table not found".into(),
+        });
+    }
+    let wanted = std::iter::once(&spec.key_column)
+        .chain(spec.columns.iter().map(|(c, _)| c))
+        .chain(spec.soft_delete.iter());
+    for col in wanted {
+        if !names.iter().any(|n| n == col.as_str()) {
+            return Err(StoreError::Schema {
+                table: spec.table.to_string(),
+                problem: format!("column `{col}` not found"),
+            });
+        }
+    }
+    Ok(())
+}
