@@ -460,7 +460,7 @@ impl Settings {
         }
         let figment = Figment::new()
             .merge(Toml::file_exact(path))
-            .merge(Env::prefixed("DRIFTD_").split("__"));
+            .merge(env_provider());
         Self::from_figment(figment, &file, path)
     }
 
@@ -468,7 +468,7 @@ impl Settings {
     pub fn from_toml_str(text: &str, name: &str) -> Result<Settings, ConfigError> {
         let figment = Figment::new()
             .merge(Toml::string(text))
-            .merge(Env::prefixed("DRIFTD_").split("__"));
+            .merge(env_provider());
         Self::from_figment(figment, name, Path::new(name))
     }
 
@@ -528,6 +528,18 @@ impl Settings {
             )
         })
     }
+}
+
+/// `DRIFTD_*` variables, `__` between levels. `DRIFTD_CONFIG` names the
+/// file (a CLI flag), and `DRIFTD_TEST_*` belong to the test suite; neither
+/// is a setting.
+fn env_provider() -> Env {
+    Env::prefixed("DRIFTD_")
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            key != "config" && !key.starts_with("test_")
+        })
+        .split("__")
 }
 
 type FieldProblem = (String, String);

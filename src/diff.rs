@@ -83,6 +83,9 @@ pub struct Plan {
     pub local_rows: u64,
     /// Rows in the upstream listing.
     pub upstream_rows: u64,
+    /// A key the listing had, to check that the get-by-key endpoint finds
+    /// it before trusting its 404s.
+    pub canary: Option<Key>,
 }
 
 /// Streams upstream rows against a [`LocalIndex`].
@@ -116,6 +119,9 @@ impl Differ {
     pub fn observe(&mut self, row: Row) -> Result<(), ListingError> {
         self.check_order(&row.key)?;
         self.plan.upstream_rows += 1;
+        if self.plan.canary.is_none() {
+            self.plan.canary = Some(row.key.clone());
+        }
         match self.index.rows.get_mut(&row.key) {
             Some(slot) => {
                 if *slot & SEEN != 0 {

@@ -5,7 +5,9 @@ use clap::Parser;
 #[tokio::main]
 async fn main() {
     let cli = driftd::cli::Cli::parse();
-    driftd::telemetry::init();
+    // The quickstart prints its own story; its pass logs would repeat it.
+    let quiet = matches!(cli.command, driftd::cli::Command::Quickstart { .. });
+    driftd::telemetry::init(if quiet { "warn" } else { "warn,driftd=info" });
     let code = match driftd::cli::run(cli).await {
         Ok(code) => code,
         Err(e) => {

@@ -153,6 +153,8 @@ pub enum PassError {
         key: String,
         problem: String,
     },
+    #[error("confirm_purge canary: the get-by-key endpoint answers 404 for `{0}`, which the listing has; its 404s cannot be trusted (check upstream.get_path)")]
+    Canary(Key),
     #[error("upstream task ended unexpectedly: {0}")]
     Task(String),
 }
@@ -164,7 +166,7 @@ impl PassError {
             PassError::Upstream(e) => e.is_transient(),
             PassError::Store(e) => e.is_transient(),
             PassError::Listing(_) => true,
-            PassError::Mapping { .. } | PassError::Task(_) => false,
+            PassError::Mapping { .. } | PassError::Canary(_) | PassError::Task(_) => false,
         }
     }
 }
@@ -296,6 +298,7 @@ async fn execute<S: Store>(
     }
 
     if res.policy.confirm_purge && !plan.purge.is_empty() {
+        check_canary(&client, plan.canary.as_ref()).await?;
         let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge)).await?;
         plan.purge = gone;
         report.actions.purge_kept = kept;
@@ -466,6 +469,17 @@ fn fill_planned(report: &mut PassReport, plan: &Plan, all_keys: bool) {
             .collect(),
         purge: plan.purge.iter().take(take).map(Key::to_string).collect(),
     };
+}
+
+/// Checks that the get-by-key endpoint finds a key the listing has.
+async fn check_canary(client: &Client, canary: Option<&Key>) -> Result<(), PassError> {
+    let Some(key) = canary else {
+        return Ok(());
+    };
+    match client.confirm(key.as_str()).await? {
+        Presence::Present => Ok(()),
+        Presence::Gone => Err(PassError::Canary(key.clone())),
+    }
 }
 
 /// Splits candidates into confirmed-gone and still-present (kept).

@@ -84,6 +84,8 @@ pub struct SampleUpstream {
     faults: Mutex<Vec<Fault>>,
     /// List requests served, for tests.
     requests: Mutex<u64>,
+    /// A total announced instead of the real one, after `ShiftKeepTotal`.
+    stale_total: Mutex<Option<usize>>,
 }
 
 impl SampleUpstream {
@@ -203,7 +205,6 @@ async fn list(
         _ => 0,
     };
     let faults = up.faults_for(offset);
-    let mut announced_total: Option<usize> = None;
     let mut serve_offset = offset;
     for f in &faults {
         match f {
@@ -223,7 +224,7 @@ async fn list(
                     let n = (*count).min(before);
                     items.drain(..n);
                     if matches!(f, Fault::ShiftKeepTotal { .. }) {
-                        announced_total = Some(before);
+                        *up.stale_total.lock().unwrap_or_else(|p| p.into_inner()) = Some(before);
                     }
                 }
             }
@@ -254,7 +255,11 @@ async fn list(
     } else {
         None
     };
-    let total = announced_total.unwrap_or(total);
+    let total = up
+        .stale_total
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or(total);
     let mut body = String::with_capacity(64 + page.iter().map(|i| i.json.len() + 1).sum::<usize>());
     body.push_str("{\"items\":[");
     for (i, item) in page.iter().enumerate() {

@@ -325,8 +325,6 @@ impl Pager {
         let mut doc: Json =
             serde_json::from_slice(&body).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
         drop(body);
-        self.check_total(&doc).map_err(malformed)?;
-        let next_token = self.next_token(&doc).map_err(malformed)?;
         let items = match doc.pointer_mut(&self.cfg.items_pointer).map(Json::take) {
             Some(Json::Array(items)) => items,
             Some(_) => {
@@ -342,6 +340,8 @@ impl Pager {
                 )))
             }
         };
+        self.check_total(&doc).map_err(malformed)?;
+        let next_token = self.next_token(&doc).map_err(malformed)?;
         let n = items.len() as u64;
         self.pages += 1;
         self.rows += n;

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Runs driftd's whole test suite: installs (apt) and starts the servers the
+# tests need on loopback, then lint, unit and integration tests.
+# With arguments, runs only `cargo test ARGS` (servers still started).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/services.sh
+trap stop_services EXIT
+
+start_postgres
+
+if [ $# -gt 0 ]; then
+  # A developer's narrower run: ./scripts/test.sh --test integration guards
+  cargo test "$@"
+  exit
+fi
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked

@@ -1,0 +1,136 @@
+//! The `driftd` binary as an operator runs it: exit codes, JSON reports,
+//! config errors naming the field, secrets never printed.
+
+use std::process::{Command, Output};
+
+use crate::common::*;
+
+fn driftd(args: &[&str], config: &str, env: &[(&str, &str)]) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("driftd.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_driftd"));
+    cmd.args(args).arg("--config").arg(&path);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run driftd")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_json_and_exit_codes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(200);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (up, addr) = upstream(users(200)).await;
+    let config = ConfigBuilder::default().toml(&db, addr);
+
+    let dry = driftd(&["reconcile", "users", "--dry-run", "--json"], &config, &[]);
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let report: serde_json::Value = serde_json::from_slice(&dry.stdout).expect("JSON report");
+    assert_eq!(report["outcome"], "dry_run");
+    assert_eq!(report["keys"]["purge"][0], ghost(1)["uuid"]);
+    assert_eq!(db.count("users").await, 201);
+
+    let real = driftd(&["reconcile", "users"], &config, &[]);
+    assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
+    let text = String::from_utf8_lossy(&real.stdout);
+    assert!(text.contains("REPAIRED"), "{text}");
+    assert_eq!(db.count("users").await, 200);
+
+    // guard tripped: exit 3, nothing applied
+    let strict = ConfigBuilder {
+        policy: "max_purge_count = 0".into(),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+    up.set("users", "uuid", users(150));
+    let tripped = driftd(&["reconcile", "users"], &strict, &[]);
+    assert_eq!(tripped.status.code(), Some(3), "{}", stderr(&tripped));
+    assert_eq!(db.count("users").await, 200);
+
+    // upstream failure: exit 1
+    up.inject(driftd::sample::Fault::Status {
+        offset: 0,
+        status: 500,
+        times: 100,
+    });
+    let failed = driftd(&["reconcile", "users"], &config, &[]);
+    assert_eq!(failed.status.code(), Some(1));
+    assert_eq!(db.count("users").await, 200);
+}
+
+#[test]
+fn bad_config_is_one_line_naming_file_resource_and_field() {
+    let db_url = "sqlite::memory:";
+    let config = format!(
+        r#"
+[store]
+url = "{db_url}"
+[resources.users]
+upstream = {{ base_url = "http://127.0.0.1:9", list_path = "/users" }}
+key = {{ upstream = "/uuid", column = "uuid" }}
+local = {{ table = "users; DROP TABLE users" }}
+"#
+    );
+    let out = driftd(&["check"], &config, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("driftd.toml"), "{err}");
+    assert!(err.contains("`users`"), "{err}");
+    assert!(err.contains("local.table"), "{err}");
+
+    let typo = config.replace("local = {", "locale = {");
+    let out = driftd(&["check"], &typo, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("locale"), "{}", stderr(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_are_never_printed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(10)).await;
+    let config = ConfigBuilder::default().toml(&db, addr);
+    let secret = "s3cr3t-t0ken-value";
+    let env = [
+        ("DRIFTD_RESOURCES__USERS__UPSTREAM__TOKEN", secret),
+        ("RUST_LOG", "trace"),
+    ];
+    let check = driftd(&["check"], &config, &env);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(out.contains("set (hidden)"), "{out}");
+    let run = driftd(&["reconcile", "users"], &config, &env);
+    assert_eq!(run.status.code(), Some(0), "{}", stderr(&run));
+    for o in [&check, &run] {
+        let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
+        assert!(!all.contains(secret), "secret leaked:\n{all}");
+    }
+}
+
+#[test]
+fn unknown_resource_names_the_known_ones() {
+    let config = r#"
+[store]
+url = "sqlite::memory:"
+[resources.users]
+upstream = { base_url = "http://127.0.0.1:9", list_path = "/users" }
+key = { upstream = "/uuid", column = "uuid" }
+local = { table = "users" }
+"#;
+    let out = driftd(&["reconcile", "tenant"], config, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains("unknown resource `tenant`") && err.contains("users"),
+        "{err}"
+    );
+}

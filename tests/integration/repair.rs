@@ -1,0 +1,217 @@
+//! A pass finds and repairs drift, on both backends, under every pagination
+//! scheme, and changes nothing in dry-run.
+
+use driftd::pass::{Mode, Outcome, PassOptions};
+use serde_json::json;
+
+use crate::both_backends;
+use crate::common::*;
+
+const N: u64 = 1000;
+
+/// Local copy of `N` users with every 50th missing, every 80th stale, and 10
+/// ghosts; returns the expected key set after a full repair.
+async fn drifted(db: &TestDb) -> std::collections::BTreeSet<String> {
+    db.create_users().await;
+    let mut local = Vec::new();
+    for (i, mut u) in users(N).into_iter().enumerate() {
+        if i % 50 == 3 {
+            continue;
+        }
+        if i % 80 == 11 {
+            u["email"] = json!("stale@example.com");
+            u["enabled"] = json!(!u["enabled"].as_bool().unwrap());
+        }
+        local.push(u);
+    }
+    local.extend((0..10).map(ghost));
+    db.insert_users(&local).await;
+    users(N)
+        .iter()
+        .map(|u| u["uuid"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn full_repair(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let expected = drifted(&db).await;
+    let (_up, addr) = upstream(users(N)).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{:?}", r.error);
+    assert_eq!(
+        (r.found.missing, r.found.stale, r.found.extra),
+        (20, 13, 10)
+    );
+    assert_eq!(
+        (r.actions.insert, r.actions.update, r.actions.purge),
+        (20, 13, 10)
+    );
+    assert_eq!(db.keys("users").await, expected);
+    let stale = db
+        .text("SELECT email FROM users WHERE email = 'stale@example.com'")
+        .await;
+    assert!(stale.is_empty(), "stale rows left: {stale:?}");
+
+    let again = pass(&settings, PassOptions::default()).await;
+    assert_eq!(again.outcome, Outcome::InSync, "{:?}", again);
+    assert_eq!(again.local_rows, N);
+}
+
+async fn dry_run_changes_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    drifted(&db).await;
+    let before = db
+        .text("SELECT CAST(uuid AS TEXT) || ':' || COALESCE(email, '') FROM users ORDER BY 1")
+        .await;
+    let (_up, addr) = upstream(users(N)).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(
+        &settings,
+        PassOptions {
+            dry_run: true,
+            ..PassOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::DryRun, "{:?}", r.error);
+    // every key is reported in dry-run
+    assert_eq!(r.keys.purge.len(), 10);
+    assert_eq!(r.keys.insert.len(), 20);
+    assert_eq!(r.keys.update.len(), 13);
+    let after = db
+        .text("SELECT CAST(uuid AS TEXT) || ':' || COALESCE(email, '') FROM users ORDER BY 1")
+        .await;
+    assert_eq!(before, after);
+}
+
+async fn every_pagination_scheme_lists_everything(backend: Backend) {
+    for pagination in [
+        r#"pagination = { kind = "page" }"#,
+        r#"pagination = { kind = "cursor", next_pointer = "/next" }"#,
+        r#"pagination = { kind = "link" }"#,
+        r#"pagination = { kind = "offset" }"#,
+    ] {
+        let db = TestDb::new(backend).await;
+        let expected = drifted(&db).await;
+        let (_up, addr) = upstream(users(N)).await;
+        let settings = ConfigBuilder {
+            upstream: pagination.into(),
+            ..ConfigBuilder::default()
+        }
+        .settings(&db, addr);
+        let r = pass(&settings, PassOptions::default()).await;
+        assert_eq!(r.outcome, Outcome::Repaired, "{pagination}: {:?}", r.error);
+        assert_eq!(r.upstream_rows, N, "{pagination}");
+        assert_eq!(db.keys("users").await, expected, "{pagination}");
+    }
+}
+
+async fn modes_restrict_actions(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    drifted(&db).await;
+    let (_up, addr) = upstream(users(N)).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(
+        &settings,
+        PassOptions {
+            mode: Mode::RepairOnly,
+            ..PassOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (r.actions.insert, r.actions.update, r.actions.purge),
+        (20, 13, 0)
+    );
+    assert_eq!(db.count("users").await, N as i64 + 10);
+    let r = pass(
+        &settings,
+        PassOptions {
+            mode: Mode::PurgeOnly,
+            ..PassOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (r.actions.insert, r.actions.update, r.actions.purge),
+        (0, 0, 10)
+    );
+    assert_eq!(db.count("users").await, N as i64);
+}
+
+async fn soft_delete_marks_and_revives(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    drifted(&db).await;
+    let (up, addr) = upstream(users(N)).await;
+    let settings = ConfigBuilder {
+        policy: "max_purge_fraction = 1.0\npurge = { soft_delete = { column = \"deleted_at\" } }"
+            .into(),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{:?}", r.error);
+    assert_eq!(r.actions.purge, 10);
+    // soft: the ghosts are still there, marked
+    assert_eq!(db.count("users").await, N as i64 + 10);
+    let marked = db
+        .text("SELECT CAST(uuid AS TEXT) FROM users WHERE deleted_at IS NOT NULL")
+        .await;
+    assert_eq!(marked.len(), 10);
+    // a second pass does not see soft-deleted rows as extra
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+    // upstream brings a deleted user back: it is revived, not duplicated
+    let mut all = users(N);
+    all.push(ghost(0));
+    up.set("users", "uuid", all);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!((r.found.missing, r.actions.insert), (1, 1), "{r:?}");
+    let marked = db
+        .text("SELECT CAST(uuid AS TEXT) FROM users WHERE deleted_at IS NOT NULL")
+        .await;
+    assert_eq!(marked.len(), 9);
+}
+
+async fn unowned_columns_are_left_alone(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    drifted(&db).await;
+    db.exec("UPDATE users SET note = 'kept'").await;
+    let (_up, addr) = upstream(users(N)).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{:?}", r.error);
+    // repaired rows keep their unowned column
+    let notes = db
+        .text("SELECT note FROM users WHERE email LIKE 'user11@%'")
+        .await;
+    assert_eq!(notes, vec![Some("kept".to_string())]);
+}
+
+async fn bad_local_schema_is_a_clear_error(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE users (uuid TEXT PRIMARY KEY, email TEXT)")
+        .await;
+    let (_up, addr) = upstream(users(10)).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    let err = r.error.unwrap();
+    assert!(
+        err.contains("column `enabled` not found") || err.contains("not found"),
+        "{err}"
+    );
+    assert!(err.contains("users"), "{err}");
+}
+
+both_backends!(
+    full_repair,
+    dry_run_changes_nothing,
+    every_pagination_scheme_lists_everything,
+    modes_restrict_actions,
+    soft_delete_marks_and_revives,
+    unowned_columns_are_left_alone,
+    bad_local_schema_is_a_clear_error,
+);
