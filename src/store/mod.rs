@@ -22,9 +22,9 @@ use serde::Serialize;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
-use crate::config::TableSpec;
+use crate::config::{ColumnType, TableSpec};
 use crate::diff::{DuplicateLocalKey, LocalIndex};
-use crate::model::{Key, Row};
+use crate::model::{fingerprint, Key, Row, Value};
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +156,52 @@ impl AnyStore {
             AnyStore::Postgres(_) => "postgres",
         }
     }
+}
+
+/// `SELECT CAST(key AS ..), CAST(col AS ..), ...` over the live rows, with
+/// the backend's type names (`None` is the key, always read as text).
+pub(crate) fn scan_sql(
+    spec: &TableSpec,
+    type_name: fn(Option<ColumnType>) -> &'static str,
+) -> String {
+    let mut select = vec![format!(
+        "CAST({} AS {})",
+        spec.key_column.quoted(),
+        type_name(None)
+    )];
+    for (col, kind) in &spec.columns {
+        select.push(format!(
+            "CAST({} AS {})",
+            col.quoted(),
+            type_name(Some(*kind))
+        ));
+    }
+    let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
+    if let Some(soft) = &spec.soft_delete {
+        sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+    }
+    sql
+}
+
+/// Adds one scanned row to the index, refusing NULL and repeated keys.
+pub(crate) fn index_row(
+    index: &mut LocalIndex,
+    spec: &TableSpec,
+    key: Option<String>,
+    values: &[Value],
+) -> Result<(), StoreError> {
+    let Some(key) = key else {
+        return Err(StoreError::BadRow {
+            table: spec.table.to_string(),
+            problem: format!("a row has a NULL key in `{}`", spec.key_column),
+        });
+    };
+    index
+        .insert(Key(key.into()), fingerprint(values))
+        .map_err(|source| StoreError::DuplicateKey {
+            table: spec.table.to_string(),
+            source,
+        })
 }
 
 /// Splits `rows` so that one statement binds at most `max_params` values.

@@ -12,10 +12,10 @@ use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row as _};
 
 use super::sqlite::check_columns;
-use super::{query_err, PassRecord, Store, StoreError};
+use super::{index_row, query_err, scan_sql, PassRecord, Store, StoreError};
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
-use crate::model::{fingerprint, Key, Row, Value};
+use crate::model::{Key, Row, Value};
 
 const MIGRATIONS: &[(i64, &[&str])] = &[(
     1,
@@ -158,11 +158,11 @@ fn decode(row: &PgRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Error>
     })
 }
 
-fn cast(kind: ColumnType) -> &'static str {
+fn type_name(kind: Option<ColumnType>) -> &'static str {
     match kind {
-        ColumnType::Text => "text",
-        ColumnType::Integer => "int8",
-        ColumnType::Boolean => "bool",
+        None | Some(ColumnType::Text) => "text",
+        Some(ColumnType::Integer) => "int8",
+        Some(ColumnType::Boolean) => "bool",
     }
 }
 
@@ -225,14 +225,7 @@ impl Store for PgStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let mut select = vec![format!("{}::text", spec.key_column.quoted())];
-        for (col, kind) in &spec.columns {
-            select.push(format!("{}::{}", col.quoted(), cast(*kind)));
-        }
-        let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
-        if let Some(soft) = &spec.soft_delete {
-            sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
-        }
+        let sql = scan_sql(spec, type_name);
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )
@@ -252,12 +245,6 @@ impl Store for PgStore {
             let key: Option<String> = row
                 .try_get(0)
                 .map_err(query_err(format!("scan {}", spec.table)))?;
-            let Some(key) = key else {
-                return Err(StoreError::BadRow {
-                    table: spec.table.to_string(),
-                    problem: format!("a row has a NULL key in `{}`", spec.key_column),
-                });
-            };
             values.clear();
             for (i, (_, kind)) in spec.columns.iter().enumerate() {
                 values.push(
@@ -265,12 +252,7 @@ impl Store for PgStore {
                         .map_err(query_err(format!("decode {}", spec.table)))?,
                 );
             }
-            index
-                .insert(Key(key.into()), fingerprint(&values))
-                .map_err(|source| StoreError::DuplicateKey {
-                    table: spec.table.to_string(),
-                    source,
-                })?;
+            index_row(&mut index, spec, key, &values)?;
         }
         Ok(index)
     }

@@ -9,10 +9,10 @@ use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
 use sqlx::{Row as _, SqlitePool};
 
-use super::{query_err, rows_per_statement, PassRecord, Store, StoreError};
+use super::{index_row, query_err, rows_per_statement, scan_sql, PassRecord, Store, StoreError};
 use crate::config::{ColumnType, KeyType, TableSpec};
 use crate::diff::LocalIndex;
-use crate::model::{fingerprint, Key, Row, Value};
+use crate::model::{Key, Row, Value};
 
 /// SQLite's default limit on bound parameters is 32766; stay well below.
 const MAX_PARAMS: usize = 30_000;
@@ -82,10 +82,9 @@ impl SqliteStore {
     }
 }
 
-fn bind_value<'q>(
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    v: &'q Value,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+fn bind_value<'q>(q: SqliteQuery<'q>, v: &'q Value) -> SqliteQuery<'q> {
     match v {
         Value::Null => q.bind(None::<String>),
         Value::Bool(b) => q.bind(*b),
@@ -94,15 +93,22 @@ fn bind_value<'q>(
     }
 }
 
-fn bind_key<'q>(
-    q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
-    key: &'q Key,
-    kind: KeyType,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>> {
+fn bind_key<'q>(q: SqliteQuery<'q>, key: &'q Key, kind: KeyType) -> SqliteQuery<'q> {
     match (kind, key.as_str().parse::<i64>()) {
         (KeyType::Integer, Ok(i)) => q.bind(i),
         _ => q.bind(key.as_str()),
     }
+}
+
+/// Binds each row's key then its values, in order.
+fn bind_rows<'q>(mut q: SqliteQuery<'q>, rows: &'q [Row], kind: KeyType) -> SqliteQuery<'q> {
+    for row in rows {
+        q = bind_key(q, &row.key, kind);
+        for v in &row.values {
+            q = bind_value(q, v);
+        }
+    }
+    q
 }
 
 /// `(?,?,?),(?,?,?)` for `rows` rows of `width` values.
@@ -125,10 +131,10 @@ fn decode(row: &SqliteRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Er
     })
 }
 
-fn cast(kind: ColumnType) -> &'static str {
+fn type_name(kind: Option<ColumnType>) -> &'static str {
     match kind {
-        ColumnType::Text => "TEXT",
-        ColumnType::Integer | ColumnType::Boolean => "INTEGER",
+        None | Some(ColumnType::Text) => "TEXT",
+        Some(ColumnType::Integer | ColumnType::Boolean) => "INTEGER",
     }
 }
 
@@ -180,14 +186,7 @@ impl Store for SqliteStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let mut select = vec![format!("CAST({} AS TEXT)", spec.key_column.quoted())];
-        for (col, kind) in &spec.columns {
-            select.push(format!("CAST({} AS {})", col.quoted(), cast(*kind)));
-        }
-        let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
-        if let Some(soft) = &spec.soft_delete {
-            sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
-        }
+        let sql = scan_sql(spec, type_name);
         let count: i64 =
             sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
                 .fetch_one(&self.pool)
@@ -204,12 +203,6 @@ impl Store for SqliteStore {
             let key: Option<String> = row
                 .try_get(0)
                 .map_err(query_err(format!("scan {}", spec.table)))?;
-            let Some(key) = key else {
-                return Err(StoreError::BadRow {
-                    table: spec.table.to_string(),
-                    problem: format!("a row has a NULL key in `{}`", spec.key_column),
-                });
-            };
             values.clear();
             for (i, (_, kind)) in spec.columns.iter().enumerate() {
                 values.push(
@@ -217,12 +210,7 @@ impl Store for SqliteStore {
                         .map_err(query_err(format!("decode {}", spec.table)))?,
                 );
             }
-            index
-                .insert(Key(key.into()), fingerprint(&values))
-                .map_err(|source| StoreError::DuplicateKey {
-                    table: spec.table.to_string(),
-                    source,
-                })?;
+            index_row(&mut index, spec, key, &values)?;
         }
         Ok(index)
     }
@@ -244,13 +232,7 @@ impl Store for SqliteStore {
                 values = values_list(chunk.len(), width),
                 k = spec.key_column.quoted(),
             );
-            let mut q = sqlx::query(&sql);
-            for row in chunk {
-                q = bind_key(q, &row.key, spec.key_type);
-                for v in &row.values {
-                    q = bind_value(q, v);
-                }
-            }
+            let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
             done += q
                 .execute(&mut *tx)
                 .await
@@ -285,13 +267,7 @@ impl Store for SqliteStore {
                 values = values_list(chunk.len(), width),
                 k = spec.key_column.quoted(),
             );
-            let mut q = sqlx::query(&sql);
-            for row in chunk {
-                q = bind_key(q, &row.key, spec.key_type);
-                for v in &row.values {
-                    q = bind_value(q, v);
-                }
-            }
+            let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
             done += q
                 .execute(&mut *tx)
                 .await
