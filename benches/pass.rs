@@ -5,7 +5,8 @@
 //! as its own process; the local table gets 1% missing, 1% stale and 1%
 //! extra rows; the pass runs as a `driftd reconcile` child process, so its
 //! wall time and peak RSS are its own. Rows: `DRIFTD_BENCH_ROWS` (default
-//! 1,000,000). Without `DRIFTD_TEST_PG_URL` only SQLite runs.
+//! 1,000,000; 2,000 when `cargo test` runs it as a smoke test). Without
+//! `DRIFTD_TEST_PG_URL` only SQLite runs.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -17,10 +18,12 @@ use serde_json::Value as Json;
 const TENANTS: u64 = 1000;
 
 fn main() {
+    // `cargo bench` passes --bench; under `cargo test` this is a smoke run.
+    let benching = std::env::args().any(|a| a == "--bench");
     let rows: u64 = std::env::var("DRIFTD_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(if benching { 1_000_000 } else { 2_000 });
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let (mut upstream, addr) = start_upstream(rows);
     println!("driftd pass benchmark: {rows} upstream rows, pages of 1000, 1% missing / 1% stale / 1% extra");
@@ -66,6 +69,7 @@ fn main() {
             f["stale"],
             f["extra"]
         );
+        println!("           phases: {}", report["timings"]);
         assert_eq!(report["outcome"], "repaired");
     }
     let _ = upstream.kill();

@@ -6,7 +6,7 @@
 //! to a 64-bit fingerprint for the local index, so the diff keeps a key and a
 //! hash per row, never the parsed document.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{DefaultHasher, Hasher};
 
 use serde_json::Value as Json;
 
@@ -105,13 +105,37 @@ pub struct Row {
     pub values: Vec<Value>,
 }
 
-/// The fingerprint of a row's owned columns. The top bit is reserved by the
-/// diff index (it marks a row as seen upstream), so it is always clear here.
-/// `DefaultHasher::new()` has fixed keys: equal values hash equal within a
-/// process, which is all one pass needs.
+/// Appends the canonical signature of `values` to `out`: per value `N;`
+/// (null), `B1;`/`B0;`, `I<decimal>;` or `T<char count>:<text>;`. The
+/// length prefix makes the concatenation unambiguous. The stores compute
+/// the same text in SQL ([`crate::store`]), so a local row's fingerprint
+/// costs one text column to read, whatever the number of owned columns.
+pub fn signature(values: &[Value], out: &mut String) {
+    use std::fmt::Write as _;
+    for v in values {
+        let _ = match v {
+            Value::Null => write!(out, "N;"),
+            Value::Bool(b) => write!(out, "B{};", u8::from(*b)),
+            Value::Int(i) => write!(out, "I{i};"),
+            Value::Text(t) => write!(out, "T{}:{t};", t.chars().count()),
+        };
+    }
+}
+
+/// The fingerprint of a row's owned columns: a hash of its [`signature`].
 pub fn fingerprint(values: &[Value]) -> u64 {
+    let mut sig = String::with_capacity(64);
+    signature(values, &mut sig);
+    fingerprint_signature(&sig)
+}
+
+/// The fingerprint of a signature computed elsewhere (in SQL). The top bit
+/// is reserved by the diff index (it marks a row as seen upstream), so it is
+/// always clear here. `DefaultHasher::new()` has fixed keys: equal
+/// signatures hash equal within a process, which is all one pass needs.
+pub fn fingerprint_signature(sig: &str) -> u64 {
     let mut h = DefaultHasher::new();
-    values.hash(&mut h);
+    h.write(sig.as_bytes());
     h.finish() & !crate::diff::SEEN
 }
 
@@ -163,5 +187,28 @@ mod tests {
         assert_ne!(c, d);
         assert_eq!(a, fingerprint(&[Value::Null]));
         assert_eq!(a & crate::diff::SEEN, 0);
+    }
+
+    #[test]
+    fn signature_is_unambiguous() {
+        let mut one = String::new();
+        signature(&[Value::Text("a;T1:b".into())], &mut one);
+        let mut two = String::new();
+        signature(
+            &[Value::Text("a".into()), Value::Text("b".into())],
+            &mut two,
+        );
+        assert_ne!(one, two);
+        let mut s = String::new();
+        signature(
+            &[
+                Value::Null,
+                Value::Bool(true),
+                Value::Int(-4),
+                Value::Text("é'x".into()),
+            ],
+            &mut s,
+        );
+        assert_eq!(s, "N;B1;I-4;T3:é'x;");
     }
 }

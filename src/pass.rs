@@ -135,6 +135,19 @@ pub struct PassReport {
     pub keys: Samples,
     pub guard: Option<GuardTrip>,
     pub error: Option<String>,
+    /// Where the time went.
+    pub timings: Timings,
+}
+
+/// Milliseconds per phase of a pass.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    /// Reading the local table into the index.
+    pub scan_ms: u64,
+    /// From the start until the listing was complete and diffed.
+    pub list_ms: u64,
+    /// Confirming candidates and writing.
+    pub apply_ms: u64,
 }
 
 /// Why a pass failed.
@@ -210,6 +223,7 @@ pub async fn run_pass<S: Store>(
             keys: Samples::default(),
             guard: None,
             error: None,
+            timings: Timings::default(),
         };
         if let Err(e) = execute(store, res, opts, progress, &mut report).await {
             report.outcome = Outcome::Failed;
@@ -297,6 +311,7 @@ async fn execute<S: Store>(
         report.guard = Some(trip);
     }
 
+    let applying = Instant::now();
     if res.policy.confirm_purge && !plan.purge.is_empty() {
         check_canary(&client, plan.canary.as_ref()).await?;
         let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge)).await?;
@@ -316,6 +331,7 @@ async fn execute<S: Store>(
     }
     fill_planned(report, &plan, false);
     apply(store, &spec, &plan, res.policy.batch_size, report).await?;
+    report.timings.apply_ms = applying.elapsed().as_millis() as u64;
     report.outcome = if drift {
         Outcome::Repaired
     } else {
@@ -340,7 +356,10 @@ async fn list_and_diff<S: Store>(
     let lister = tokio::spawn(list_upstream(pager, mapper, tx).in_current_span());
 
     // Scan while the first pages arrive.
-    let index = match store.scan(spec).await {
+    let started = Instant::now();
+    let scanned = store.scan(spec).await;
+    report.timings.scan_ms = started.elapsed().as_millis() as u64;
+    let index = match scanned {
         Ok(index) => index,
         Err(e) => {
             lister.abort();
@@ -362,6 +381,7 @@ async fn list_and_diff<S: Store>(
         progress.listed(pages, rows);
     }
     report.upstream_pages = pages;
+    report.timings.list_ms = started.elapsed().as_millis() as u64;
     match lister.await {
         Ok(Ok(())) => Ok(differ.finish()),
         Ok(Err(e)) => Err(e),

@@ -24,7 +24,7 @@ pub use sqlite::SqliteStore;
 
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::{DuplicateLocalKey, LocalIndex};
-use crate::model::{fingerprint, Key, Row, Value};
+use crate::model::{fingerprint_signature, Key, Row};
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -158,25 +158,51 @@ impl AnyStore {
     }
 }
 
-/// `SELECT CAST(key AS ..), CAST(col AS ..), ...` over the live rows, with
-/// the backend's type names (`None` is the key, always read as text).
-pub(crate) fn scan_sql(
-    spec: &TableSpec,
-    type_name: fn(Option<ColumnType>) -> &'static str,
-) -> String {
-    let mut select = vec![format!(
-        "CAST({} AS {})",
-        spec.key_column.quoted(),
-        type_name(None)
-    )];
+/// How a backend spells the casts the scan needs.
+pub(crate) struct Dialect {
+    pub text: &'static str,
+    pub int: &'static str,
+    /// `true` when `x IS TRUE` works on the column after the cast (real
+    /// booleans); SQLite stores booleans as integers.
+    pub native_bool: bool,
+}
+
+/// `SELECT key, signature FROM table` over the live rows, where the
+/// signature is [`crate::model::signature`] computed in SQL.
+pub(crate) fn scan_sql(spec: &TableSpec, d: &Dialect) -> String {
+    let mut parts = Vec::new();
     for (col, kind) in &spec.columns {
-        select.push(format!(
-            "CAST({} AS {})",
-            col.quoted(),
-            type_name(Some(*kind))
-        ));
+        let c = col.quoted();
+        parts.push(match kind {
+            ColumnType::Text => format!(
+                "COALESCE('T' || length(CAST({c} AS {t})) || ':' || CAST({c} AS {t}) || ';', 'N;')",
+                t = d.text
+            ),
+            ColumnType::Integer => format!(
+                "COALESCE('I' || CAST(CAST({c} AS {i}) AS {t}) || ';', 'N;')",
+                i = d.int,
+                t = d.text
+            ),
+            ColumnType::Boolean if d.native_bool => {
+                format!("CASE WHEN {c} IS NULL THEN 'N;' WHEN {c} THEN 'B1;' ELSE 'B0;' END")
+            }
+            ColumnType::Boolean => format!(
+                "CASE WHEN {c} IS NULL THEN 'N;' WHEN CAST({c} AS {i}) <> 0 THEN 'B1;' ELSE 'B0;' END",
+                i = d.int
+            ),
+        });
     }
-    let mut sql = format!("SELECT {} FROM {}", select.join(", "), spec.table.quoted());
+    let signature = if parts.is_empty() {
+        "''".to_string()
+    } else {
+        parts.join(" || ")
+    };
+    let mut sql = format!(
+        "SELECT CAST({k} AS {t}), {signature} FROM {table}",
+        k = spec.key_column.quoted(),
+        t = d.text,
+        table = spec.table.quoted()
+    );
     if let Some(soft) = &spec.soft_delete {
         sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
     }
@@ -187,8 +213,8 @@ pub(crate) fn scan_sql(
 pub(crate) fn index_row(
     index: &mut LocalIndex,
     spec: &TableSpec,
-    key: Option<String>,
-    values: &[Value],
+    key: Option<&str>,
+    signature: Option<&str>,
 ) -> Result<(), StoreError> {
     let Some(key) = key else {
         return Err(StoreError::BadRow {
@@ -197,7 +223,10 @@ pub(crate) fn index_row(
         });
     };
     index
-        .insert(Key(key.into()), fingerprint(values))
+        .insert(
+            Key(key.into()),
+            fingerprint_signature(signature.unwrap_or("")),
+        )
         .map_err(|source| StoreError::DuplicateKey {
             table: spec.table.to_string(),
             source,

@@ -8,11 +8,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use sqlx::postgres::{PgPoolOptions, PgRow};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row as _};
 
 use super::sqlite::check_columns;
-use super::{index_row, query_err, scan_sql, PassRecord, Store, StoreError};
+use super::{index_row, query_err, scan_sql, Dialect, PassRecord, Store, StoreError};
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::model::{Key, Row, Value};
@@ -144,27 +144,11 @@ impl ColumnArray {
     }
 }
 
-fn decode(row: &PgRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Error> {
-    Ok(match kind {
-        ColumnType::Text => row
-            .try_get::<Option<String>, _>(i)?
-            .map_or(Value::Null, Value::Text),
-        ColumnType::Integer => row
-            .try_get::<Option<i64>, _>(i)?
-            .map_or(Value::Null, Value::Int),
-        ColumnType::Boolean => row
-            .try_get::<Option<bool>, _>(i)?
-            .map_or(Value::Null, Value::Bool),
-    })
-}
-
-fn type_name(kind: Option<ColumnType>) -> &'static str {
-    match kind {
-        None | Some(ColumnType::Text) => "text",
-        Some(ColumnType::Integer) => "int8",
-        Some(ColumnType::Boolean) => "bool",
-    }
-}
+const DIALECT: Dialect = Dialect {
+    text: "text",
+    int: "int8",
+    native_bool: true,
+};
 
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -225,7 +209,7 @@ impl Store for PgStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = scan_sql(spec, type_name);
+        let sql = scan_sql(spec, &DIALECT);
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )
@@ -236,23 +220,15 @@ impl Store for PgStore {
         .unwrap_or(0);
         let mut index = LocalIndex::with_capacity(estimate.clamp(0, 50_000_000) as usize);
         let mut rows = sqlx::query(&sql).fetch(&self.pool);
-        let mut values = Vec::with_capacity(spec.columns.len());
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(query_err(format!("scan {}", spec.table)))?
         {
-            let key: Option<String> = row
-                .try_get(0)
-                .map_err(query_err(format!("scan {}", spec.table)))?;
-            values.clear();
-            for (i, (_, kind)) in spec.columns.iter().enumerate() {
-                values.push(
-                    decode(&row, i + 1, *kind)
-                        .map_err(query_err(format!("decode {}", spec.table)))?,
-                );
-            }
-            index_row(&mut index, spec, key, &values)?;
+            let scanned = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
+            let (key, signature): (Option<&str>, Option<&str>) =
+                scanned.map_err(query_err(format!("scan {}", spec.table)))?;
+            index_row(&mut index, spec, key, signature)?;
         }
         Ok(index)
     }

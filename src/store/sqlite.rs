@@ -6,11 +6,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row as _, SqlitePool};
 
-use super::{index_row, query_err, rows_per_statement, scan_sql, PassRecord, Store, StoreError};
-use crate::config::{ColumnType, KeyType, TableSpec};
+use super::{
+    index_row, query_err, rows_per_statement, scan_sql, Dialect, PassRecord, Store, StoreError,
+};
+use crate::config::{KeyType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::model::{Key, Row, Value};
 
@@ -117,26 +119,11 @@ fn values_list(rows: usize, width: usize) -> String {
     vec![one; rows].join(",")
 }
 
-fn decode(row: &SqliteRow, i: usize, kind: ColumnType) -> Result<Value, sqlx::Error> {
-    Ok(match kind {
-        ColumnType::Text => row
-            .try_get::<Option<String>, _>(i)?
-            .map_or(Value::Null, Value::Text),
-        ColumnType::Integer => row
-            .try_get::<Option<i64>, _>(i)?
-            .map_or(Value::Null, Value::Int),
-        ColumnType::Boolean => row
-            .try_get::<Option<i64>, _>(i)?
-            .map_or(Value::Null, |v| Value::Bool(v != 0)),
-    })
-}
-
-fn type_name(kind: Option<ColumnType>) -> &'static str {
-    match kind {
-        None | Some(ColumnType::Text) => "TEXT",
-        Some(ColumnType::Integer | ColumnType::Boolean) => "INTEGER",
-    }
-}
+const DIALECT: Dialect = Dialect {
+    text: "TEXT",
+    int: "INTEGER",
+    native_bool: false,
+};
 
 impl Store for SqliteStore {
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -186,7 +173,7 @@ impl Store for SqliteStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = scan_sql(spec, type_name);
+        let sql = scan_sql(spec, &DIALECT);
         let count: i64 =
             sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
                 .fetch_one(&self.pool)
@@ -194,23 +181,15 @@ impl Store for SqliteStore {
                 .map_err(query_err(format!("count {}", spec.table)))?;
         let mut index = LocalIndex::with_capacity(count.max(0) as usize);
         let mut rows = sqlx::query(&sql).fetch(&self.pool);
-        let mut values = Vec::with_capacity(spec.columns.len());
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(query_err(format!("scan {}", spec.table)))?
         {
-            let key: Option<String> = row
-                .try_get(0)
-                .map_err(query_err(format!("scan {}", spec.table)))?;
-            values.clear();
-            for (i, (_, kind)) in spec.columns.iter().enumerate() {
-                values.push(
-                    decode(&row, i + 1, *kind)
-                        .map_err(query_err(format!("decode {}", spec.table)))?,
-                );
-            }
-            index_row(&mut index, spec, key, &values)?;
+            let scanned = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
+            let (key, signature): (Option<&str>, Option<&str>) =
+                scanned.map_err(query_err(format!("scan {}", spec.table)))?;
+            index_row(&mut index, spec, key, signature)?;
         }
         Ok(index)
     }
