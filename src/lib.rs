@@ -4,13 +4,14 @@
 //! purge impossible without an explicit force.
 //!
 //! Module map: [`config`] (typed settings), [`upstream`] (HTTP client and
-//! pager), [`store`] (SQLite and PostgreSQL), [`model`] (typed values),
+//! pager), [`decode`] (pages to typed rows), [`store`] (SQLite and PostgreSQL), [`model`] (typed values),
 //! [`diff`] (pure plan), [`guard`] (judging plans), [`pass`] (one
 //! reconciliation), [`report`] (rendering), [`cli`] (commands),
 //! [`sample`] (bundled sample upstream), [`quickstart`].
 
 pub mod cli;
 pub mod config;
+pub mod decode;
 pub mod diff;
 pub mod guard;
 pub mod model;

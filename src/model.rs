@@ -68,6 +68,16 @@ impl Value {
     }
 }
 
+impl Value {
+    /// [`Value::from_json`], taking the JSON value to reuse its string.
+    pub fn from_json_owned(json: Option<Json>, kind: ColumnType) -> Result<Value, String> {
+        match (kind, json) {
+            (ColumnType::Text, Some(Json::String(s))) => Ok(Value::Text(s)),
+            (kind, json) => Value::from_json(json.as_ref(), kind),
+        }
+    }
+}
+
 fn kind_of(json: &Json) -> &'static str {
     match json {
         Json::Null => "null",

@@ -24,12 +24,13 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
-use crate::config::{ColumnType, ResourceConfig, TableSpec};
+use crate::config::{ResourceConfig, TableSpec};
+use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
 use crate::guard::{self, GuardTrip};
-use crate::model::{key_from_json, Key, Row, Value};
+use crate::model::{Key, Row};
 use crate::store::{PassRecord, Store, StoreError};
-use crate::upstream::{Client, Page, Pager, Presence, UpstreamError};
+use crate::upstream::{Client, Pager, Presence, UpstreamError};
 
 /// Pages buffered between the upstream task and the differ.
 const PAGES_IN_FLIGHT: usize = 4;
@@ -159,13 +160,6 @@ pub enum PassError {
     Listing(#[from] ListingError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("GET {url}: item {index}{key}: {problem}")]
-    Mapping {
-        url: String,
-        index: usize,
-        key: String,
-        problem: String,
-    },
     #[error("confirm_purge canary: the get-by-key endpoint answers 404 for `{0}`, which the listing has; its 404s cannot be trusted (check upstream.get_path)")]
     Canary(Key),
     #[error("upstream task ended unexpectedly: {0}")]
@@ -179,7 +173,7 @@ impl PassError {
             PassError::Upstream(e) => e.is_transient(),
             PassError::Store(e) => e.is_transient(),
             PassError::Listing(_) => true,
-            PassError::Mapping { .. } | PassError::Canary(_) | PassError::Task(_) => false,
+            PassError::Canary(_) | PassError::Task(_) => false,
         }
     }
 }
@@ -351,9 +345,9 @@ async fn list_and_diff<S: Store>(
     report: &mut PassReport,
 ) -> Result<Plan, PassError> {
     let (tx, mut rx) = mpsc::channel::<Vec<Row>>(PAGES_IN_FLIGHT);
-    let mapper = RowMapper::new(res);
+    let decoder = RowDecoder::new(res);
     let pager = Pager::new(client, res.upstream.clone());
-    let lister = tokio::spawn(list_upstream(pager, mapper, tx).in_current_span());
+    let lister = tokio::spawn(list_upstream(pager, decoder, tx).in_current_span());
 
     // Scan while the first pages arrive.
     let started = Instant::now();
@@ -393,65 +387,17 @@ async fn list_and_diff<S: Store>(
 /// pager says the listing is complete.
 async fn list_upstream(
     mut pager: Pager,
-    mapper: RowMapper,
+    decoder: RowDecoder,
     tx: mpsc::Sender<Vec<Row>>,
 ) -> Result<(), PassError> {
-    while let Some(page) = pager.next_page().await? {
-        let rows = mapper.map_page(page)?;
-        if tx.send(rows).await.is_err() {
+    while let Some(page) = pager.next_page(&decoder).await? {
+        if tx.send(page.items).await.is_err() {
             // The differ stopped; its error is the one to report.
             return Ok(());
         }
     }
     tracing::debug!(rows = pager.rows(), total = ?pager.total(), elapsed_ms = pager.elapsed().as_millis() as u64, "listing complete");
     Ok(())
-}
-
-/// Turns upstream JSON items into typed rows by the resource's mapping.
-struct RowMapper {
-    key_pointer: String,
-    key_type: crate::config::KeyType,
-    columns: Vec<(String, String, ColumnType)>,
-}
-
-impl RowMapper {
-    fn new(res: &ResourceConfig) -> Self {
-        Self {
-            key_pointer: res.key.upstream.clone(),
-            key_type: res.key.kind,
-            columns: res
-                .columns
-                .iter()
-                .map(|(name, c)| (name.clone(), c.from.clone(), c.kind))
-                .collect(),
-        }
-    }
-
-    fn map_page(&self, page: Page) -> Result<Vec<Row>, PassError> {
-        let mut rows = Vec::with_capacity(page.items.len());
-        for (index, item) in page.items.iter().enumerate() {
-            let fail = |key: &str, problem: String| PassError::Mapping {
-                url: page.url.clone(),
-                index,
-                key: key.to_string(),
-                problem,
-            };
-            let key = key_from_json(item.pointer(&self.key_pointer), self.key_type)
-                .map_err(|p| fail("", format!("`{}`: {p}", self.key_pointer)))?;
-            let mut values = Vec::with_capacity(self.columns.len());
-            for (column, pointer, kind) in &self.columns {
-                let v = Value::from_json(item.pointer(pointer), *kind).map_err(|p| {
-                    fail(
-                        &format!(" (key {key})"),
-                        format!("column `{column}` from `{pointer}`: {p}"),
-                    )
-                })?;
-                values.push(v);
-            }
-            rows.push(Row { key, values });
-        }
-        Ok(rows)
-    }
 }
 
 /// Drops the actions the mode or the policy does not allow.

@@ -19,6 +19,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value as Json;
 
 use crate::config::{Pagination, UpstreamConfig};
+use crate::decode::PageDecoder;
 
 /// What can go wrong talking to the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -234,11 +235,11 @@ fn encode_path_segment(raw: &str) -> String {
 
 /// One page of a listing.
 #[derive(Debug)]
-pub struct Page {
+pub struct Page<T> {
     /// 1-based position of the page in the listing.
     pub number: u64,
     pub url: String,
-    pub items: Vec<Json>,
+    pub items: Vec<T>,
 }
 
 /// Where the pager is in the listing.
@@ -299,7 +300,10 @@ impl Pager {
     }
 
     /// The next page, or `None` once the listing is complete and checked.
-    pub async fn next_page(&mut self) -> Result<Option<Page>, UpstreamError> {
+    pub async fn next_page<D: PageDecoder>(
+        &mut self,
+        decoder: &D,
+    ) -> Result<Option<Page<D::Item>>, UpstreamError> {
         if matches!(self.at, Cursor::Done) {
             return Ok(None);
         }
@@ -322,26 +326,11 @@ impl Pager {
             url: url.to_string(),
             problem,
         };
-        let mut doc: Json =
-            serde_json::from_slice(&body).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
+        let page = decoder.decode(&body).map_err(malformed)?;
         drop(body);
-        let items = match doc.pointer_mut(&self.cfg.items_pointer).map(Json::take) {
-            Some(Json::Array(items)) => items,
-            Some(_) => {
-                return Err(malformed(format!(
-                    "`{}` is not an array",
-                    self.cfg.items_pointer
-                )))
-            }
-            None => {
-                return Err(malformed(format!(
-                    "no items at `{}`",
-                    self.cfg.items_pointer
-                )))
-            }
-        };
-        self.check_total(&doc).map_err(malformed)?;
-        let next_token = self.next_token(&doc).map_err(malformed)?;
+        self.check_total(page.total.as_ref()).map_err(malformed)?;
+        let next_token = self.next_token(page.next.as_ref()).map_err(malformed)?;
+        let items = page.items;
         let n = items.len() as u64;
         self.pages += 1;
         self.rows += n;
@@ -408,11 +397,11 @@ impl Pager {
         url
     }
 
-    fn check_total(&mut self, doc: &Json) -> Result<(), String> {
+    fn check_total(&mut self, total: Option<&Json>) -> Result<(), String> {
         let Some(pointer) = &self.cfg.total_pointer else {
             return Ok(());
         };
-        let total = match doc.pointer(pointer) {
+        let total = match total {
             Some(Json::Number(n)) => n
                 .as_u64()
                 .ok_or_else(|| format!("total at `{pointer}` is not a count"))?,
@@ -431,11 +420,11 @@ impl Pager {
         Ok(())
     }
 
-    fn next_token(&self, doc: &Json) -> Result<Option<String>, String> {
+    fn next_token(&self, next: Option<&Json>) -> Result<Option<String>, String> {
         let Pagination::Cursor { next_pointer, .. } = &self.cfg.pagination else {
             return Ok(None);
         };
-        match doc.pointer(next_pointer) {
+        match next {
             None | Some(Json::Null) => Ok(None),
             Some(Json::String(s)) if s.is_empty() => Ok(None),
             Some(Json::String(s)) => Ok(Some(s.clone())),

@@ -167,46 +167,66 @@ pub(crate) struct Dialect {
     pub native_bool: bool,
 }
 
-/// `SELECT key, signature FROM table` over the live rows, where the
-/// signature is [`crate::model::signature`] computed in SQL.
-pub(crate) fn scan_sql(spec: &TableSpec, d: &Dialect) -> String {
-    let mut parts = Vec::new();
-    for (col, kind) in &spec.columns {
-        let c = col.quoted();
-        parts.push(match kind {
-            ColumnType::Text => format!(
-                "COALESCE('T' || length(CAST({c} AS {t})) || ':' || CAST({c} AS {t}) || ';', 'N;')",
-                t = d.text
-            ),
-            ColumnType::Integer => format!(
-                "COALESCE('I' || CAST(CAST({c} AS {i}) AS {t}) || ';', 'N;')",
-                i = d.int,
-                t = d.text
-            ),
-            ColumnType::Boolean if d.native_bool => {
-                format!("CASE WHEN {c} IS NULL THEN 'N;' WHEN {c} THEN 'B1;' ELSE 'B0;' END")
-            }
-            ColumnType::Boolean => format!(
-                "CASE WHEN {c} IS NULL THEN 'N;' WHEN CAST({c} AS {i}) <> 0 THEN 'B1;' ELSE 'B0;' END",
-                i = d.int
-            ),
-        });
+/// The parts of the scan: the key and the signature (see
+/// [`crate::model::signature`]) computed in SQL, over the live rows.
+pub(crate) struct ScanQuery {
+    pub key: String,
+    pub signature: String,
+    pub table: String,
+    /// `"soft" IS NULL` when purges are soft.
+    pub live: Option<String>,
+}
+
+impl ScanQuery {
+    pub fn new(spec: &TableSpec, d: &Dialect) -> Self {
+        let mut parts = Vec::new();
+        for (col, kind) in &spec.columns {
+            let c = col.quoted();
+            parts.push(match kind {
+                ColumnType::Text => format!(
+                    "COALESCE('T' || length(CAST({c} AS {t})) || ':' || CAST({c} AS {t}) || ';', 'N;')",
+                    t = d.text
+                ),
+                ColumnType::Integer => format!(
+                    "COALESCE('I' || CAST(CAST({c} AS {i}) AS {t}) || ';', 'N;')",
+                    i = d.int,
+                    t = d.text
+                ),
+                ColumnType::Boolean if d.native_bool => {
+                    format!("CASE WHEN {c} IS NULL THEN 'N;' WHEN {c} THEN 'B1;' ELSE 'B0;' END")
+                }
+                ColumnType::Boolean => format!(
+                    "CASE WHEN {c} IS NULL THEN 'N;' WHEN CAST({c} AS {i}) <> 0 THEN 'B1;' ELSE 'B0;' END",
+                    i = d.int
+                ),
+            });
+        }
+        ScanQuery {
+            key: format!("CAST({} AS {})", spec.key_column.quoted(), d.text),
+            signature: if parts.is_empty() {
+                "''".to_string()
+            } else {
+                parts.join(" || ")
+            },
+            table: spec.table.quoted(),
+            live: spec
+                .soft_delete
+                .as_ref()
+                .map(|soft| format!("{} IS NULL", soft.quoted())),
+        }
     }
-    let signature = if parts.is_empty() {
-        "''".to_string()
-    } else {
-        parts.join(" || ")
-    };
-    let mut sql = format!(
-        "SELECT CAST({k} AS {t}), {signature} FROM {table}",
-        k = spec.key_column.quoted(),
-        t = d.text,
-        table = spec.table.quoted()
-    );
-    if let Some(soft) = &spec.soft_delete {
-        sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+
+    /// `SELECT key, signature FROM table [WHERE live]`.
+    pub fn plain(&self) -> String {
+        let mut sql = format!(
+            "SELECT {}, {} FROM {}",
+            self.key, self.signature, self.table
+        );
+        if let Some(live) = &self.live {
+            sql.push_str(&format!(" WHERE {live}"));
+        }
+        sql
     }
-    sql
 }
 
 /// Adds one scanned row to the index, refusing NULL and repeated keys.

@@ -12,7 +12,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row as _};
 
 use super::sqlite::check_columns;
-use super::{index_row, query_err, scan_sql, Dialect, PassRecord, Store, StoreError};
+use super::{index_row, query_err, Dialect, PassRecord, ScanQuery, Store, StoreError};
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::model::{Key, Row, Value};
@@ -209,7 +209,7 @@ impl Store for PgStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = scan_sql(spec, &DIALECT);
+        let sql = ScanQuery::new(spec, &DIALECT).plain();
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )

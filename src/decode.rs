@@ -1,0 +1,479 @@
+//! Decoding upstream pages into typed rows.
+//!
+//! The fast path reads a page in one pass with serde, keeping only the
+//! fields the mapping needs and skipping the rest unparsed into a document;
+//! it applies when the items, total and next-cursor pointers are top-level
+//! fields (`/items`, `/total`, `/next`, or the body itself is the array).
+//! Any other shape goes through a `serde_json::Value` document. Both paths
+//! give the same rows and the same errors.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value as Json;
+
+use crate::config::{ColumnType, KeyType, ResourceConfig};
+use crate::model::{key_from_json, Row, Value};
+
+/// What a decoder found in one page.
+#[derive(Debug)]
+pub struct Decoded<T> {
+    pub items: Vec<T>,
+    /// The value at the total pointer, if configured and present.
+    pub total: Option<Json>,
+    /// The value at the next-cursor pointer, if configured and present.
+    pub next: Option<Json>,
+}
+
+/// Turns a page body into items; errors are messages for a "malformed
+/// page" error naming the URL.
+pub trait PageDecoder: Send + Sync {
+    type Item: Send;
+    fn decode(&self, body: &[u8]) -> Result<Decoded<Self::Item>, String>;
+}
+
+/// A JSON pointer split into its first token and the rest (`""` if none).
+#[derive(Debug, Clone)]
+struct Split {
+    first: String,
+    rest: String,
+}
+
+fn split_pointer(pointer: &str) -> Option<Split> {
+    let body = pointer.strip_prefix('/')?;
+    let (first, rest) = match body.find('/') {
+        Some(i) => (&body[..i], &body[i..]),
+        None => (body, ""),
+    };
+    Some(Split {
+        first: first.replace("~1", "/").replace("~0", "~"),
+        rest: rest.to_string(),
+    })
+}
+
+/// Decodes pages of one resource into [`Row`]s by its mapping.
+pub struct RowDecoder {
+    items_pointer: String,
+    total_pointer: Option<String>,
+    next_pointer: Option<String>,
+    key_pointer: String,
+    key_type: KeyType,
+    /// Column name, pointer, type, in table-spec order.
+    columns: Vec<(String, String, ColumnType)>,
+    fast: Option<FastPlan>,
+}
+
+/// The top-level field names the fast path looks for.
+struct FastPlan {
+    /// `None`: the body is the items array.
+    items: Option<String>,
+    total: Option<String>,
+    next: Option<String>,
+    /// Distinct first tokens of the key and column pointers.
+    fields: Vec<String>,
+    /// For the key then each column: (index into `fields`, rest of pointer).
+    picks: Vec<(usize, String)>,
+}
+
+impl RowDecoder {
+    pub fn new(res: &ResourceConfig) -> Self {
+        let next_pointer = match &res.upstream.pagination {
+            crate::config::Pagination::Cursor { next_pointer, .. } => Some(next_pointer.clone()),
+            _ => None,
+        };
+        let mut decoder = Self {
+            items_pointer: res.upstream.items_pointer.clone(),
+            total_pointer: res.upstream.total_pointer.clone(),
+            next_pointer,
+            key_pointer: res.key.upstream.clone(),
+            key_type: res.key.kind,
+            columns: res
+                .columns
+                .iter()
+                .map(|(name, c)| (name.clone(), c.from.clone(), c.kind))
+                .collect(),
+            fast: None,
+        };
+        decoder.fast = decoder.fast_plan();
+        decoder
+    }
+
+    fn fast_plan(&self) -> Option<FastPlan> {
+        let top = |p: &str| {
+            split_pointer(p)
+                .filter(|s| s.rest.is_empty())
+                .map(|s| s.first)
+        };
+        let items = if self.items_pointer.is_empty() {
+            None
+        } else {
+            Some(top(&self.items_pointer)?)
+        };
+        let total = match &self.total_pointer {
+            Some(p) => Some(top(p)?),
+            None => None,
+        };
+        let next = match &self.next_pointer {
+            Some(p) => Some(top(p)?),
+            None => None,
+        };
+        let mut fields: Vec<String> = Vec::new();
+        let mut picks = Vec::new();
+        let pointers =
+            std::iter::once(&self.key_pointer).chain(self.columns.iter().map(|(_, p, _)| p));
+        for pointer in pointers {
+            // An empty pointer (the whole item) needs the document.
+            let s = split_pointer(pointer)?;
+            let at = match fields.iter().position(|f| *f == s.first) {
+                Some(at) => at,
+                None => {
+                    fields.push(s.first);
+                    fields.len() - 1
+                }
+            };
+            picks.push((at, s.rest));
+        }
+        Some(FastPlan {
+            items,
+            total,
+            next,
+            fields,
+            picks,
+        })
+    }
+
+    /// Builds a row from an item's values for the key and each column, in
+    /// order; `None` for absent.
+    fn row(
+        &self,
+        index: usize,
+        mut values: impl FnMut(usize) -> Option<Json>,
+    ) -> Result<Row, String> {
+        let key_json = values(0);
+        let key = key_from_json(key_json.as_ref(), self.key_type)
+            .map_err(|p| format!("item {index}: `{}`: {p}", self.key_pointer))?;
+        let mut row = Row {
+            key,
+            values: Vec::with_capacity(self.columns.len()),
+        };
+        for (i, (column, pointer, kind)) in self.columns.iter().enumerate() {
+            let v = Value::from_json_owned(values(i + 1), *kind).map_err(|p| {
+                format!(
+                    "item {index} (key {}): column `{column}` from `{pointer}`: {p}",
+                    row.key
+                )
+            })?;
+            row.values.push(v);
+        }
+        Ok(row)
+    }
+
+    fn decode_document(&self, body: &[u8]) -> Result<Decoded<Row>, String> {
+        let mut doc: Json =
+            serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+        let total = self
+            .total_pointer
+            .as_ref()
+            .and_then(|p| doc.pointer(p).cloned());
+        let next = self
+            .next_pointer
+            .as_ref()
+            .and_then(|p| doc.pointer(p).cloned());
+        let items = match doc.pointer_mut(&self.items_pointer).map(Json::take) {
+            Some(Json::Array(items)) => items,
+            Some(_) => return Err(format!("`{}` is not an array", self.items_pointer)),
+            None => return Err(format!("no items at `{}`", self.items_pointer)),
+        };
+        let mut rows = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let row = self.row(index, |i| {
+                let pointer = match i {
+                    0 => &self.key_pointer,
+                    _ => &self.columns[i - 1].1,
+                };
+                item.pointer(pointer).cloned()
+            })?;
+            rows.push(row);
+        }
+        Ok(Decoded {
+            items: rows,
+            total,
+            next,
+        })
+    }
+}
+
+impl PageDecoder for RowDecoder {
+    type Item = Row;
+
+    fn decode(&self, body: &[u8]) -> Result<Decoded<Row>, String> {
+        let Some(plan) = &self.fast else {
+            return self.decode_document(body);
+        };
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let page = PageSeed {
+            decoder: self,
+            plan,
+        }
+        .deserialize(&mut de)
+        .and_then(|page| de.end().map(|()| page));
+        match page {
+            Ok(Some(page)) => Ok(page),
+            Ok(None) => Err(format!("no items at `{}`", self.items_pointer)),
+            Err(e) if e.is_data() => Err(e.to_string()),
+            Err(e) => Err(format!("invalid JSON: {e}")),
+        }
+    }
+}
+
+/// Matches an object key against a list of names without allocating.
+struct KeySeed<'a, S>(&'a [S]);
+
+impl<'de, S: AsRef<str>> DeserializeSeed<'de> for KeySeed<'_, S> {
+    type Value = Option<usize>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, S: AsRef<str>> Visitor<'de> for KeySeed<'_, S> {
+    type Value = Option<usize>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(self.0.iter().position(|name| name.as_ref() == v))
+    }
+}
+
+struct PageSeed<'a> {
+    decoder: &'a RowDecoder,
+    plan: &'a FastPlan,
+}
+
+impl<'de> DeserializeSeed<'de> for PageSeed<'_> {
+    /// `None` when the items field is missing.
+    type Value = Option<Decoded<Row>>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PageSeed<'_> {
+    type Value = Option<Decoded<Row>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(if self.plan.items.is_some() {
+            "a JSON object holding the items"
+        } else {
+            "a JSON array of items"
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        if self.plan.items.is_some() {
+            return Err(de::Error::invalid_type(de::Unexpected::Seq, &self));
+        }
+        let items = ItemsSeed(self.decoder, self.plan).visit_seq(seq)?;
+        Ok(Some(Decoded {
+            items,
+            total: None,
+            next: None,
+        }))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let Some(items_name) = &self.plan.items else {
+            return Err(de::Error::invalid_type(de::Unexpected::Map, &self));
+        };
+        let names = [
+            items_name.as_str(),
+            self.plan.total.as_deref().unwrap_or("\u{0}"),
+            self.plan.next.as_deref().unwrap_or("\u{0}"),
+        ];
+        let mut page = Decoded {
+            items: Vec::new(),
+            total: None,
+            next: None,
+        };
+        let mut found = false;
+        while let Some(hit) = map.next_key_seed(KeySeed(&names))? {
+            match hit {
+                Some(0) => {
+                    page.items = map.next_value_seed(ItemsSeed(self.decoder, self.plan))?;
+                    found = true;
+                }
+                Some(1) => page.total = Some(map.next_value()?),
+                Some(2) => page.next = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(found.then_some(page))
+    }
+}
+
+struct ItemsSeed<'a>(&'a RowDecoder, &'a FastPlan);
+
+impl<'de> DeserializeSeed<'de> for ItemsSeed<'_> {
+    type Value = Vec<Row>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemsSeed<'_> {
+    type Value = Vec<Row>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of items")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(row) = seq.next_element_seed(ItemSeed {
+            decoder: self.0,
+            plan: self.1,
+            index: rows.len(),
+        })? {
+            rows.push(row);
+        }
+        Ok(rows)
+    }
+}
+
+struct ItemSeed<'a> {
+    decoder: &'a RowDecoder,
+    plan: &'a FastPlan,
+    index: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for ItemSeed<'_> {
+    type Value = Row;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ItemSeed<'_> {
+    type Value = Row;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "item {} to be an object", self.index)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
+        let names = &self.plan.fields;
+        let mut slots: Vec<Option<Json>> = vec![None; names.len()];
+        while let Some(hit) = map.next_key_seed(KeySeed(names))? {
+            match hit {
+                Some(at) => slots[at] = Some(map.next_value()?),
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        self.decoder
+            .row(self.index, |i| {
+                let (at, rest) = &self.plan.picks[i];
+                // Each field is taken once unless two pointers share it.
+                let shared = self.plan.picks.iter().filter(|(a, _)| a == at).count() > 1;
+                let slot = &mut slots[*at];
+                match (rest.is_empty(), shared) {
+                    (true, false) => slot.take(),
+                    (true, true) => slot.clone(),
+                    (false, _) => slot.as_mut().and_then(|v| v.pointer_mut(rest)).map(|v| {
+                        if shared {
+                            v.clone()
+                        } else {
+                            v.take()
+                        }
+                    }),
+                }
+            })
+            .map_err(de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Settings;
+
+    fn decoder(extra: &str) -> RowDecoder {
+        let text = format!(
+            r#"
+[resources.u]
+upstream = {{ base_url = "http://h", list_path = "/u", total_pointer = "/total" {extra} }}
+key = {{ upstream = "/id", column = "id", type = "integer" }}
+local = {{ table = "u" }}
+[resources.u.columns]
+name = {{ from = "/name" }}
+on = {{ from = "/flags/on", type = "boolean" }}
+city = {{ from = "/address/city" }}
+"#
+        );
+        let s = Settings::from_toml_str(&text, "t.toml").unwrap();
+        RowDecoder::new(&s.resources["u"])
+    }
+
+    const PAGE: &str = r#"{"total": 2, "extra": {"deep": [1,2,3]}, "items": [
+        {"id": 1, "name": "a", "flags": {"on": true}, "address": {"city": "X"}, "junk": [1]},
+        {"name": null, "id": "2", "flags": {}, "address": null}
+    ]}"#;
+
+    #[test]
+    fn fast_and_document_paths_agree() {
+        let d = decoder("");
+        assert!(d.fast.is_some());
+        let fast = d.decode(PAGE.as_bytes()).unwrap();
+        let doc = d.decode_document(PAGE.as_bytes()).unwrap();
+        assert_eq!(fast.items, doc.items);
+        assert_eq!(fast.total, Some(serde_json::json!(2)));
+        assert_eq!(fast.total, doc.total);
+        // columns in table-spec (name) order: city, name, on
+        assert_eq!(
+            fast.items[0].values,
+            vec![
+                Value::Text("X".into()),
+                Value::Text("a".into()),
+                Value::Bool(true)
+            ]
+        );
+        assert_eq!(fast.items[1].key.as_str(), "2");
+        assert_eq!(
+            fast.items[1].values,
+            vec![Value::Null, Value::Null, Value::Null]
+        );
+    }
+
+    #[test]
+    fn nested_items_use_the_document_path() {
+        let d = decoder(r#", items_pointer = "/data/items""#);
+        assert!(d.fast.is_none());
+        let page = r#"{"total": 1, "data": {"items": [{"id": 5, "name": "n"}]}}"#;
+        let got = d.decode(page.as_bytes()).unwrap();
+        assert_eq!(got.items.len(), 1);
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let d = decoder("");
+        let err = d.decode(b"{\"items\": [").unwrap_err();
+        assert!(err.contains("invalid JSON"), "{err}");
+        let err = d.decode(b"{\"total\": 1}").unwrap_err();
+        assert!(err.contains("no items at `/items`"), "{err}");
+        let err = d
+            .decode(br#"{"items": [{"id": 1, "name": {"x": 1}}]}"#)
+            .unwrap_err();
+        assert!(err.contains("item 0 (key 1): column `name`"), "{err}");
+        let err = d.decode(br#"{"items": [{"name": "x"}]}"#).unwrap_err();
+        assert!(err.contains("item 0: `/id`: the key is missing"), "{err}");
+        let err = d.decode(br#"{"items": {"id": 1}}"#).unwrap_err();
+        assert!(err.contains("array"), "{err}");
+        for e in [
+            d.decode_document(br#"{"items": [{"id": 1, "name": {"x": 1}}]}"#)
+                .unwrap_err(),
+            d.decode_document(b"{\"total\": 1}").unwrap_err(),
+        ] {
+            assert!(e.contains("column `name`") || e.contains("no items"), "{e}");
+        }
+    }
+}
