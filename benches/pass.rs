@@ -45,14 +45,18 @@ fn main() {
         let config = dir.path().join(format!("{backend}.toml"));
         std::fs::write(&config, config_text(&url, &addr)).expect("write config");
         let started = Instant::now();
-        let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        let child = Command::new(env!("CARGO_BIN_EXE_driftd"))
             .args(["reconcile", "users", "--json", "--config"])
             .arg(&config)
             .env("RUST_LOG", "warn")
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run driftd");
+        let peak = watch_peak_rss(child.id());
+        let out = child.wait_with_output().expect("wait for driftd");
         let wall = started.elapsed().as_secs_f64();
-        let rss_mib = children_max_rss_kib() as f64 / 1024.0;
+        let rss_mib = peak.join().unwrap_or(0) as f64 / 1024.0;
         if !out.status.success() {
             panic!(
                 "pass failed: {}\n{}",
@@ -104,15 +108,25 @@ fn start_upstream(rows: u64) -> (Child, String) {
     (child, addr)
 }
 
-/// The largest resident set of any waited-for child, in KiB (Linux).
-fn children_max_rss_kib() -> i64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    usage.ru_maxrss
+/// Polls the child's peak resident set (`VmHWM`, KiB) until it exits.
+/// The kernel keeps the high-water mark, so polling misses nothing but the
+/// last few milliseconds.
+fn watch_peak_rss(pid: u32) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let path = format!("/proc/{pid}/status");
+        let mut peak = 0;
+        while let Ok(status) = std::fs::read_to_string(&path) {
+            if let Some(kib) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            {
+                peak = kib;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        peak
+    })
 }
 
 fn config_text(db: &str, addr: &str) -> String {

@@ -2,7 +2,7 @@
 //! to a [`Plan`] `{insert, update, purge}`. No I/O here.
 //!
 //! Memory: the local side is reduced to an index of key → 64-bit fingerprint
-//! (about 100 bytes a row with a 36-byte key). Upstream rows stream through
+//! (about 70 bytes a row with a 36-byte key, see [`LocalIndex`]). Upstream rows stream through
 //! [`Differ::observe`] page by page; only rows that need a write (missing or
 //! stale) are kept, with their values, so memory grows with the table's key
 //! count and with the drift, never with the size of the upstream documents.
@@ -13,7 +13,10 @@
 //! seen row by row: a key listed twice, and keys breaking the promised order.
 
 use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::config::{KeyOrder, KeyType};
 use crate::model::{fingerprint, Key, Row};
@@ -30,43 +33,116 @@ pub enum ListingError {
     OutOfOrder { previous: Key, key: Key },
 }
 
-/// A problem in the local table that makes a pass impossible.
+/// A problem building the local index that makes a pass impossible.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("local table has key `{0}` twice; driftd needs a unique key column")]
-pub struct DuplicateLocalKey(pub Key);
+pub enum IndexError {
+    #[error("local table has key `{0}` twice; driftd needs a unique key column")]
+    DuplicateKey(Key),
+    #[error("local keys exceed 4 GiB in total; the index cannot hold them")]
+    Full,
+}
 
-/// Local rows reduced to key → fingerprint.
-#[derive(Debug, Default)]
+/// Where one local row's key sits in the arena, and its fingerprint (with
+/// the [`SEEN`] bit). 16 bytes a row.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    start: u32,
+    len: u32,
+    fp: u64,
+}
+
+/// Local rows reduced to key → fingerprint: the keys' text in one arena
+/// string, a hash table of 16-byte slots pointing into it. About 2 × 17
+/// bytes of table plus the key's length per row: some 70 MB for a million
+/// 36-character keys, a third less than a map of boxed strings, and one
+/// allocation instead of a million.
 pub struct LocalIndex {
-    rows: HashMap<Key, u64>,
+    arena: String,
+    table: HashTable<Slot>,
+    hasher: DefaultHashBuilder,
+}
+
+impl Default for LocalIndex {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl std::fmt::Debug for LocalIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalIndex")
+            .field("rows", &self.table.len())
+            .finish()
+    }
 }
 
 impl LocalIndex {
+    /// An index sized for `n` rows. The arena reserve is generous: pages
+    /// never written do not count in the resident set.
     pub fn with_capacity(n: usize) -> Self {
         Self {
-            rows: HashMap::with_capacity(n),
+            arena: String::with_capacity(n.saturating_mul(48)),
+            table: HashTable::with_capacity(n),
+            hasher: DefaultHashBuilder::default(),
         }
     }
 
-    /// Adds a local row by its fingerprint (see [`fingerprint`]).
-    pub fn insert(&mut self, key: Key, fp: u64) -> Result<(), DuplicateLocalKey> {
-        match self.rows.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => {
-                Err(DuplicateLocalKey(e.key().clone()))
-            }
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(fp & !SEEN);
-                Ok(())
-            }
+    fn key_of<'a>(arena: &'a str, slot: &Slot) -> &'a str {
+        &arena[slot.start as usize..(slot.start + slot.len) as usize]
+    }
+
+    /// Adds a local row by its fingerprint (see [`crate::model::fingerprint`]).
+    pub fn insert(&mut self, key: &str, fp: u64) -> Result<(), IndexError> {
+        let hash = self.hasher.hash_one(key);
+        let arena = &self.arena;
+        if self
+            .table
+            .find(hash, |s| Self::key_of(arena, s) == key)
+            .is_some()
+        {
+            return Err(IndexError::DuplicateKey(Key(key.into())));
         }
+        let start = u32::try_from(self.arena.len()).map_err(|_| IndexError::Full)?;
+        let len = u32::try_from(key.len()).map_err(|_| IndexError::Full)?;
+        if start.checked_add(len).is_none() {
+            return Err(IndexError::Full);
+        }
+        self.arena.push_str(key);
+        let slot = Slot {
+            start,
+            len,
+            fp: fp & !SEEN,
+        };
+        let (arena, hasher) = (&self.arena, &self.hasher);
+        self.table
+            .insert_unique(hash, slot, |s| hasher.hash_one(Self::key_of(arena, s)));
+        Ok(())
+    }
+
+    /// The slot's fingerprint (with the SEEN bit) for `key`.
+    fn get_mut(&mut self, key: &str) -> Option<&mut u64> {
+        let hash = self.hasher.hash_one(key);
+        let arena = &self.arena;
+        self.table
+            .find_mut(hash, |s| Self::key_of(arena, s) == key)
+            .map(|s| &mut s.fp)
     }
 
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.table.is_empty()
+    }
+
+    /// Keys never marked seen.
+    fn unseen(self) -> Vec<Key> {
+        self.table
+            .iter()
+            .filter(|s| s.fp & SEEN == 0)
+            .map(|s| Key(Self::key_of(&self.arena, s).into()))
+            .collect()
     }
 }
 
@@ -122,7 +198,7 @@ impl Differ {
         if self.plan.canary.is_none() {
             self.plan.canary = Some(row.key.clone());
         }
-        match self.index.rows.get_mut(&row.key) {
+        match self.index.get_mut(row.key.as_str()) {
             Some(slot) => {
                 if *slot & SEEN != 0 {
                     return Err(ListingError::DuplicateKey(row.key));
@@ -165,13 +241,7 @@ impl Differ {
     /// Ends the listing: every local row not seen becomes a purge candidate.
     /// Call only after the listing is known complete.
     pub fn finish(mut self) -> Plan {
-        let mut purge: Vec<Key> = self
-            .index
-            .rows
-            .into_iter()
-            .filter(|(_, fp)| fp & SEEN == 0)
-            .map(|(k, _)| k)
-            .collect();
+        let mut purge = self.index.unseen();
         purge.sort_unstable();
         self.plan.purge = purge;
         self.plan
@@ -205,7 +275,7 @@ mod tests {
     fn index(rows: &[(&str, &str)]) -> LocalIndex {
         let mut idx = LocalIndex::default();
         for (k, v) in rows {
-            idx.insert(key(k), fingerprint(&[Value::Text((*v).into())]))
+            idx.insert(k, fingerprint(&[Value::Text((*v).into())]))
                 .unwrap();
         }
         idx
@@ -264,7 +334,9 @@ mod tests {
     #[test]
     fn local_duplicates_are_refused() {
         let mut idx = LocalIndex::default();
-        idx.insert(key("a"), 1).unwrap();
-        assert_eq!(idx.insert(key("a"), 2), Err(DuplicateLocalKey(key("a"))));
+        idx.insert("a", 1).unwrap();
+        idx.insert("b", 1).unwrap();
+        assert_eq!(idx.insert("a", 2), Err(IndexError::DuplicateKey(key("a"))));
+        assert_eq!(idx.len(), 2);
     }
 }

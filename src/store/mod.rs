@@ -23,7 +23,7 @@ pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::config::{ColumnType, TableSpec};
-use crate::diff::{DuplicateLocalKey, LocalIndex};
+use crate::diff::{IndexError, LocalIndex};
 use crate::model::{fingerprint_signature, Key, Row};
 
 /// What can go wrong with the database.
@@ -34,10 +34,10 @@ pub enum StoreError {
     #[error("table `{table}`: {problem}")]
     Schema { table: String, problem: String },
     #[error("table `{table}`: {source}")]
-    DuplicateKey {
+    Index {
         table: String,
         #[source]
-        source: DuplicateLocalKey,
+        source: IndexError,
     },
     #[error("table `{table}`: {problem}")]
     BadRow { table: String, problem: String },
@@ -243,11 +243,8 @@ pub(crate) fn index_row(
         });
     };
     index
-        .insert(
-            Key(key.into()),
-            fingerprint_signature(signature.unwrap_or("")),
-        )
-        .map_err(|source| StoreError::DuplicateKey {
+        .insert(key, fingerprint_signature(signature.unwrap_or("")))
+        .map_err(|source| StoreError::Index {
             table: spec.table.to_string(),
             source,
         })
