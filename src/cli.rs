@@ -204,7 +204,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<i32> {
 /// Hides the password in a database URL.
 pub fn mask_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
+        (Some(scheme), Some(at)) if at > scheme && url[scheme + 3..at].contains(':') => {
             let creds = &url[scheme + 3..at];
             let user = creds.split(':').next().unwrap_or("");
             format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
@@ -291,5 +291,6 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(mask_url("sqlite://a.db"), "sqlite://a.db");
+        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
     }
 }

@@ -134,3 +134,23 @@ local = { table = "users" }
         "{err}"
     );
 }
+
+#[test]
+fn shipped_examples_validate() {
+    for (path, env) in [
+        ("examples/quickstart/driftd.toml", vec![]),
+        (
+            "examples/wazo-postgres/driftd.toml",
+            vec![("WAZO_AUTH_TOKEN", "example-token")],
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .args(["check", "--config", path])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .envs(env)
+            .output()
+            .expect("run driftd");
+        assert_eq!(out.status.code(), Some(0), "{path}: {}", stderr(&out));
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("example-token"));
+    }
+}
