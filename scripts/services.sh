@@ -54,6 +54,21 @@ start_postgres() {
   echo "PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$port"
 }
 
+# Prometheus and promtool for the dashboard and alert-rule tests. Nothing is
+# started here: each test spawns its own Prometheus on a free loopback port
+# with a generated config (never the packaged service's :9090).
+ensure_prometheus() {
+  local prom=/usr/bin/prometheus tool=/usr/bin/promtool
+  if [ ! -x "$prom" ] || [ ! -x "$tool" ]; then
+    apt_install prometheus
+  fi
+  [ -x "$prom" ] || die "prometheus not found at $prom after install"
+  [ -x "$tool" ] || die "promtool not found at $tool after install"
+  export DRIFTD_TEST_PROMETHEUS=$prom
+  export DRIFTD_TEST_PROMTOOL=$tool
+  echo "Prometheus $("$prom" --version 2>&1 | awk 'NR == 1 {print $3}') at $prom"
+}
+
 STOP_ACTIONS=()
 stop_services() {
   local a

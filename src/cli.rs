@@ -3,7 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Context;
@@ -11,9 +11,13 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret;
 
 use crate::config::Settings;
-use crate::pass::{run_pass, Mode, PassOptions, PassReport, Progress};
+use crate::jobs::{JobFilter, Trigger};
+use crate::metrics::Metrics;
+use crate::pass::{Mode, PassOptions, PassReport, Progress};
 use crate::report;
+use crate::runner::{JobRequest, Runner};
 use crate::store::AnyStore;
+use crate::store::Store;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -105,7 +109,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             mode,
             json,
         } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = Arc::new(Settings::load(&cli.config)?);
             let opts = PassOptions {
                 mode: mode.into(),
                 dry_run,
@@ -123,16 +127,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let settings = Settings::load(&cli.config)?;
             settings.resource(&resource)?;
             let store = open_store(&settings).await?;
-            let rows = match &store {
-                AnyStore::Sqlite(s) => {
-                    crate::store::Store::recent_passes(s, &resource, limit).await?
-                }
-                AnyStore::Postgres(s) => {
-                    crate::store::Store::recent_passes(s, &resource, limit).await?
-                }
+            let filter = JobFilter {
+                resource: Some(resource),
+                status: None,
+                limit,
             };
-            for row in rows {
-                println!("{row}");
+            for job in store.list_jobs(&filter).await? {
+                println!("{}", serde_json::to_string(&job)?);
             }
             Ok(report::exit::OK)
         }
@@ -219,22 +220,40 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<AnyStore> {
         .with_context(|| format!("store {}", mask_url(settings.store.url.expose_secret())))
 }
 
-/// Runs one pass of `resource`, with a progress line on a terminal.
+/// Runs one pass of `resource` through a runner (so it is recorded as a
+/// job), with a progress line on a terminal.
 pub async fn reconcile(
-    settings: &Settings,
+    settings: &Arc<Settings>,
     resource: &str,
     opts: PassOptions,
     show_progress: bool,
 ) -> anyhow::Result<PassReport> {
-    let res = settings.resource(resource)?;
-    let store = open_store(settings).await?;
+    settings.resource(resource)?;
+    let store = Arc::new(open_store(settings).await?);
+    let runner = Runner::new(settings.clone(), store, Arc::new(Metrics::new()));
     let progress = TerminalProgress::new(show_progress && std::io::stderr().is_terminal());
-    let report = match &store {
-        AnyStore::Sqlite(s) => run_pass(s, resource, res, opts, &progress).await,
-        AnyStore::Postgres(s) => run_pass(s, resource, res, opts, &progress).await,
-    };
+    let (job, report) = runner
+        .run(
+            JobRequest {
+                resource: resource.to_string(),
+                trigger: Trigger::Cli,
+                mode: opts.mode,
+                dry_run: opts.dry_run,
+                force: opts.force,
+            },
+            &progress,
+        )
+        .await?;
     progress.finish();
-    Ok(report)
+    match report {
+        Some(report) => Ok(report),
+        None => anyhow::bail!(
+            "job {} ended {} without a report: {}",
+            job.id,
+            job.status.as_str(),
+            job.reason.unwrap_or_default()
+        ),
+    }
 }
 
 /// A `\r`-rewritten status line on stderr, at most five times a second.

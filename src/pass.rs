@@ -22,14 +22,16 @@ use std::time::{Instant, SystemTime};
 use futures_util::{stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::{ResourceConfig, TableSpec};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
 use crate::guard::{self, GuardTrip};
+use crate::metrics::Metrics;
 use crate::model::{Key, Row};
-use crate::store::{PassRecord, Store, StoreError};
+use crate::store::{Store, StoreError};
 use crate::upstream::{Client, Pager, Presence, UpstreamError};
 
 /// Pages buffered between the upstream task and the differ.
@@ -50,6 +52,22 @@ pub enum Mode {
     PurgeOnly,
     /// Only insert missing and repair stale rows.
     RepairOnly,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Full => "full",
+            Mode::PurgeOnly => "purge-only",
+            Mode::RepairOnly => "repair-only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Full, Mode::PurgeOnly, Mode::RepairOnly]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
 }
 
 /// How a pass is run.
@@ -76,6 +94,8 @@ pub enum Outcome {
     GuardTripped,
     /// An error stopped the pass; see `error`.
     Failed,
+    /// Cancelled at a safe point (between pages or between write batches).
+    Cancelled,
 }
 
 impl Outcome {
@@ -86,6 +106,7 @@ impl Outcome {
             Outcome::DryRun => "dry_run",
             Outcome::GuardTripped => "guard_tripped",
             Outcome::Failed => "failed",
+            Outcome::Cancelled => "cancelled",
         }
     }
 }
@@ -162,6 +183,8 @@ pub enum PassError {
     Store(#[from] StoreError),
     #[error("confirm_purge canary: the get-by-key endpoint answers 404 for `{0}`, which the listing has; its 404s cannot be trusted (check upstream.get_path)")]
     Canary(Key),
+    #[error("cancelled")]
+    Cancelled,
     #[error("upstream task ended unexpectedly: {0}")]
     Task(String),
 }
@@ -173,7 +196,7 @@ impl PassError {
             PassError::Upstream(e) => e.is_transient(),
             PassError::Store(e) => e.is_transient(),
             PassError::Listing(_) => true,
-            PassError::Canary(_) | PassError::Task(_) => false,
+            PassError::Canary(_) | PassError::Task(_) | PassError::Cancelled => false,
         }
     }
 }
@@ -187,14 +210,35 @@ impl Progress for () {
     fn listed(&self, _: u64, _: u64) {}
 }
 
-/// Runs one pass and records it. Never panics on bad input: every failure
-/// becomes a report with outcome `failed` and the error's cause chain.
+/// What a pass reports to, and listens to, while it runs.
+pub struct Hooks<'a> {
+    /// Listing progress, for a terminal line.
+    pub progress: &'a dyn Progress,
+    /// Cancelled: stop at the next safe point (between pages, between
+    /// write batches); the table stays consistent.
+    pub cancel: CancellationToken,
+    /// Upstream request metrics.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl Default for Hooks<'_> {
+    fn default() -> Self {
+        Hooks {
+            progress: &(),
+            cancel: CancellationToken::new(),
+            metrics: None,
+        }
+    }
+}
+
+/// Runs one pass. Never panics on bad input: every failure becomes a
+/// report with outcome `failed` and the error's cause chain.
 pub async fn run_pass<S: Store>(
     store: &S,
     name: &str,
     res: &ResourceConfig,
     opts: PassOptions,
-    progress: &dyn Progress,
+    hooks: &Hooks<'_>,
 ) -> PassReport {
     let span =
         tracing::info_span!("pass", resource = %name, mode = ?opts.mode, dry_run = opts.dry_run);
@@ -219,10 +263,18 @@ pub async fn run_pass<S: Store>(
             error: None,
             timings: Timings::default(),
         };
-        if let Err(e) = execute(store, res, opts, progress, &mut report).await {
-            report.outcome = Outcome::Failed;
-            report.error = Some(error_chain(&e));
-            tracing::error!(error = %error_chain(&e), transient = e.is_transient(), "pass failed");
+        match execute(store, name, res, opts, hooks, &mut report).await {
+            Ok(()) => {}
+            Err(PassError::Cancelled) => {
+                report.outcome = Outcome::Cancelled;
+                report.error = Some("cancelled".into());
+                tracing::warn!("pass cancelled at a safe point");
+            }
+            Err(e) => {
+                report.outcome = Outcome::Failed;
+                report.error = Some(error_chain(&e));
+                tracing::error!(error = %error_chain(&e), transient = e.is_transient(), "pass failed");
+            }
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
@@ -233,25 +285,10 @@ pub async fn run_pass<S: Store>(
             duration_ms = report.duration_ms,
             "pass finished"
         );
-        record(store, &report).await;
         report
     }
     .instrument(span)
     .await
-}
-
-async fn record<S: Store>(store: &S, report: &PassReport) {
-    let record = PassRecord {
-        resource: report.resource.clone(),
-        outcome: report.outcome.as_str().into(),
-        dry_run: report.dry_run,
-        started_at: report.started_at.clone(),
-        duration_ms: report.duration_ms,
-        report_json: serde_json::to_string(report).unwrap_or_default(),
-    };
-    if let Err(e) = store.record_pass(&record).await {
-        tracing::warn!(error = %error_chain(&e), "could not record the pass in history");
-    }
 }
 
 /// The error and its sources, `a: b: c`.
@@ -271,15 +308,20 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 async fn execute<S: Store>(
     store: &S,
+    name: &str,
     res: &ResourceConfig,
     opts: PassOptions,
-    progress: &dyn Progress,
+    hooks: &Hooks<'_>,
     report: &mut PassReport,
 ) -> Result<(), PassError> {
     let spec = res.table_spec();
     store.prepare(&spec).await?;
-    let client = Arc::new(Client::new(&res.upstream)?);
-    let plan = list_and_diff(store, res, &spec, client.clone(), progress, report).await?;
+    let mut client = Client::new(&res.upstream)?;
+    if let Some(m) = &hooks.metrics {
+        client = client.observed(name, m.clone());
+    }
+    let client = Arc::new(client);
+    let plan = list_and_diff(store, res, &spec, client.clone(), hooks, report).await?;
 
     report.local_rows = plan.local_rows;
     report.upstream_rows = plan.upstream_rows;
@@ -324,7 +366,15 @@ async fn execute<S: Store>(
         return Ok(());
     }
     fill_planned(report, &plan, false);
-    apply(store, &spec, &plan, res.policy.batch_size, report).await?;
+    apply(
+        store,
+        &spec,
+        &plan,
+        res.policy.batch_size,
+        &hooks.cancel,
+        report,
+    )
+    .await?;
     report.timings.apply_ms = applying.elapsed().as_millis() as u64;
     report.outcome = if drift {
         Outcome::Repaired
@@ -341,7 +391,7 @@ async fn list_and_diff<S: Store>(
     res: &ResourceConfig,
     spec: &TableSpec,
     client: Arc<Client>,
-    progress: &dyn Progress,
+    hooks: &Hooks<'_>,
     report: &mut PassReport,
 ) -> Result<Plan, PassError> {
     let (tx, mut rx) = mpsc::channel::<Vec<Row>>(PAGES_IN_FLIGHT);
@@ -351,7 +401,13 @@ async fn list_and_diff<S: Store>(
 
     // Scan while the first pages arrive.
     let started = Instant::now();
-    let scanned = store.scan(spec).await;
+    let scanned = tokio::select! {
+        scanned = store.scan(spec) => scanned,
+        _ = hooks.cancel.cancelled() => {
+            lister.abort();
+            return Err(PassError::Cancelled);
+        }
+    };
     report.timings.scan_ms = started.elapsed().as_millis() as u64;
     let index = match scanned {
         Ok(index) => index,
@@ -363,7 +419,15 @@ async fn list_and_diff<S: Store>(
     let mut differ = Differ::new(index, res.upstream.key_order, res.key.kind);
     let mut pages = 0u64;
     let mut rows = 0u64;
-    while let Some(page) = rx.recv().await {
+    loop {
+        let page = tokio::select! {
+            page = rx.recv() => page,
+            _ = hooks.cancel.cancelled() => {
+                lister.abort();
+                return Err(PassError::Cancelled);
+            }
+        };
+        let Some(page) = page else { break };
         pages += 1;
         rows += page.len() as u64;
         for row in page {
@@ -372,7 +436,7 @@ async fn list_and_diff<S: Store>(
                 return Err(e.into());
             }
         }
-        progress.listed(pages, rows);
+        hooks.progress.listed(pages, rows);
     }
     report.upstream_pages = pages;
     report.timings.list_ms = started.elapsed().as_millis() as u64;
@@ -477,8 +541,16 @@ async fn apply<S: Store>(
     spec: &TableSpec,
     plan: &Plan,
     batch: usize,
+    cancel: &CancellationToken,
     report: &mut PassReport,
 ) -> Result<(), PassError> {
+    let stop = || {
+        if cancel.is_cancelled() {
+            Err(PassError::Cancelled)
+        } else {
+            Ok(())
+        }
+    };
     // Count what is really done, batch by batch, so a failed pass reports
     // what it had applied before the failure.
     let done = &mut report.actions;
@@ -486,6 +558,7 @@ async fn apply<S: Store>(
     done.update = 0;
     done.purge = 0;
     for chunk in plan.insert.chunks(batch) {
+        stop()?;
         if spec.soft_delete.is_some() {
             // A soft-deleted row with this key exists: revive it first.
             done.insert += store.update(spec, chunk).await?;
@@ -493,9 +566,11 @@ async fn apply<S: Store>(
         done.insert += store.insert(spec, chunk).await?;
     }
     for chunk in plan.update.chunks(batch) {
+        stop()?;
         done.update += store.update(spec, chunk).await?;
     }
     for chunk in plan.purge.chunks(batch) {
+        stop()?;
         done.purge += store.purge(spec, chunk).await?;
     }
     Ok(())

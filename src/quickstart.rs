@@ -29,7 +29,10 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
             .context("cannot start the sample upstream")?,
     };
     let text = CONFIG.replace(DEFAULT_UPSTREAM, &format!("http://{addr}"));
-    let settings = Settings::from_toml_str(&text, "examples/quickstart/driftd.toml")?;
+    let settings = std::sync::Arc::new(Settings::from_toml_str(
+        &text,
+        "examples/quickstart/driftd.toml",
+    )?);
     let url = settings.store.url.expose_secret().to_string();
     let path = url.trim_start_matches("sqlite://").to_string();
     for suffix in ["", "-wal", "-shm"] {

@@ -19,7 +19,7 @@ pub fn exit_code(report: &PassReport) -> i32 {
     match report.outcome {
         Outcome::InSync | Outcome::Repaired | Outcome::DryRun => exit::OK,
         Outcome::GuardTripped => exit::GUARD_TRIPPED,
-        Outcome::Failed => exit::ERROR,
+        Outcome::Failed | Outcome::Cancelled => exit::ERROR,
     }
 }
 

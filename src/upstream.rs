@@ -20,6 +20,7 @@ use serde_json::Value as Json;
 
 use crate::config::{Pagination, UpstreamConfig};
 use crate::decode::PageDecoder;
+use crate::metrics::Metrics;
 
 /// What can go wrong talking to the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +69,8 @@ pub struct Client {
     base: Url,
     retries: u32,
     backoff: Duration,
+    /// Where request counts and durations go, with the resource name.
+    observer: Option<(String, Arc<Metrics>)>,
 }
 
 /// The result of a get-by-key confirmation.
@@ -125,7 +128,14 @@ impl Client {
             base,
             retries: cfg.retries,
             backoff: Duration::from_millis(cfg.backoff_ms),
+            observer: None,
         })
+    }
+
+    /// Reports every request to `metrics` under `resource`.
+    pub fn observed(mut self, resource: &str, metrics: Arc<Metrics>) -> Self {
+        self.observer = Some((resource.to_string(), metrics));
+        self
     }
 
     /// GET with retries on transient failures. Returns the final response's

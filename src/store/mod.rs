@@ -11,19 +11,20 @@
 //! driftd's own state (pass history) lives in tables it creates by
 //! migrations, prefixed `driftd_`.
 
+mod jobs;
 mod postgres;
 mod sqlite;
 
 use std::future::Future;
 
 use secrecy::{ExposeSecret, SecretString};
-use serde::Serialize;
 
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::{IndexError, LocalIndex};
+use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{fingerprint_signature, Key, Row};
 
 /// What can go wrong with the database.
@@ -69,15 +70,45 @@ pub(crate) fn query_err(context: impl Into<String>) -> impl FnOnce(sqlx::Error) 
     move |source| StoreError::Query { context, source }
 }
 
-/// One recorded pass, as stored in `driftd_passes`.
-#[derive(Debug, Clone, Serialize)]
-pub struct PassRecord {
-    pub resource: String,
-    pub outcome: String,
-    pub dry_run: bool,
-    pub started_at: String,
-    pub duration_ms: u64,
-    pub report_json: String,
+/// A per-resource lock held while a pass runs, so that several driftd
+/// replicas on one PostgreSQL database never run the same resource at once.
+/// SQLite serves one process, whose runner already allows one pass per
+/// resource, so its lock is a no-op.
+pub enum ResourceLock {
+    Local,
+    /// A session-level advisory lock, held by this pooled connection.
+    Advisory {
+        conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        key: i64,
+    },
+}
+
+impl ResourceLock {
+    /// Releases the lock. Dropping without releasing returns the
+    /// connection with the lock still held, so always call this.
+    pub async fn release(self) {
+        if let ResourceLock::Advisory { mut conn, key } = self {
+            if let Err(e) = sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(key)
+                .execute(&mut *conn)
+                .await
+            {
+                tracing::warn!(error = %e, "could not release a resource lock; closing its connection");
+                let _ = conn.detach();
+            }
+        }
+    }
+}
+
+/// The advisory-lock key of a resource: a stable 64-bit FNV-1a hash, the
+/// same in every driftd build.
+pub fn lock_key(resource: &str) -> i64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in b"driftd:".iter().chain(resource.as_bytes()) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
 }
 
 /// The storage contract a pass needs.
@@ -114,18 +145,28 @@ pub trait Store: Send + Sync {
         keys: &[Key],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Appends a pass to the history.
-    fn record_pass(
-        &self,
-        record: &PassRecord,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Inserts or updates a job.
+    fn save_job(&self, job: &Job) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// The most recent passes, newest first, as stored JSON reports.
-    fn recent_passes(
+    fn get_job(&self, id: JobId) -> impl Future<Output = Result<Option<Job>, StoreError>> + Send;
+
+    /// Jobs, newest first.
+    fn list_jobs(
+        &self,
+        filter: &JobFilter,
+    ) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
+
+    /// Jobs still `queued` or `running`.
+    fn unfinished_jobs(&self) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
+
+    /// Takes the resource's lock if free; `None` if another process holds it.
+    fn try_lock(
         &self,
         resource: &str,
-        limit: u32,
-    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<ResourceLock>, StoreError>> + Send;
+
+    /// Checks that the database answers.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// The backend chosen by the store URL.
@@ -143,10 +184,7 @@ impl AnyStore {
         } else {
             AnyStore::Postgres(PgStore::open(raw, max_connections).await?)
         };
-        match &store {
-            AnyStore::Sqlite(s) => s.migrate().await?,
-            AnyStore::Postgres(s) => s.migrate().await?,
-        }
+        store.migrate().await?;
         Ok(store)
     }
 
@@ -248,6 +286,55 @@ pub(crate) fn index_row(
             table: spec.table.to_string(),
             source,
         })
+}
+
+/// Forwards a trait method to the backend.
+macro_rules! delegate {
+    ($self:ident, $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            AnyStore::Sqlite(s) => s.$method($($arg),*).await,
+            AnyStore::Postgres(s) => s.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        delegate!(self, migrate())
+    }
+    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
+        delegate!(self, prepare(spec))
+    }
+    async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
+        delegate!(self, scan(spec))
+    }
+    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        delegate!(self, insert(spec, rows))
+    }
+    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        delegate!(self, update(spec, rows))
+    }
+    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
+        delegate!(self, purge(spec, keys))
+    }
+    async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        delegate!(self, save_job(job))
+    }
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        delegate!(self, get_job(id))
+    }
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        delegate!(self, list_jobs(filter))
+    }
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        delegate!(self, unfinished_jobs())
+    }
+    async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
+        delegate!(self, try_lock(resource))
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        delegate!(self, ping())
+    }
 }
 
 /// Splits `rows` so that one statement binds at most `max_params` values.

@@ -12,24 +12,33 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row as _};
 
 use super::sqlite::check_columns;
-use super::{index_row, query_err, Dialect, PassRecord, ScanQuery, Store, StoreError};
+use super::{
+    index_row, jobs, lock_key, query_err, Dialect, ResourceLock, ScanQuery, Store, StoreError,
+};
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
+use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
 
 const MIGRATIONS: &[(i64, &[&str])] = &[(
     1,
     &[
-        "CREATE TABLE driftd_passes (
-        id BIGSERIAL PRIMARY KEY,
-        resource TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        dry_run BOOLEAN NOT NULL,
-        started_at TEXT NOT NULL,
-        duration_ms BIGINT NOT NULL,
-        report TEXT NOT NULL
-    )",
-        "CREATE INDEX driftd_passes_resource ON driftd_passes (resource, id)",
+        "CREATE TABLE driftd_jobs (
+            id TEXT PRIMARY KEY,
+            resource TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            dry_run BOOLEAN NOT NULL,
+            force BOOLEAN NOT NULL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            report TEXT
+        )",
+        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
+        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
     ],
 )];
 
@@ -340,30 +349,79 @@ impl Store for PgStore {
         Ok(done)
     }
 
-    async fn record_pass(&self, r: &PassRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO driftd_passes (resource, outcome, dry_run, started_at, duration_ms, report) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&r.resource)
-        .bind(&r.outcome)
-        .bind(r.dry_run)
-        .bind(&r.started_at)
-        .bind(r.duration_ms as i64)
-        .bind(&r.report_json)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("record pass"))?;
+    async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        let r = jobs::to_row(job);
+        sqlx::query(jobs::UPSERT)
+            .bind(r.0)
+            .bind(r.1)
+            .bind(r.2)
+            .bind(r.3)
+            .bind(r.4)
+            .bind(r.5)
+            .bind(r.6)
+            .bind(r.7)
+            .bind(r.8)
+            .bind(r.9)
+            .bind(r.10)
+            .bind(r.11)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("save job"))?;
         Ok(())
     }
 
-    async fn recent_passes(&self, resource: &str, limit: u32) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT report FROM driftd_passes WHERE resource = $1 ORDER BY id DESC LIMIT $2",
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row: Option<jobs::JobRow> = sqlx::query_as(jobs::GET)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read job"))?;
+        row.map(jobs::from_row).transpose()
+    }
+
+    async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<jobs::JobRow> = sqlx::query_as(
+            &jobs::LIST
+                .replace("$1 IS NULL", "$1::text IS NULL")
+                .replace("$2 IS NULL", "$2::text IS NULL"),
         )
-        .bind(resource)
-        .bind(i64::from(limit))
+        .bind(f.resource.as_deref())
+        .bind(f.status.map(|s| s.as_str()))
+        .bind(i64::from(f.limit))
         .fetch_all(&self.pool)
         .await
-        .map_err(query_err("read pass history"))
+        .map_err(query_err("list jobs"))?;
+        rows.into_iter().map(jobs::from_row).collect()
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list unfinished jobs"))?;
+        rows.into_iter().map(jobs::from_row).collect()
+    }
+
+    async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
+        let key = lock_key(resource);
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(query_err("lock connection"))?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(key)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(query_err(format!("lock resource {resource}")))?;
+        Ok(got.then_some(ResourceLock::Advisory { conn, key }))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("ping"))?;
+        Ok(())
     }
 }

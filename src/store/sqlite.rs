@@ -10,10 +10,12 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row as _, SqlitePool};
 
 use super::{
-    index_row, query_err, rows_per_statement, Dialect, PassRecord, ScanQuery, Store, StoreError,
+    index_row, jobs, query_err, rows_per_statement, Dialect, ResourceLock, ScanQuery, Store,
+    StoreError,
 };
 use crate::config::{KeyType, TableSpec};
 use crate::diff::LocalIndex;
+use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
 
 /// SQLite's default limit on bound parameters is 32766; stay well below.
@@ -22,16 +24,22 @@ const MAX_PARAMS: usize = 30_000;
 const MIGRATIONS: &[(i64, &[&str])] = &[(
     1,
     &[
-        "CREATE TABLE driftd_passes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        resource TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        dry_run INTEGER NOT NULL,
-        started_at TEXT NOT NULL,
-        duration_ms INTEGER NOT NULL,
-        report TEXT NOT NULL
-    )",
-        "CREATE INDEX driftd_passes_resource ON driftd_passes (resource, id)",
+        "CREATE TABLE driftd_jobs (
+            id TEXT PRIMARY KEY,
+            resource TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            dry_run BOOLEAN NOT NULL,
+            force BOOLEAN NOT NULL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            report TEXT
+        )",
+        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
+        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
     ],
 )];
 
@@ -408,31 +416,65 @@ impl Store for SqliteStore {
         Ok(done)
     }
 
-    async fn record_pass(&self, r: &PassRecord) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO driftd_passes (resource, outcome, dry_run, started_at, duration_ms, report) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&r.resource)
-        .bind(&r.outcome)
-        .bind(r.dry_run)
-        .bind(&r.started_at)
-        .bind(r.duration_ms as i64)
-        .bind(&r.report_json)
-        .execute(&self.pool)
-        .await
-        .map_err(query_err("record pass"))?;
+    async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        let r = jobs::to_row(job);
+        sqlx::query(&jobs::UPSERT.replace('$', "?"))
+            .bind(r.0)
+            .bind(r.1)
+            .bind(r.2)
+            .bind(r.3)
+            .bind(r.4)
+            .bind(r.5)
+            .bind(r.6)
+            .bind(r.7)
+            .bind(r.8)
+            .bind(r.9)
+            .bind(r.10)
+            .bind(r.11)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("save job"))?;
         Ok(())
     }
 
-    async fn recent_passes(&self, resource: &str, limit: u32) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT report FROM driftd_passes WHERE resource = ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(resource)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err("read pass history"))
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>, StoreError> {
+        let row: Option<jobs::JobRow> = sqlx::query_as(&jobs::GET.replace('$', "?"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read job"))?;
+        row.map(jobs::from_row).transpose()
+    }
+
+    async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<jobs::JobRow> = sqlx::query_as(&jobs::LIST.replace('$', "?"))
+            .bind(f.resource.as_deref())
+            .bind(f.status.map(|s| s.as_str()))
+            .bind(i64::from(f.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list jobs"))?;
+        rows.into_iter().map(jobs::from_row).collect()
+    }
+
+    async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list unfinished jobs"))?;
+        rows.into_iter().map(jobs::from_row).collect()
+    }
+
+    async fn try_lock(&self, _resource: &str) -> Result<Option<ResourceLock>, StoreError> {
+        Ok(Some(ResourceLock::Local))
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("ping"))?;
+        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use driftd::config::Settings;
-use driftd::pass::{run_pass, PassOptions, PassReport};
+use driftd::pass::{run_pass, Hooks, PassOptions, PassReport};
 use driftd::sample::{sample_uuid, user, SampleUpstream};
 use driftd::store::AnyStore;
 use serde_json::Value as Json;
@@ -280,10 +280,7 @@ pub async fn pass(settings: &Settings, opts: PassOptions) -> PassReport {
         .await
         .expect("open store");
     let res = settings.resource("users").expect("users resource");
-    match &store {
-        AnyStore::Sqlite(s) => run_pass(s, "users", res, opts, &()).await,
-        AnyStore::Postgres(s) => run_pass(s, "users", res, opts, &()).await,
-    }
+    run_pass(&store, "users", res, opts, &Hooks::default()).await
 }
 
 /// Generates one `#[tokio::test]` per backend from an `async fn(Backend)`.

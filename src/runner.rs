@@ -1,0 +1,382 @@
+//! The one owner of execution. Cron ticks, HTTP and CLI triggers and
+//! start-up passes all become [`JobRequest`]s to the [`Runner`], which:
+//!
+//! - runs at most one pass per resource at a time in this process; a
+//!   request for a resource whose pass is running is coalesced: recorded as
+//!   a `skipped` job (reason `overlap`), never run twice at once;
+//! - takes the resource's store lock, so replicas sharing a PostgreSQL
+//!   database never run the same resource at once (the loser records
+//!   `skipped`, reason `locked`);
+//! - gives each job a cancellation token and records it in `driftd_jobs`;
+//! - on shutdown stops taking work, cancels running passes (they stop at the
+//!   next safe point) and waits for them up to a deadline.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::Settings;
+use crate::jobs::{Job, JobId, JobStatus, Trigger};
+use crate::metrics::Metrics;
+use crate::pass::{error_chain, run_pass, Hooks, Mode, PassOptions, PassReport, Progress};
+use crate::store::{AnyStore, Store, StoreError};
+
+/// A request to run one pass.
+#[derive(Debug, Clone)]
+pub struct JobRequest {
+    pub resource: String,
+    pub trigger: Trigger,
+    pub mode: Mode,
+    pub dry_run: bool,
+    pub force: bool,
+}
+
+/// What became of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// A new job started.
+    Started(JobId),
+    /// A pass of the resource was running; this request was recorded as the
+    /// skipped job `skipped` and `running` goes on.
+    Coalesced { running: JobId, skipped: JobId },
+}
+
+impl Submitted {
+    /// The job whose outcome answers the request.
+    pub fn job_id(self) -> JobId {
+        match self {
+            Submitted::Started(id) => id,
+            Submitted::Coalesced { running, .. } => running,
+        }
+    }
+}
+
+/// Why a request or a cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error("unknown resource `{0}`")]
+    UnknownResource(String),
+    #[error("driftd is shutting down")]
+    ShuttingDown,
+    #[error("no job {0}")]
+    NoSuchJob(JobId),
+    #[error("job {0} has already ended")]
+    AlreadyEnded(JobId),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job of this process that has not ended.
+struct Active {
+    job: JobId,
+    cancel: CancellationToken,
+}
+
+struct Inner {
+    settings: Arc<Settings>,
+    store: Arc<AnyStore>,
+    metrics: Arc<Metrics>,
+    /// Active job per resource: the one-pass-per-resource rule.
+    active: Mutex<HashMap<String, Active>>,
+    tasks: TaskTracker,
+    /// Set once shutdown began: no new work.
+    closed: CancellationToken,
+}
+
+/// See the module documentation.
+#[derive(Clone)]
+pub struct Runner {
+    inner: Arc<Inner>,
+}
+
+impl Runner {
+    pub fn new(settings: Arc<Settings>, store: Arc<AnyStore>, metrics: Arc<Metrics>) -> Self {
+        for name in settings.resources.keys() {
+            metrics.register_resource(name);
+        }
+        Runner {
+            inner: Arc::new(Inner {
+                settings,
+                store,
+                metrics,
+                active: Mutex::new(HashMap::new()),
+                tasks: TaskTracker::new(),
+                closed: CancellationToken::new(),
+            }),
+        }
+    }
+
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.inner.settings
+    }
+
+    pub fn store(&self) -> &Arc<AnyStore> {
+        &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The running job of `resource` in this process, if any.
+    pub fn running(&self, resource: &str) -> Option<JobId> {
+        self.lock_active().get(resource).map(|a| a.job)
+    }
+
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
+        self.inner.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks jobs a crash left `queued` or `running` as failed, when nobody
+    /// holds their resource (another replica may be running them).
+    pub async fn recover(&self) -> Result<u64, StoreError> {
+        let store = &self.inner.store;
+        let mut fixed = 0;
+        for mut job in store.unfinished_jobs().await? {
+            let Some(lock) = store.try_lock(&job.resource).await? else {
+                continue;
+            };
+            job.finish(
+                JobStatus::Failed,
+                Some("abandoned: driftd stopped while this job ran".into()),
+            );
+            let saved = store.save_job(&job).await;
+            lock.release().await;
+            saved?;
+            tracing::warn!(job = %job.id, resource = %job.resource, "marked an abandoned job failed");
+            fixed += 1;
+        }
+        Ok(fixed)
+    }
+
+    /// Claims the resource for a new job, or records a coalesced one.
+    async fn claim(
+        &self,
+        req: &JobRequest,
+    ) -> Result<Result<(Job, CancellationToken), Submitted>, RunnerError> {
+        if !self.inner.settings.resources.contains_key(&req.resource) {
+            return Err(RunnerError::UnknownResource(req.resource.clone()));
+        }
+        let job = Job::queued(&req.resource, req.trigger, req.mode, req.dry_run, req.force);
+        let claimed = {
+            let mut active = self.lock_active();
+            if self.inner.closed.is_cancelled() {
+                return Err(RunnerError::ShuttingDown);
+            }
+            match active.get(&req.resource) {
+                Some(a) => Err(a.job),
+                None => {
+                    let cancel = CancellationToken::new();
+                    active.insert(
+                        req.resource.clone(),
+                        Active {
+                            job: job.id,
+                            cancel: cancel.clone(),
+                        },
+                    );
+                    Ok(cancel)
+                }
+            }
+        };
+        match claimed {
+            Ok(cancel) => {
+                if let Err(e) = self.inner.store.save_job(&job).await {
+                    self.release(&req.resource, job.id);
+                    return Err(e.into());
+                }
+                Ok(Ok((job, cancel)))
+            }
+            Err(running) => {
+                let mut skipped = job;
+                skipped.finish(
+                    JobStatus::Skipped,
+                    Some(format!(
+                        "overlap: job {running} of this resource is running"
+                    )),
+                );
+                self.inner.metrics.skipped(&req.resource, "overlap");
+                self.inner.store.save_job(&skipped).await?;
+                tracing::info!(resource = %req.resource, running = %running, "trigger coalesced with the running pass");
+                Ok(Err(Submitted::Coalesced {
+                    running,
+                    skipped: skipped.id,
+                }))
+            }
+        }
+    }
+
+    fn release(&self, resource: &str, id: JobId) {
+        let mut active = self.lock_active();
+        if active.get(resource).is_some_and(|a| a.job == id) {
+            active.remove(resource);
+        }
+    }
+
+    /// Starts a job in the background.
+    pub async fn submit(&self, req: JobRequest) -> Result<Submitted, RunnerError> {
+        let (job, cancel) = match self.claim(&req).await? {
+            Ok(claimed) => claimed,
+            Err(coalesced) => return Ok(coalesced),
+        };
+        let id = job.id;
+        let me = self.clone();
+        self.inner.tasks.spawn(async move {
+            me.execute(job, cancel, &()).await;
+        });
+        Ok(Submitted::Started(id))
+    }
+
+    /// Runs a job in the foreground (the CLI) and returns it ended, with
+    /// its pass report unless it was skipped or cancelled before starting.
+    pub async fn run(
+        &self,
+        req: JobRequest,
+        progress: &dyn Progress,
+    ) -> Result<(Job, Option<PassReport>), RunnerError> {
+        match self.claim(&req).await? {
+            Ok((job, cancel)) => Ok(self.execute(job, cancel, progress).await),
+            Err(coalesced) => {
+                let id = match coalesced {
+                    Submitted::Coalesced { skipped, .. } => skipped,
+                    Submitted::Started(id) => id,
+                };
+                let job = self.inner.store.get_job(id).await?;
+                Ok((job.ok_or(RunnerError::NoSuchJob(id))?, None))
+            }
+        }
+    }
+
+    /// Cancels a job of this process that has not ended.
+    pub async fn cancel(&self, id: JobId) -> Result<Job, RunnerError> {
+        let token = self
+            .lock_active()
+            .values()
+            .find(|a| a.job == id)
+            .map(|a| a.cancel.clone());
+        let job = self.inner.store.get_job(id).await?;
+        match (token, job) {
+            (Some(token), Some(job)) => {
+                token.cancel();
+                Ok(job)
+            }
+            (None, Some(job)) if job.status.is_final() => Err(RunnerError::AlreadyEnded(id)),
+            // Not ended but not ours: another replica runs it.
+            (None, Some(job)) => Ok(job),
+            (_, None) => Err(RunnerError::NoSuchJob(id)),
+        }
+    }
+
+    async fn execute(
+        &self,
+        mut job: Job,
+        cancel: CancellationToken,
+        progress: &dyn Progress,
+    ) -> (Job, Option<PassReport>) {
+        let span = tracing::info_span!("job", job = %job.id, resource = %job.resource, trigger = job.trigger.as_str());
+        async {
+            let metrics = &self.inner.metrics;
+            let mut report = None;
+            if cancel.is_cancelled() {
+                job.finish(
+                    JobStatus::Cancelled,
+                    Some("cancelled before it started".into()),
+                );
+            } else {
+                job.status = JobStatus::Running;
+                job.started_at = Some(crate::jobs::now());
+                self.save(&job).await;
+                metrics.job_started(&job.resource);
+                report = self.run_locked(&mut job, cancel, progress).await;
+                metrics.job_ended(&job.resource);
+            }
+            self.save(&job).await;
+            self.release(&job.resource, job.id);
+            (job, report)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Takes the store lock, runs the pass, ends the job.
+    async fn run_locked(
+        &self,
+        job: &mut Job,
+        cancel: CancellationToken,
+        progress: &dyn Progress,
+    ) -> Option<PassReport> {
+        let store = &self.inner.store;
+        let lock = match store.try_lock(&job.resource).await {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
+                self.inner.metrics.skipped(&job.resource, "locked");
+                tracing::info!("another driftd replica holds this resource; skipped");
+                job.finish(
+                    JobStatus::Skipped,
+                    Some("locked: another driftd replica is running this resource".into()),
+                );
+                return None;
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "could not take the resource lock");
+                job.finish(JobStatus::Failed, Some(error_chain(&e)));
+                return None;
+            }
+        };
+        let Some(res) = self.inner.settings.resources.get(&job.resource) else {
+            lock.release().await;
+            job.finish(
+                JobStatus::Failed,
+                Some("resource no longer configured".into()),
+            );
+            return None;
+        };
+        let hooks = Hooks {
+            progress,
+            cancel,
+            metrics: Some(self.inner.metrics.clone()),
+        };
+        let opts = PassOptions {
+            mode: job.mode,
+            dry_run: job.dry_run,
+            force: job.force,
+        };
+        let report = run_pass(store.as_ref(), &job.resource, res, opts, &hooks).await;
+        lock.release().await;
+        self.inner.metrics.pass(&report, job.trigger);
+        job.finish_with(&report);
+        Some(report)
+    }
+
+    async fn save(&self, job: &Job) {
+        if let Err(e) = self.inner.store.save_job(job).await {
+            tracing::error!(error = %error_chain(&e), "could not record the job");
+        }
+    }
+
+    /// Stops taking work, cancels running jobs (they stop at their next safe
+    /// point) and waits for them up to `deadline`. Returns whether all ended.
+    pub async fn shutdown(&self, deadline: Duration) -> bool {
+        self.inner.closed.cancel();
+        for active in self.lock_active().values() {
+            active.cancel.cancel();
+        }
+        self.inner.tasks.close();
+        tokio::time::timeout(deadline, self.inner.tasks.wait())
+            .await
+            .is_ok()
+    }
+
+    /// Waits until no job of this process is running (tests, CLI).
+    pub async fn idle(&self) {
+        loop {
+            if self.lock_active().is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The `driftd_jobs` table, shared by both backends: the same SQL (with
+//! `$n` parameters, which SQLite takes as `?n`) and the same row type.
+
+use super::StoreError;
+use crate::jobs::{Job, JobId, JobStatus, Trigger};
+use crate::pass::Mode;
+
+/// The columns of a job row, in table order.
+pub(crate) type JobRow = (
+    String,
+    String,
+    String,
+    String,
+    bool,
+    bool,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+pub(crate) const UPSERT: &str = "INSERT INTO driftd_jobs (id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+     ON CONFLICT (id) DO UPDATE SET status = excluded.status, reason = excluded.reason, \
+     started_at = excluded.started_at, finished_at = excluded.finished_at, report = excluded.report";
+
+/// `SELECT ... WHERE` for a filter; parameters `$1` resource, `$2` status
+/// (both nullable), `$3` limit.
+pub(crate) const LIST: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
+     FROM driftd_jobs WHERE ($1 IS NULL OR resource = $1) AND ($2 IS NULL OR status = $2) \
+     ORDER BY created_at DESC, id LIMIT $3";
+
+pub(crate) const GET: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
+     FROM driftd_jobs WHERE id = $1";
+
+pub(crate) const UNFINISHED: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
+     FROM driftd_jobs WHERE status IN ('queued', 'running')";
+
+/// The values of a job row, for binding in table order.
+pub(crate) fn to_row(job: &Job) -> JobRow {
+    (
+        job.id.to_string(),
+        job.resource.clone(),
+        job.trigger.as_str().to_string(),
+        job.mode.as_str().to_string(),
+        job.dry_run,
+        job.force,
+        job.status.as_str().to_string(),
+        job.reason.clone(),
+        job.created_at.clone(),
+        job.started_at.clone(),
+        job.finished_at.clone(),
+        job.report.as_ref().map(|r| r.to_string()),
+    )
+}
+
+pub(crate) fn from_row(row: JobRow) -> Result<Job, StoreError> {
+    let bad = |what: &str, value: &str| StoreError::BadRow {
+        table: "driftd_jobs".into(),
+        problem: format!("bad {what} `{value}`"),
+    };
+    let trigger = match row.2.as_str() {
+        "schedule" => Trigger::Schedule,
+        "http" => Trigger::Http,
+        "cli" => Trigger::Cli,
+        "startup" => Trigger::Startup,
+        other => return Err(bad("trigger", other)),
+    };
+    Ok(Job {
+        id: row.0.parse::<JobId>().map_err(|_| bad("id", &row.0))?,
+        resource: row.1,
+        trigger,
+        mode: Mode::parse(&row.3).ok_or_else(|| bad("mode", &row.3))?,
+        dry_run: row.4,
+        force: row.5,
+        status: JobStatus::parse(&row.6).ok_or_else(|| bad("status", &row.6))?,
+        reason: row.7,
+        created_at: row.8,
+        started_at: row.9,
+        finished_at: row.10,
+        report: row.11.and_then(|r| serde_json::from_str(&r).ok()),
+    })
+}
