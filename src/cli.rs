@@ -57,7 +57,16 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Trigger through a running driftd's admin API (e.g.
+        /// http://127.0.0.1:9750) and wait for the job; the token comes
+        /// from DRIFTD_ADMIN__TOKEN.
+        #[arg(long)]
+        remote: Option<String>,
     },
+    /// Run the worker: schedules, admin API, start-up passes.
+    Run,
+    /// List schedule entries with their next three fire times.
+    Schedules,
     /// Show the last recorded passes of RESOURCE.
     History {
         resource: String,
@@ -108,6 +117,52 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             force,
             mode,
             json,
+            remote: Some(url),
+        } => {
+            let body = serde_json::json!({
+                "mode": Mode::from(mode).as_str(),
+                "dry_run": dry_run,
+                "force": force,
+            });
+            crate::remote::reconcile(&url, &resource, body, json).await
+        }
+        Command::Run => {
+            let settings = Arc::new(Settings::load(&cli.config)?);
+            crate::daemon::run(settings).await
+        }
+        Command::Schedules => {
+            let settings = Settings::load(&cli.config)?;
+            let schedules =
+                crate::scheduler::Schedules::load(&settings.schedules_dir(), &settings)?;
+            println!("schedules from {}", schedules.dir.display());
+            if schedules.entries.is_empty() {
+                println!("  (none)");
+            }
+            let now = chrono::Utc::now();
+            for e in &schedules.entries {
+                println!(
+                    "{}  resource {}  mode {}  cron \"{}\" ({})  jitter {}s{}",
+                    e.name,
+                    e.resource,
+                    e.mode.as_str(),
+                    e.cron,
+                    e.timezone,
+                    e.jitter.as_secs(),
+                    if e.dry_run { "  dry run" } else { "" }
+                );
+                for t in e.next_fires(now, 3) {
+                    println!("    next {}", t.to_rfc3339());
+                }
+            }
+            Ok(report::exit::OK)
+        }
+        Command::Reconcile {
+            resource,
+            dry_run,
+            force,
+            mode,
+            json,
+            remote: None,
         } => {
             let settings = Arc::new(Settings::load(&cli.config)?);
             let opts = PassOptions {

@@ -58,6 +58,12 @@ pub struct Settings {
     /// Mirrored resources by name; the name is what the CLI and metrics use.
     #[serde(default)]
     pub resources: BTreeMap<String, ResourceConfig>,
+    /// The admin HTTP API of `driftd run`.
+    #[serde(default)]
+    pub admin: AdminSettings,
+    /// The long-running worker.
+    #[serde(default)]
+    pub daemon: DaemonSettings,
     /// The file this was loaded from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -90,6 +96,79 @@ fn default_store_url() -> SecretString {
 }
 fn default_max_connections() -> u32 {
     4
+}
+
+/// The admin HTTP API.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Address to listen on; loopback by default.
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    /// Bearer token for mutating endpoints, usually `DRIFTD_ADMIN__TOKEN`.
+    pub token: Option<SecretString>,
+    /// Name of an environment variable holding the token.
+    pub token_env: Option<String>,
+    /// Allow mutating endpoints without a token (local use only).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// The token after resolution.
+    #[serde(skip)]
+    pub resolved_token: Option<SecretString>,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+            token_env: None,
+            allow_unauthenticated: false,
+            resolved_token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9750".into()
+}
+
+/// The long-running worker.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSettings {
+    /// Folder of `*.toml` schedule files, relative to the config file.
+    #[serde(default = "default_schedules_dir")]
+    pub schedules_dir: PathBuf,
+    /// Resources to pass once at start-up.
+    #[serde(default)]
+    pub startup: Vec<String>,
+    /// How long shutdown waits for running passes to reach a safe point.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_secs: f64,
+}
+
+impl Default for DaemonSettings {
+    fn default() -> Self {
+        Self {
+            schedules_dir: default_schedules_dir(),
+            startup: Vec::new(),
+            shutdown_grace_secs: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_schedules_dir() -> PathBuf {
+    "schedules".into()
+}
+fn default_shutdown_grace() -> f64 {
+    30.0
+}
+
+impl DaemonSettings {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_secs)
+    }
 }
 
 /// One mirrored kind of upstream object.
@@ -501,6 +580,53 @@ impl Settings {
                 problem: "must start with sqlite:, postgres:// or postgresql://".into(),
             });
         }
+        let global = |field: &str, problem: String| ConfigError::InvalidGlobal {
+            file: file.into(),
+            field: field.into(),
+            problem,
+        };
+        if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(global(
+                "admin.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9750",
+                    self.admin.listen
+                ),
+            ));
+        }
+        self.admin.resolved_token = match (&self.admin.token, &self.admin.token_env) {
+            (Some(_), Some(_)) => {
+                return Err(global(
+                    "admin.token",
+                    "give token or token_env, not both".into(),
+                ))
+            }
+            (Some(t), None) => Some(t.clone()),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) if !v.is_empty() => Some(SecretString::from(v)),
+                _ => {
+                    return Err(global(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set"),
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        if !(self.daemon.shutdown_grace_secs > 0.0 && self.daemon.shutdown_grace_secs <= 3600.0) {
+            return Err(global(
+                "daemon.shutdown_grace_secs",
+                "must be between 0 and 3600 seconds".into(),
+            ));
+        }
+        for name in &self.daemon.startup {
+            if !self.resources.contains_key(name) {
+                return Err(global(
+                    "daemon.startup",
+                    format!("unknown resource `{name}`"),
+                ));
+            }
+        }
         for (name, res) in &mut self.resources {
             res.validate(name)
                 .map_err(|(field, problem)| ConfigError::Invalid {
@@ -511,6 +637,18 @@ impl Settings {
                 })?;
         }
         Ok(())
+    }
+
+    /// The schedules folder, relative to the config file's folder.
+    pub fn schedules_dir(&self) -> PathBuf {
+        let dir = &self.daemon.schedules_dir;
+        if dir.is_absolute() {
+            return dir.clone();
+        }
+        match self.source.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent.join(dir),
+            _ => dir.clone(),
+        }
     }
 
     /// The resource called `name`, or an error listing the known ones.

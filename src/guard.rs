@@ -12,7 +12,7 @@ use crate::config::PolicyConfig;
 use crate::diff::Plan;
 
 /// Why a plan was stopped.
-#[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, thiserror::Error)]
 #[serde(tag = "guard", rename_all = "snake_case")]
 pub enum GuardTrip {
     #[error(

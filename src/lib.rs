@@ -9,8 +9,10 @@
 //! reconciliation), [`report`] (rendering), [`cli`] (commands),
 //! [`sample`] (bundled sample upstream), [`quickstart`].
 
+pub mod admin;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod decode;
 pub mod diff;
 pub mod guard;
@@ -19,9 +21,11 @@ pub mod metrics;
 pub mod model;
 pub mod pass;
 pub mod quickstart;
+pub mod remote;
 pub mod report;
 pub mod runner;
 pub mod sample;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

@@ -81,7 +81,7 @@ pub struct PassOptions {
 }
 
 /// How a pass ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// No drift found.
@@ -112,7 +112,7 @@ impl Outcome {
 }
 
 /// Rows found per kind of drift.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Counts {
     pub missing: u64,
     pub stale: u64,
@@ -120,7 +120,7 @@ pub struct Counts {
 }
 
 /// Rows changed (or that would be, in dry-run) per action.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Actions {
     pub insert: u64,
     pub update: u64,
@@ -130,7 +130,7 @@ pub struct Actions {
 }
 
 /// Keys affected, per kind.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Samples {
     pub insert: Vec<String>,
     pub update: Vec<String>,
@@ -138,7 +138,7 @@ pub struct Samples {
 }
 
 /// What one pass found and did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PassReport {
     pub resource: String,
     pub mode: Mode,
@@ -162,7 +162,7 @@ pub struct PassReport {
 }
 
 /// Milliseconds per phase of a pass.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct Timings {
     /// Reading the local table into the index.
     pub scan_ms: u64,

@@ -1,0 +1,145 @@
+//! `driftd run`: the long-running worker. Start-up order: open the store,
+//! fail abandoned jobs, load schedules, serve the admin API, start the
+//! scheduler, submit start-up passes.
+//!
+//! Shutdown protocol (SIGTERM or SIGINT): stop the scheduler (no new
+//! ticks), close the runner (no new jobs; running passes are cancelled and
+//! stop at their next safe point, leaving the table consistent), wait for
+//! them up to `daemon.shutdown_grace_secs`, then stop the HTTP server.
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinHandle;
+use tokio_cron_scheduler::JobScheduler;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{router, AppState};
+use crate::config::Settings;
+use crate::jobs::Trigger;
+use crate::metrics::Metrics;
+use crate::pass::Mode;
+use crate::runner::{JobRequest, Runner};
+use crate::scheduler::Schedules;
+
+/// A started worker.
+pub struct Daemon {
+    pub runner: Runner,
+    /// Where the admin API listens.
+    pub addr: SocketAddr,
+    pub schedules: Arc<Schedules>,
+    scheduler: JobScheduler,
+    stop_http: CancellationToken,
+    server: JoinHandle<std::io::Result<()>>,
+}
+
+impl Daemon {
+    pub async fn start(settings: Arc<Settings>) -> anyhow::Result<Daemon> {
+        let schedules = Arc::new(
+            Schedules::load(&settings.schedules_dir(), &settings).map_err(anyhow::Error::new)?,
+        );
+        let store = Arc::new(crate::cli::open_store(&settings).await?);
+        let runner = Runner::new(settings.clone(), store, Arc::new(Metrics::new()));
+        let abandoned = runner
+            .recover()
+            .await
+            .context("recovering abandoned jobs")?;
+        if abandoned > 0 {
+            tracing::warn!(
+                abandoned,
+                "jobs left running by a previous crash were marked failed"
+            );
+        }
+        let listen = &settings.admin.listen;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("admin.listen {listen}"))?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() && settings.admin.resolved_token.is_none() {
+            tracing::warn!(%addr, "admin API on a non-loopback address without a token: mutating endpoints are refused");
+        }
+        let stop_http = CancellationToken::new();
+        let app = router(AppState {
+            runner: runner.clone(),
+            schedules: schedules.clone(),
+        });
+        let server = tokio::spawn(
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stop_http.clone().cancelled_owned())
+                .into_future(),
+        );
+        let scheduler = schedules
+            .start(runner.clone())
+            .await
+            .map_err(anyhow::Error::new)?;
+        tracing::info!(%addr, schedules = schedules.entries.len(), "driftd running");
+        for resource in &settings.daemon.startup {
+            let req = JobRequest {
+                resource: resource.clone(),
+                trigger: Trigger::Startup,
+                mode: Mode::Full,
+                dry_run: false,
+                force: false,
+            };
+            if let Err(e) = runner.submit(req).await {
+                tracing::warn!(%resource, error = %e, "start-up pass not started");
+            }
+        }
+        Ok(Daemon {
+            runner,
+            addr,
+            schedules,
+            scheduler,
+            stop_http,
+            server,
+        })
+    }
+
+    /// Runs the shutdown protocol; returns whether every pass ended in time.
+    pub async fn stop(mut self) -> bool {
+        if let Err(e) = self.scheduler.shutdown().await {
+            tracing::warn!(error = %e, "scheduler did not stop cleanly");
+        }
+        let grace = self.runner.settings().daemon.shutdown_grace();
+        let clean = self.runner.shutdown(grace).await;
+        if !clean {
+            tracing::warn!(?grace, "passes still running at the deadline; exiting anyway (their open transaction rolls back)");
+        }
+        self.stop_http.cancel();
+        let _ = self.server.await;
+        clean
+    }
+}
+
+/// `driftd run` until SIGTERM or SIGINT.
+pub async fn run(settings: Arc<Settings>) -> anyhow::Result<i32> {
+    let daemon = Daemon::start(settings).await?;
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    let clean = daemon.stop().await;
+    Ok(if clean { 0 } else { 1 })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
