@@ -175,6 +175,19 @@ impl Client {
         &self,
         url: &Url,
     ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), reqwest::Error> {
+        let started = Instant::now();
+        let result = self.fetch(url).await;
+        if let Some((resource, metrics)) = &self.observer {
+            let status = result.as_ref().ok().map(|(s, _, _)| s.as_u16());
+            metrics.upstream_request(resource, status, started.elapsed().as_secs_f64());
+        }
+        result
+    }
+
+    async fn fetch(
+        &self,
+        url: &Url,
+    ) -> Result<(StatusCode, HeaderMap, bytes::Bytes), reqwest::Error> {
         let resp = self.http.get(url.clone()).send().await?;
         let status = resp.status();
         let headers = resp.headers().clone();

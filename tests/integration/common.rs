@@ -199,6 +199,8 @@ pub struct ConfigBuilder {
     /// Lines in `[resources.users.policy]`; permissive limits by default,
     /// so that listing guards are tested on their own.
     pub policy: String,
+    /// Tables appended at the end (`[admin]`, `[daemon]`).
+    pub tail: String,
 }
 
 impl Default for ConfigBuilder {
@@ -211,6 +213,7 @@ impl Default for ConfigBuilder {
             get_path: "/0.1/users/{key}".into(),
             upstream: String::new(),
             policy: "max_purge_fraction = 1.0\nmax_purge_count = 1000000".into(),
+            tail: String::new(),
         }
     }
 }
@@ -249,6 +252,8 @@ extension = {{ from = "/extension", type = "integer" }}
 
 [resources.users.policy]
 {policy}
+
+{tail}
 "#,
             db = db.url,
             page_size = self.page_size,
@@ -266,6 +271,7 @@ extension = {{ from = "/extension", type = "integer" }}
             },
             upstream = self.upstream,
             policy = self.policy,
+            tail = self.tail,
         )
     }
 

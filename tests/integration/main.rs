@@ -3,5 +3,6 @@
 
 mod cli;
 mod common;
+mod daemon;
 mod guards;
 mod repair;
