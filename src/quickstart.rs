@@ -5,9 +5,14 @@
 use anyhow::Context;
 use secrecy::ExposeSecret;
 
+use std::sync::Arc;
+
 use crate::config::Settings;
-use crate::pass::PassOptions;
+use crate::daemon::Daemon;
+use crate::jobs::Trigger;
+use crate::pass::Mode;
 use crate::report;
+use crate::runner::JobRequest;
 use crate::sample::{populate, sample_uuid, tenant, user, SampleUpstream};
 use crate::store::SqliteStore;
 
@@ -29,10 +34,14 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
             .context("cannot start the sample upstream")?,
     };
     let text = CONFIG.replace(DEFAULT_UPSTREAM, &format!("http://{addr}"));
-    let settings = std::sync::Arc::new(Settings::from_toml_str(
-        &text,
-        "examples/quickstart/driftd.toml",
-    )?);
+    let mut settings = Settings::from_toml_str(&text, "examples/quickstart/driftd.toml")?;
+    if !serve {
+        // The demo runs its passes itself; schedules only when serving.
+        settings.daemon.schedules_dir = "/nonexistent/driftd-quickstart".into();
+    }
+    if std::net::TcpListener::bind(&settings.admin.listen).is_err() {
+        settings.admin.listen = "127.0.0.1:0".into();
+    }
     let url = settings.store.url.expose_secret().to_string();
     let path = url.trim_start_matches("sqlite://").to_string();
     for suffix in ["", "-wal", "-shm"] {
@@ -42,28 +51,33 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
     seed(&store)
         .await
         .context("seeding the quickstart database")?;
+    drop(store);
     println!("sample upstream on http://{addr}: {TENANTS} tenants, {USERS} users");
     println!("local copy {path}: seeded with drift (rows missing, ghost rows, stale fields)\n");
 
+    let daemon = Daemon::start(Arc::new(settings)).await?;
     let mut code = report::exit::OK;
-    for (title, opts) in [
-        (
-            "1. dry run: what is out of sync",
-            PassOptions {
-                dry_run: true,
-                ..PassOptions::default()
-            },
-        ),
-        ("2. reconcile: repair it", PassOptions::default()),
-        (
-            "3. reconcile again: nothing left to do",
-            PassOptions::default(),
-        ),
+    for (title, dry_run) in [
+        ("1. dry run: what is out of sync", true),
+        ("2. reconcile: repair it", false),
+        ("3. reconcile again: nothing left to do", false),
     ] {
         println!("== {title}");
         for resource in ["tenants", "users"] {
-            let mut r = crate::cli::reconcile(&settings, resource, opts, false).await?;
-            // Keep the dry-run output short: a sample of keys, not all.
+            let req = JobRequest {
+                resource: resource.into(),
+                trigger: Trigger::Cli,
+                mode: Mode::Full,
+                dry_run,
+                force: false,
+            };
+            let (job, report) = daemon.runner.run(req, &()).await?;
+            let Some(mut r) = report else {
+                println!("job {} {}", job.id, job.status.as_str());
+                code = report::exit::ERROR;
+                continue;
+            };
+            // Keep the output short: a sample of keys, not all.
             for keys in [&mut r.keys.insert, &mut r.keys.update, &mut r.keys.purge] {
                 keys.truncate(5);
             }
@@ -72,12 +86,36 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
         }
         println!();
     }
-    println!("Try it yourself: `driftd sample-upstream` in one terminal, then");
-    println!("`driftd reconcile users --dry-run --config examples/quickstart/driftd.toml`.");
-    if serve {
-        println!("serving the sample upstream on http://{addr}; Ctrl-C to stop");
-        tokio::signal::ctrl_c().await?;
+    let metrics_url = format!("http://{}/metrics", daemon.addr);
+    println!("== 4. metrics, as Prometheus scrapes them from {metrics_url}");
+    let body = reqwest::get(&metrics_url).await?.text().await?;
+    for line in body
+        .lines()
+        .filter(|l| l.starts_with("driftd_drift_rows") || l.starts_with("driftd_passes_total"))
+    {
+        println!("  {line}");
     }
+    println!();
+    if serve {
+        println!(
+            "serving: sample upstream http://{addr}, admin API http://{}",
+            daemon.addr
+        );
+        println!(
+            "  curl -X POST http://{}/v1/resources/users/reconcile",
+            daemon.addr
+        );
+        println!("  curl http://{}/v1/jobs", daemon.addr);
+        println!(
+            "schedules from {}; Ctrl-C to stop",
+            daemon.schedules.dir.display()
+        );
+        tokio::signal::ctrl_c().await?;
+    } else {
+        println!("Run `driftd quickstart --serve` to keep the admin API, the metrics and the");
+        println!("schedules in schedules/ running, with the sample upstream.");
+    }
+    daemon.stop().await;
     Ok(code)
 }
 

@@ -20,7 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use croner::Cron;
@@ -94,6 +94,7 @@ pub struct Entry {
 impl Entry {
     /// The next `n` fire times after `after`, in the entry's time zone.
     pub fn next_fires(&self, after: DateTime<Utc>, n: usize) -> Vec<DateTime<Tz>> {
+        let after = after.with_nanosecond(0).unwrap_or(after);
         self.parsed
             .iter_after(after.with_timezone(&self.timezone))
             .take(n)
