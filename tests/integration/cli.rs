@@ -154,3 +154,37 @@ fn shipped_examples_validate() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("example-token"));
     }
 }
+
+#[test]
+fn quickstart_finds_and_repairs_drift_and_serves_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .arg("quickstart")
+        .current_dir(dir.path())
+        .output()
+        .expect("run driftd quickstart");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}\n{}", stderr(&out));
+    let squeezed = text
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let steps: Vec<&str> = squeezed.split("== ").collect();
+    assert!(
+        steps[1].contains("DRY_RUN") && steps[1].contains("missing 40"),
+        "{text}"
+    );
+    assert!(
+        steps[2].contains("REPAIRED") && steps[2].contains("purge 60"),
+        "{text}"
+    );
+    assert_eq!(steps[3].matches("IN_SYNC").count(), 2, "{text}");
+    assert!(
+        steps[4].contains(
+            r#"driftd_passes_total{outcome="repaired",resource="users",trigger="cli"} 1"#
+        ),
+        "{text}"
+    );
+    assert!(dir.path().join("driftd-quickstart.db").exists());
+}
