@@ -8,6 +8,7 @@ source scripts/services.sh
 trap stop_services EXIT
 
 start_postgres
+ensure_prometheus
 
 if [ $# -gt 0 ]; then
   # A developer's narrower run: ./scripts/test.sh --test integration guards

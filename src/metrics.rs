@@ -144,6 +144,9 @@ impl Metrics {
         for reason in ["overlap", "locked"] {
             self.skipped.with_label_values(&[resource, reason]);
         }
+        for guard in ["purge_fraction", "purge_count", "empty_upstream"] {
+            self.guard_trips.with_label_values(&[resource, guard]);
+        }
     }
 
     /// Records a finished pass.

@@ -604,3 +604,36 @@ async fn reconcile_remote_waits_for_the_job() {
     assert_eq!(job["report"]["actions"]["purge"], json!(1));
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(200);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (_up, addr) = upstream(users(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ConfigBuilder {
+        policy: "max_purge_count = 0".into(),
+        tail: tail(dir.path(), "127.0.0.1:0"),
+        ..ConfigBuilder::default()
+    };
+    let d = Daemon::start(Arc::new(cfg.settings(&db, addr)))
+        .await
+        .unwrap();
+    let base = format!("http://{}", d.addr);
+    let url = format!("{base}/v1/resources/users/reconcile");
+    // a guard trip, then a forced repair, then a pass in sync
+    for (body, want) in [
+        ("{}", "guard_tripped"),
+        (r#"{"force": true}"#, "succeeded"),
+        ("{}", "succeeded"),
+    ] {
+        let (_, started) = api("POST", &url, Some(TOKEN), Some(body)).await;
+        let job = wait_job(&base, started["job_id"].as_str().unwrap()).await;
+        assert_eq!(job["status"], want, "{job}");
+    }
+    crate::prometheus::check_dashboard(&format!("{base}/metrics"), &[]).await;
+    d.stop().await;
+}

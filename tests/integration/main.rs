@@ -5,4 +5,5 @@ mod cli;
 mod common;
 mod daemon;
 mod guards;
+mod prometheus;
 mod repair;

@@ -109,7 +109,7 @@ pub async fn check_dashboard_report(metrics_url: &str, may_be_empty: &[&str]) ->
 
     let rules_text = std::fs::read_to_string(&rules_path)
         .unwrap_or_else(|e| panic!("read {}: {e}", rules_path.display()));
-    check_exposition(&client, metrics_url, &queries, &rules_text).await;
+    check_exposition(&client, metrics_url, &queries, &variables, &rules_text).await;
 
     let prom = Prometheus::start(metrics_url, &rules_path).await;
     prom.wait_target_up(&client).await;
@@ -400,13 +400,14 @@ async fn promtool_check_rules(rules: &Path) {
     );
 }
 
-/// Every `driftd_*` name in the dashboard's exprs and in the rules must have
-/// a `# TYPE` line in driftd's exposition (a histogram's `_bucket`, `_sum`
-/// and `_count` are checked by their base name).
+/// Every `driftd_*` name in the dashboard's exprs and variables and in the
+/// rules must have a `# TYPE` line in driftd's exposition (a histogram's
+/// `_bucket`, `_sum` and `_count` are checked by their base name).
 async fn check_exposition(
     client: &reqwest::Client,
     metrics_url: &str,
     queries: &[PanelQuery],
+    variables: &[Variable],
     rules_text: &str,
 ) {
     let resp = client
@@ -451,6 +452,11 @@ async fn check_exposition(
                 .entry(name)
                 .or_default()
                 .insert(format!("panel {:?}", q.title));
+        }
+    }
+    for v in variables {
+        for (_, name) in metric_names(&v.metric) {
+            wanted.entry(name).or_default().insert(v.title.clone());
         }
     }
     for (_, name) in metric_names(rules_text) {
