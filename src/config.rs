@@ -716,9 +716,6 @@ impl ResourceConfig {
         }
         check_ident("key.column", &self.key.column)?;
         check_ident("local.table", &self.local.table)?;
-        if self.local.table.contains('.') {
-            // `schema.table` is fine; already validated.
-        }
         for (column, spec) in &self.columns {
             check_ident(&format!("columns.{column}"), column)?;
             check_pointer(&format!("columns.{column}.from"), &spec.from)?;

@@ -1,9 +1,33 @@
-//! The `driftd_jobs` table, shared by both backends: the same SQL (with
+//! driftd's own tables, shared by both backends: migrations, and the
+//! `driftd_jobs` queries: the same SQL (with
 //! `$n` parameters, which SQLite takes as `?n`) and the same row type.
 
 use super::StoreError;
 use crate::jobs::{Job, JobId, JobStatus, Trigger};
 use crate::pass::Mode;
+
+/// driftd's own tables, by version; the same DDL works on both backends.
+pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
+    1,
+    &[
+        "CREATE TABLE driftd_jobs (
+            id TEXT PRIMARY KEY,
+            resource TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            dry_run BOOLEAN NOT NULL,
+            force BOOLEAN NOT NULL,
+            status TEXT NOT NULL,
+            reason TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT,
+            report TEXT
+        )",
+        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
+        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
+    ],
+)];
 
 /// The columns of a job row, in table order.
 pub(crate) type JobRow = (

@@ -337,6 +337,28 @@ impl Store for AnyStore {
     }
 }
 
+/// Fails naming the first configured column the table lacks.
+pub(crate) fn check_columns(spec: &TableSpec, names: &[String]) -> Result<(), StoreError> {
+    if names.is_empty() {
+        return Err(StoreError::Schema {
+            table: spec.table.to_string(),
+            problem: "table not found".into(),
+        });
+    }
+    let wanted = std::iter::once(&spec.key_column)
+        .chain(spec.columns.iter().map(|(c, _)| c))
+        .chain(spec.soft_delete.iter());
+    for col in wanted {
+        if !names.iter().any(|n| n == col.as_str()) {
+            return Err(StoreError::Schema {
+                table: spec.table.to_string(),
+                problem: format!("column `{col}` not found"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Splits `rows` so that one statement binds at most `max_params` values.
 pub(crate) fn rows_per_statement(columns: usize, max_params: usize, batch: usize) -> usize {
     (max_params / (columns + 1)).clamp(1, batch.max(1))

@@ -11,36 +11,14 @@ use futures_util::TryStreamExt;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row as _};
 
-use super::sqlite::check_columns;
 use super::{
-    index_row, jobs, lock_key, query_err, Dialect, ResourceLock, ScanQuery, Store, StoreError,
+    check_columns, index_row, jobs, lock_key, query_err, Dialect, ResourceLock, ScanQuery, Store,
+    StoreError,
 };
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
-
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE driftd_jobs (
-            id TEXT PRIMARY KEY,
-            resource TEXT NOT NULL,
-            trigger TEXT NOT NULL,
-            mode TEXT NOT NULL,
-            dry_run BOOLEAN NOT NULL,
-            force BOOLEAN NOT NULL,
-            status TEXT NOT NULL,
-            reason TEXT,
-            created_at TEXT NOT NULL,
-            started_at TEXT,
-            finished_at TEXT,
-            report TEXT
-        )",
-        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
-        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
-    ],
-)];
 
 /// Serializes concurrent migrations from several driftd processes.
 const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
@@ -182,7 +160,7 @@ impl Store for PgStore {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(query_err("read driftd_schema_migrations"))?;
-        for (version, statements) in MIGRATIONS {
+        for (version, statements) in jobs::MIGRATIONS {
             if done.is_some_and(|d| d >= *version) {
                 continue;
             }

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row as _, SqlitePool};
 
 use super::{
-    index_row, jobs, query_err, rows_per_statement, Dialect, ResourceLock, ScanQuery, Store,
-    StoreError,
+    check_columns, index_row, jobs, query_err, rows_per_statement, Dialect, ResourceLock,
+    ScanQuery, Store, StoreError,
 };
 use crate::config::{KeyType, TableSpec};
 use crate::diff::LocalIndex;
@@ -20,28 +20,6 @@ use crate::model::{Key, Row, Value};
 
 /// SQLite's default limit on bound parameters is 32766; stay well below.
 const MAX_PARAMS: usize = 30_000;
-
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE driftd_jobs (
-            id TEXT PRIMARY KEY,
-            resource TEXT NOT NULL,
-            trigger TEXT NOT NULL,
-            mode TEXT NOT NULL,
-            dry_run BOOLEAN NOT NULL,
-            force BOOLEAN NOT NULL,
-            status TEXT NOT NULL,
-            reason TEXT,
-            created_at TEXT NOT NULL,
-            started_at TEXT,
-            finished_at TEXT,
-            report TEXT
-        )",
-        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
-        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
-    ],
-)];
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -269,7 +247,7 @@ impl Store for SqliteStore {
                 .fetch_one(&mut *tx)
                 .await
                 .map_err(query_err("read driftd_schema_migrations"))?;
-        for (version, statements) in MIGRATIONS {
+        for (version, statements) in jobs::MIGRATIONS {
             if done.is_some_and(|d| d >= *version) {
                 continue;
             }
@@ -476,28 +454,6 @@ impl Store for SqliteStore {
             .map_err(query_err("ping"))?;
         Ok(())
     }
-}
-
-/// Fails naming the first configured column the table lacks.
-pub(super) fn check_columns(spec: &TableSpec, names: &[String]) -> Result<(), StoreError> {
-    if names.is_empty() {
-        return Err(StoreError::Schema {
-            table: spec.table.to_string(),
-            problem: "table not found".into(),
-        });
-    }
-    let wanted = std::iter::once(&spec.key_column)
-        .chain(spec.columns.iter().map(|(c, _)| c))
-        .chain(spec.soft_delete.iter());
-    for col in wanted {
-        if !names.iter().any(|n| n == col.as_str()) {
-            return Err(StoreError::Schema {
-                table: spec.table.to_string(),
-                problem: format!("column `{col}` not found"),
-            });
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
