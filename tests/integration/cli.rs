@@ -188,3 +188,62 @@ fn quickstart_finds_and_repairs_drift_and_serves_metrics() {
     );
     assert!(dir.path().join("driftd-quickstart.db").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pass_killed_mid_apply_leaves_whole_batches_and_the_next_converges() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let all = users(10_000);
+    db.insert_users(&all[..100]).await;
+    let (_up, addr) = upstream(all.clone()).await;
+    // one row per transaction, so the apply takes long enough to be killed
+    let config = ConfigBuilder {
+        page_size: 1000,
+        policy: "batch_size = 1".into(),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("driftd.toml");
+    std::fs::write(&path, &config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .args(["reconcile", "users", "--config"])
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let n = db.count("users").await;
+        if n > 150 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "apply never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no chance to clean up
+    child.wait().unwrap();
+    let partial = db.count("users").await;
+    assert!(
+        partial > 100 && partial < 10_000,
+        "killed mid-apply: {partial} rows"
+    );
+    // every row present is whole
+    let broken = db
+        .text("SELECT uuid FROM users WHERE email IS NULL OR firstname IS NULL")
+        .await;
+    assert!(broken.is_empty(), "half-written rows: {broken:?}");
+
+    let out = driftd(&["reconcile", "users", "--json"], &config, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["actions"]["insert"], 10_000 - partial);
+    assert_eq!(db.count("users").await, 10_000);
+    let again = driftd(&["reconcile", "users", "--json"], &config, &[]);
+    let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+    assert_eq!(report["outcome"], "in_sync");
+}
