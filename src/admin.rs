@@ -90,6 +90,9 @@ impl From<RunnerError> for ApiError {
             RunnerError::AlreadyEnded(_) => {
                 ApiError::new(StatusCode::CONFLICT, "already_ended", e.to_string())
             }
+            RunnerError::ElsewhereRunning(_) => {
+                ApiError::new(StatusCode::CONFLICT, "elsewhere", e.to_string())
+            }
             RunnerError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",

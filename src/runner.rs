@@ -66,6 +66,8 @@ pub enum RunnerError {
     NoSuchJob(JobId),
     #[error("job {0} has already ended")]
     AlreadyEnded(JobId),
+    #[error("job {0} runs in another driftd replica; cancel it there")]
+    ElsewhereRunning(JobId),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -265,7 +267,7 @@ impl Runner {
             }
             (None, Some(job)) if job.status.is_final() => Err(RunnerError::AlreadyEnded(id)),
             // Not ended but not ours: another replica runs it.
-            (None, Some(job)) => Ok(job),
+            (None, Some(_)) => Err(RunnerError::ElsewhereRunning(id)),
             (_, None) => Err(RunnerError::NoSuchJob(id)),
         }
     }
