@@ -950,6 +950,36 @@ columns = { name = { from = "/name" } }
     }
 
     #[test]
+    fn token_from_a_file_is_trimmed_and_hidden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let text = MINIMAL.replace(
+            "list_path = \"/users\"",
+            &format!(
+                "list_path = \"/users\", token_file = \"{}\"",
+                path.display()
+            ),
+        );
+        let s = Settings::from_toml_str(&text, "t.toml").unwrap();
+        let token = s.resources["users"]
+            .upstream
+            .resolved_token
+            .as_ref()
+            .unwrap();
+        assert_eq!(token.expose_secret(), "s3cret");
+        assert!(!format!("{:?}", s.resources["users"].upstream).contains("s3cret"));
+        std::fs::write(&path, "  ").unwrap();
+        let err = Settings::from_toml_str(&text, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("upstream.token_file") && err.contains("empty"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn ident_quoting() {
         assert_eq!(Ident::parse("a.b").unwrap().quoted(), "\"a\".\"b\"");
         assert!(Ident::parse("1abc").is_err());

@@ -153,6 +153,18 @@ fn shipped_examples_validate() {
         assert_eq!(out.status.code(), Some(0), "{path}: {}", stderr(&out));
         assert!(!String::from_utf8_lossy(&out.stdout).contains("example-token"));
     }
+    // the quickstart config runs the repository's schedules/
+    let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .args(["schedules", "--config", "examples/quickstart/driftd.toml"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run driftd");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("users.toml#1") && text.contains("tenants.toml#2"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -637,3 +637,27 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     crate::prometheus::check_dashboard(&format!("{base}/metrics"), &[]).await;
     d.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_passes_run_when_the_worker_starts() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    db.insert_users(&[ghost(3)]).await;
+    let (_up, addr) = upstream(users(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ConfigBuilder {
+        tail: tail(dir.path(), "127.0.0.1:0")
+            .replace("[daemon]\n", "[daemon]\nstartup = [\"users\"]\n"),
+        ..ConfigBuilder::default()
+    };
+    let d = Daemon::start(Arc::new(cfg.settings(&db, addr)))
+        .await
+        .unwrap();
+    d.runner.idle().await;
+    let base = format!("http://{}", d.addr);
+    let (_, jobs) = api("GET", &format!("{base}/v1/jobs"), None, None).await;
+    assert_eq!(jobs["jobs"][0]["trigger"], "startup", "{jobs}");
+    assert_eq!(jobs["jobs"][0]["status"], "succeeded", "{jobs}");
+    assert_eq!(db.count("users").await, 20);
+    d.stop().await;
+}
