@@ -111,21 +111,6 @@ impl From<ModeArg> for Mode {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Check => check(&cli.config),
-        Command::Reconcile {
-            resource,
-            dry_run,
-            force,
-            mode,
-            json,
-            remote: Some(url),
-        } => {
-            let body = serde_json::json!({
-                "mode": Mode::from(mode).as_str(),
-                "dry_run": dry_run,
-                "force": force,
-            });
-            crate::remote::reconcile(&url, &resource, body, json).await
-        }
         Command::Run => {
             let settings = Arc::new(Settings::load(&cli.config)?);
             crate::daemon::run(settings).await
@@ -162,11 +147,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             force,
             mode,
             json,
-            remote: None,
+            remote,
         } => {
+            let mode = Mode::from(mode);
+            if let Some(url) = remote {
+                let body = serde_json::json!({
+                    "mode": mode.as_str(),
+                    "dry_run": dry_run,
+                    "force": force,
+                });
+                return crate::remote::reconcile(&url, &resource, body, json).await;
+            }
             let settings = Arc::new(Settings::load(&cli.config)?);
             let opts = PassOptions {
-                mode: mode.into(),
+                mode,
                 dry_run,
                 force,
             };

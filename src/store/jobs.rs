@@ -80,6 +80,31 @@ pub(crate) fn to_row(job: &Job) -> JobRow {
     )
 }
 
+/// Binds a job row's values to `q` in table order (the [`UPSERT`] shape).
+pub(crate) fn bind<'q, DB>(
+    q: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
+    r: JobRow,
+) -> sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    bool: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    Option<String>: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
+    q.bind(r.0)
+        .bind(r.1)
+        .bind(r.2)
+        .bind(r.3)
+        .bind(r.4)
+        .bind(r.5)
+        .bind(r.6)
+        .bind(r.7)
+        .bind(r.8)
+        .bind(r.9)
+        .bind(r.10)
+        .bind(r.11)
+}
+
 pub(crate) fn from_row(row: JobRow) -> Result<Job, StoreError> {
     let bad = |what: &str, value: &str| StoreError::BadRow {
         table: "driftd_jobs".into(),

@@ -328,20 +328,7 @@ impl Store for PgStore {
     }
 
     async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
-        let r = jobs::to_row(job);
-        sqlx::query(jobs::UPSERT)
-            .bind(r.0)
-            .bind(r.1)
-            .bind(r.2)
-            .bind(r.3)
-            .bind(r.4)
-            .bind(r.5)
-            .bind(r.6)
-            .bind(r.7)
-            .bind(r.8)
-            .bind(r.9)
-            .bind(r.10)
-            .bind(r.11)
+        jobs::bind(sqlx::query(jobs::UPSERT), jobs::to_row(job))
             .execute(&self.pool)
             .await
             .map_err(query_err("save job"))?;
