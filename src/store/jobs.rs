@@ -53,7 +53,7 @@ pub(crate) const UPSERT: &str = "INSERT INTO driftd_jobs (id, resource, trigger,
 /// `SELECT ... WHERE` for a filter; parameters `$1` resource, `$2` status
 /// (both nullable), `$3` limit.
 pub(crate) const LIST: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
-     FROM driftd_jobs WHERE ($1 IS NULL OR resource = $1) AND ($2 IS NULL OR status = $2) \
+     FROM driftd_jobs WHERE (CAST($1 AS TEXT) IS NULL OR resource = $1) AND (CAST($2 AS TEXT) IS NULL OR status = $2) \
      ORDER BY created_at DESC, id LIMIT $3";
 
 pub(crate) const GET: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \

@@ -345,17 +345,13 @@ impl Store for PgStore {
     }
 
     async fn list_jobs(&self, f: &JobFilter) -> Result<Vec<Job>, StoreError> {
-        let rows: Vec<jobs::JobRow> = sqlx::query_as(
-            &jobs::LIST
-                .replace("$1 IS NULL", "$1::text IS NULL")
-                .replace("$2 IS NULL", "$2::text IS NULL"),
-        )
-        .bind(f.resource.as_deref())
-        .bind(f.status.map(|s| s.as_str()))
-        .bind(i64::from(f.limit))
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err("list jobs"))?;
+        let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::LIST)
+            .bind(f.resource.as_deref())
+            .bind(f.status.map(|s| s.as_str()))
+            .bind(i64::from(f.limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list jobs"))?;
         rows.into_iter().map(jobs::from_row).collect()
     }
 

@@ -566,6 +566,20 @@ async fn two_replicas_on_postgres_never_run_a_resource_at_once() {
     assert_eq!(ja["status"], "succeeded", "{ja}");
     assert_eq!(jb["status"], "skipped", "{jb}");
     assert!(jb["reason"].as_str().unwrap().starts_with("locked"), "{jb}");
+    // filters work on PostgreSQL too
+    let (_, skipped) = api(
+        "GET",
+        &format!("{}/v1/jobs?resource=users&status=skipped", a.base),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(
+        skipped["jobs"].as_array().map(Vec::len),
+        Some(1),
+        "{skipped}"
+    );
+    assert_eq!(skipped["jobs"][0]["id"], jb["id"]);
     // the lock is released: b can run it now
     let (_, again) = api(
         "POST",
