@@ -245,7 +245,7 @@ fn check(path: &std::path::Path) -> anyhow::Result<i32> {
             p.purge,
             p.max_purge_fraction * 100.0,
             p.max_purge_count,
-            p.confirm_purge
+            r.confirms_purges()
         );
     }
     Ok(report::exit::OK)

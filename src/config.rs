@@ -238,6 +238,11 @@ pub struct UpstreamConfig {
     /// A listing needing more pages than this is treated as a pagination loop.
     #[serde(default = "default_max_pages")]
     pub max_pages: u64,
+    /// Times a listing starts over when the list moved while it was paged
+    /// (or its row count disagreed with the announced total) before the
+    /// pass fails.
+    #[serde(default = "default_relist_attempts")]
+    pub relist_attempts: u32,
     /// The token after resolution (from `token`, `token_env` or `token_file`).
     #[serde(skip)]
     pub resolved_token: Option<SecretString>,
@@ -266,6 +271,9 @@ fn default_backoff_ms() -> u64 {
 }
 fn default_max_pages() -> u64 {
     100_000
+}
+fn default_relist_attempts() -> u32 {
+    3
 }
 
 impl UpstreamConfig {
@@ -310,6 +318,26 @@ pub enum Pagination {
         #[serde(default = "default_limit_param")]
         limit_param: String,
     },
+}
+
+impl Pagination {
+    /// The config's own name for this kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Pagination::Offset { .. } => "offset",
+            Pagination::Page { .. } => "page",
+            Pagination::Cursor { .. } => "cursor",
+            Pagination::Link { .. } => "link",
+        }
+    }
+
+    /// Whether a listing can itself show that the list did not move while
+    /// it was paged. Offset pages overlap by one row, and the overlap must
+    /// match; page numbers, cursors and links give the pager nothing to
+    /// check a moved list against.
+    pub fn proves_completeness(&self) -> bool {
+        matches!(self, Pagination::Offset { .. })
+    }
 }
 
 impl Default for Pagination {
@@ -418,9 +446,11 @@ pub struct PolicyConfig {
     /// A purge above this many rows trips the guard.
     #[serde(default = "default_max_purge_count")]
     pub max_purge_count: u64,
-    /// Check each purge candidate with `upstream.get_path`; purge only on 404.
+    /// Check each purge candidate with `upstream.get_path`; purge only on
+    /// 404. Defaults to on whenever `get_path` is set; see
+    /// [`ResourceConfig::confirms_purges`].
     #[serde(default)]
-    pub confirm_purge: bool,
+    pub confirm_purge: Option<bool>,
     /// Rows per write statement/transaction.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
@@ -435,7 +465,7 @@ impl Default for PolicyConfig {
             purge: PurgeMode::default(),
             max_purge_fraction: default_max_purge_fraction(),
             max_purge_count: default_max_purge_count(),
-            confirm_purge: false,
+            confirm_purge: None,
             batch_size: default_batch_size(),
         }
     }
@@ -739,13 +769,33 @@ impl ResourceConfig {
         if let PurgeMode::SoftDelete { column } = &p.purge {
             check_ident("policy.purge.soft_delete.column", column)?;
         }
-        if p.confirm_purge && self.upstream.get_path.is_none() {
+        if p.confirm_purge == Some(true) && self.upstream.get_path.is_none() {
             return Err(problem(
                 "policy.confirm_purge",
                 "needs upstream.get_path to confirm candidates",
             ));
         }
+        if p.purge_extra
+            && !self.confirms_purges()
+            && !self.upstream.pagination.proves_completeness()
+        {
+            return Err(problem(
+                "upstream.pagination",
+                format!(
+                    "`{}` pagination cannot show that the list did not move while it was paged, so purge candidates must be confirmed one by one: set upstream.get_path (and leave policy.confirm_purge on), or set policy.purge_extra = false",
+                    self.upstream.pagination.kind()
+                ),
+            ));
+        }
         Ok(())
+    }
+
+    /// Whether purge candidates are checked with the get-by-key endpoint
+    /// before they are purged: as configured, else whenever `get_path` is.
+    pub fn confirms_purges(&self) -> bool {
+        self.policy
+            .confirm_purge
+            .unwrap_or(self.upstream.get_path.is_some())
     }
 
     /// The validated table description the store works with.
@@ -793,6 +843,15 @@ impl UpstreamConfig {
                 "upstream.page_size",
                 "must be between 1 and 100000",
             ));
+        }
+        if self.page_size < 2 && matches!(self.pagination, Pagination::Offset { .. }) {
+            return Err(problem(
+                "upstream.page_size",
+                "must be at least 2 with offset pagination (each page repeats the previous page's last row)",
+            ));
+        }
+        if self.relist_attempts > 20 {
+            return Err(problem("upstream.relist_attempts", "must be at most 20"));
         }
         check_pointer("upstream.items_pointer", &self.items_pointer)?;
         if let Some(t) = &self.total_pointer {

@@ -30,6 +30,8 @@ pub struct Decoded<T> {
 pub trait PageDecoder: Send + Sync {
     type Item: Send;
     fn decode(&self, body: &[u8]) -> Result<Decoded<Self::Item>, String>;
+    /// The item's key, to check the row that offset pages overlap on.
+    fn key_of(item: &Self::Item) -> &str;
 }
 
 /// A JSON pointer split into its first token and the rest (`""` if none).
@@ -205,6 +207,10 @@ impl RowDecoder {
 
 impl PageDecoder for RowDecoder {
     type Item = Row;
+
+    fn key_of(item: &Row) -> &str {
+        item.key.as_str()
+    }
 
     fn decode(&self, body: &[u8]) -> Result<Decoded<Row>, String> {
         let Some(plan) = &self.fast else {

@@ -136,6 +136,13 @@ impl LocalIndex {
         self.table.is_empty()
     }
 
+    /// Forgets which rows were seen.
+    fn clear_seen(&mut self) {
+        for slot in self.table.iter_mut() {
+            slot.fp &= !SEEN;
+        }
+    }
+
     /// Keys never marked seen.
     fn unseen(self) -> Vec<Key> {
         self.table
@@ -236,6 +243,17 @@ impl Differ {
         }
         self.previous = Some(key.clone());
         Ok(())
+    }
+
+    /// Forgets the listing so far: a new one starts from its first row.
+    pub fn restart(&mut self) {
+        self.index.clear_seen();
+        self.previous = None;
+        self.new_keys.clear();
+        self.plan = Plan {
+            local_rows: self.plan.local_rows,
+            ..Plan::default()
+        };
     }
 
     /// Ends the listing: every local row not seen becomes a purge candidate.

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{ResourceConfig, TableSpec};
+use crate::config::{ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
 use crate::guard::{self, GuardTrip};
@@ -150,6 +150,9 @@ pub struct PassReport {
     pub local_rows: u64,
     pub upstream_rows: u64,
     pub upstream_pages: u64,
+    /// Times the listing started over because the list moved while paged.
+    #[serde(default)]
+    pub upstream_relists: u32,
     pub found: Counts,
     /// Applied actions (planned ones, in dry-run or when a guard tripped).
     pub actions: Actions,
@@ -256,6 +259,7 @@ pub async fn run_pass<S: Store>(
             local_rows: 0,
             upstream_rows: 0,
             upstream_pages: 0,
+            upstream_relists: 0,
             found: Counts::default(),
             actions: Actions::default(),
             keys: Samples::default(),
@@ -348,7 +352,7 @@ async fn execute<S: Store>(
     }
 
     let applying = Instant::now();
-    if res.policy.confirm_purge && !plan.purge.is_empty() {
+    if res.confirms_purges() && !plan.purge.is_empty() {
         check_canary(&client, plan.canary.as_ref()).await?;
         let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge)).await?;
         plan.purge = gone;
@@ -384,6 +388,15 @@ async fn execute<S: Store>(
     Ok(())
 }
 
+/// What the upstream task hands the differ.
+enum Listed {
+    /// The next page's rows.
+    Page(Vec<Row>),
+    /// The list moved while it was paged: forget what was listed, a new
+    /// listing starts from the first page.
+    Restart,
+}
+
 /// Streams the upstream listing through the differ; returns the plan only
 /// for a listing that ended complete.
 async fn list_and_diff<S: Store>(
@@ -394,10 +407,10 @@ async fn list_and_diff<S: Store>(
     hooks: &Hooks<'_>,
     report: &mut PassReport,
 ) -> Result<Plan, PassError> {
-    let (tx, mut rx) = mpsc::channel::<Vec<Row>>(PAGES_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Listed>(PAGES_IN_FLIGHT);
     let decoder = RowDecoder::new(res);
-    let pager = Pager::new(client, res.upstream.clone());
-    let lister = tokio::spawn(list_upstream(pager, decoder, tx).in_current_span());
+    let lister =
+        tokio::spawn(list_upstream(client, res.upstream.clone(), decoder, tx).in_current_span());
 
     // Scan while the first pages arrive.
     let started = Instant::now();
@@ -420,14 +433,23 @@ async fn list_and_diff<S: Store>(
     let mut pages = 0u64;
     let mut rows = 0u64;
     loop {
-        let page = tokio::select! {
-            page = rx.recv() => page,
+        let listed = tokio::select! {
+            listed = rx.recv() => listed,
             _ = hooks.cancel.cancelled() => {
                 lister.abort();
                 return Err(PassError::Cancelled);
             }
         };
-        let Some(page) = page else { break };
+        let page = match listed {
+            None => break,
+            Some(Listed::Restart) => {
+                differ.restart();
+                report.upstream_relists += 1;
+                rows = 0;
+                continue;
+            }
+            Some(Listed::Page(page)) => page,
+        };
         pages += 1;
         rows += page.len() as u64;
         for row in page {
@@ -447,21 +469,60 @@ async fn list_and_diff<S: Store>(
     }
 }
 
-/// The upstream task: pages in, typed rows out. Ends with `Ok` only when the
-/// pager says the listing is complete.
+/// The upstream task: pages in, typed rows out. Ends with `Ok` only when a
+/// listing ended complete. A listing that saw the list move (or whose row
+/// count disagrees with the announced total) is started again, up to
+/// `upstream.relist_attempts` times.
 async fn list_upstream(
-    mut pager: Pager,
+    client: Arc<Client>,
+    cfg: UpstreamConfig,
     decoder: RowDecoder,
-    tx: mpsc::Sender<Vec<Row>>,
+    tx: mpsc::Sender<Listed>,
 ) -> Result<(), PassError> {
-    while let Some(page) = pager.next_page(&decoder).await? {
-        if tx.send(page.items).await.is_err() {
+    let mut attempt = 0u32;
+    loop {
+        let mut pager = Pager::new(client.clone(), cfg.clone());
+        match list_once(&mut pager, &decoder, &tx).await {
+            Ok(()) => {
+                tracing::debug!(rows = pager.rows(), total = ?pager.total(), elapsed_ms = pager.elapsed().as_millis() as u64, "listing complete");
+                return Ok(());
+            }
+            Err(e @ (UpstreamError::Moved(_) | UpstreamError::Incomplete(_)))
+                if attempt < cfg.relist_attempts =>
+            {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, of = cfg.relist_attempts, "listing again from the first page");
+                if tx.send(Listed::Restart).await.is_err() {
+                    return Ok(());
+                }
+                tokio::time::sleep(relist_delay(&cfg, attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// One listing from the first page to the last.
+async fn list_once(
+    pager: &mut Pager,
+    decoder: &RowDecoder,
+    tx: &mpsc::Sender<Listed>,
+) -> Result<(), UpstreamError> {
+    while let Some(page) = pager.next_page(decoder).await? {
+        if tx.send(Listed::Page(page.items)).await.is_err() {
             // The differ stopped; its error is the one to report.
             return Ok(());
         }
     }
-    tracing::debug!(rows = pager.rows(), total = ?pager.total(), elapsed_ms = pager.elapsed().as_millis() as u64, "listing complete");
     Ok(())
+}
+
+/// The pause before listing again: the upstream's backoff, growing with
+/// each attempt, jittered.
+fn relist_delay(cfg: &UpstreamConfig, attempt: u32) -> std::time::Duration {
+    let base = std::time::Duration::from_millis(cfg.backoff_ms);
+    base.saturating_mul(1 << attempt.min(6))
+        .mul_f64(0.5 + fastrand::f64())
 }
 
 /// Drops the actions the mode or the policy does not allow.

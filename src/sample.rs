@@ -28,7 +28,8 @@ struct Item {
     json: String,
 }
 
-/// A way to misbehave, applied to list requests whose offset matches.
+/// A way to misbehave, applied to the list requests whose page covers the
+/// fault's `offset` (the request's offset ≤ `offset` < its offset + limit).
 #[derive(Debug, Clone)]
 pub enum Fault {
     /// Answer with this status, `times` times (then behave).
@@ -43,6 +44,18 @@ pub enum Fault {
     NoItems { offset: u64 },
     /// Serve only the first `keep` items of the page.
     Truncate { offset: u64, keep: usize },
+    /// Leave the `count` items from index `from` out of every listing
+    /// (get-by-key still finds them): an upstream whose list endpoint
+    /// silently misses rows. `counted`: the announced total still counts
+    /// them.
+    Unlisted {
+        from: usize,
+        count: usize,
+        counted: bool,
+    },
+    /// Serve at most `max` items per page, whatever the limit asked (for
+    /// every request).
+    CapLimit { max: u64 },
     /// Serve the page at `from` instead (a repeated page).
     Repeat { offset: u64, from: u64 },
     /// Before serving, delete the first `count` items, but keep announcing
@@ -72,7 +85,61 @@ impl Fault {
             | Fault::Shift { offset, .. }
             | Fault::Reverse { offset }
             | Fault::Delay { offset, .. } => Some(*offset),
-            Fault::CursorLoop | Fault::Empty => None,
+            Fault::CursorLoop | Fault::Empty | Fault::CapLimit { .. } | Fault::Unlisted { .. } => {
+                None
+            }
+        }
+    }
+}
+
+/// A change a test makes to a collection between list requests, to play a
+/// busy upstream. Called with the number of the list request about to be
+/// served (1-based) and the collection.
+pub type ChurnHook = Box<dyn FnMut(u64, &mut Churn<'_>) + Send>;
+
+/// A collection, as a [`ChurnHook`] may change it. Items stay ordered by key.
+pub struct Churn<'a> {
+    items: &'a mut Vec<Item>,
+    key_field: &'a str,
+}
+
+impl Churn<'_> {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The key of the item at `index`.
+    pub fn key(&self, index: usize) -> &str {
+        &self.items[index].key
+    }
+
+    /// Removes the item at `index`; returns its key.
+    pub fn remove(&mut self, index: usize) -> String {
+        self.items.remove(index).key
+    }
+
+    /// Adds or replaces an item, in key order.
+    pub fn put(&mut self, item: Json) {
+        let item = Item::new(item, self.key_field);
+        match self.items.binary_search_by(|i| i.key.cmp(&item.key)) {
+            Ok(at) => self.items[at] = item,
+            Err(at) => self.items.insert(at, item),
+        }
+    }
+}
+
+impl Item {
+    fn new(j: Json, key: &str) -> Item {
+        Item {
+            key: match &j[key] {
+                Json::String(s) => s.clone(),
+                other => other.to_string(),
+            },
+            json: j.to_string(),
         }
     }
 }
@@ -86,6 +153,8 @@ pub struct SampleUpstream {
     requests: Mutex<u64>,
     /// A total announced instead of the real one, after `ShiftKeepTotal`.
     stale_total: Mutex<Option<usize>>,
+    /// Changes made before each list request, per collection.
+    churn: Mutex<HashMap<String, (String, ChurnHook)>>,
 }
 
 impl SampleUpstream {
@@ -95,16 +164,7 @@ impl SampleUpstream {
 
     /// Replaces a collection; `key` is the field holding each item's key.
     pub fn set(&self, collection: &str, key: &str, items: Vec<Json>) {
-        let mut items: Vec<Item> = items
-            .into_iter()
-            .map(|j| Item {
-                key: match &j[key] {
-                    Json::String(s) => s.clone(),
-                    other => other.to_string(),
-                },
-                json: j.to_string(),
-            })
-            .collect();
+        let mut items: Vec<Item> = items.into_iter().map(|j| Item::new(j, key)).collect();
         items.sort_by(|a, b| a.key.cmp(&b.key));
         self.collections
             .write()
@@ -118,6 +178,41 @@ impl SampleUpstream {
         if let Some(items) = all.get_mut(collection) {
             items.retain(|i| i.key != key);
         }
+    }
+
+    /// Calls `hook` before each list request of `collection` is served
+    /// (`key` is the field holding each item's key).
+    pub fn on_list(&self, collection: &str, key: &str, hook: ChurnHook) {
+        self.churn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(collection.to_string(), (key.to_string(), hook));
+    }
+
+    /// Stops calling the hooks set by [`SampleUpstream::on_list`].
+    pub fn quiet(&self) {
+        self.churn.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// The keys of a collection now, in order.
+    pub fn keys(&self, collection: &str) -> Vec<String> {
+        let all = self.collections.read().unwrap_or_else(|p| p.into_inner());
+        all.get(collection)
+            .map(|items| items.iter().map(|i| i.key.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The items of a collection now, in key order.
+    pub fn items(&self, collection: &str) -> Vec<Json> {
+        let all = self.collections.read().unwrap_or_else(|p| p.into_inner());
+        all.get(collection)
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|i| serde_json::from_str(&i.json).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Adds a fault for the following requests.
@@ -162,12 +257,14 @@ impl SampleUpstream {
         Ok(local)
     }
 
-    /// Takes the faults that apply to a list request at `offset`.
-    fn faults_for(&self, offset: u64) -> Vec<Fault> {
+    /// Takes the faults that apply to a list request of `limit` rows at
+    /// `offset`.
+    fn faults_for(&self, offset: u64, limit: u64) -> Vec<Fault> {
         let mut faults = self.faults.lock().unwrap_or_else(|p| p.into_inner());
         let mut hit = Vec::new();
+        let covers = |o: u64| o >= offset && o < offset.saturating_add(limit);
         for f in faults.iter_mut() {
-            if f.offset().is_some_and(|o| o != offset) {
+            if f.offset().is_some_and(|o| !covers(o)) {
                 continue;
             }
             if let Fault::Status { times, .. } = f {
@@ -179,7 +276,7 @@ impl SampleUpstream {
             hit.push(f.clone());
         }
         // Shifts happen once.
-        faults.retain(|f| !matches!(f, Fault::Shift { offset: o, .. } | Fault::ShiftKeepTotal { offset: o, .. } if *o == offset));
+        faults.retain(|f| !matches!(f, Fault::Shift { offset: o, .. } | Fault::ShiftKeepTotal { offset: o, .. } if covers(*o)));
         hit
     }
 }
@@ -189,7 +286,28 @@ async fn list(
     Path(collection): Path<String>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
-    *up.requests.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    let request = {
+        let mut n = up.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        *n
+    };
+    if let Some((key_field, hook)) = up
+        .churn
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_mut(&collection)
+    {
+        let mut all = up.collections.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(items) = all.get_mut(&collection) {
+            hook(
+                request,
+                &mut Churn {
+                    items,
+                    key_field: key_field.as_str(),
+                },
+            );
+        }
+    }
     let num = |name: &str| q.get(name).and_then(|v| v.parse::<u64>().ok());
     let limit = num("limit")
         .or(num("per_page"))
@@ -204,7 +322,14 @@ async fn list(
         },
         _ => 0,
     };
-    let faults = up.faults_for(offset);
+    let faults = up.faults_for(offset, limit);
+    let limit = faults
+        .iter()
+        .find_map(|f| match f {
+            Fault::CapLimit { max } => Some(limit.min(*max).max(1)),
+            _ => None,
+        })
+        .unwrap_or(limit);
     let mut serve_offset = offset;
     for f in &faults {
         match f {
@@ -236,10 +361,31 @@ async fn list(
         return (StatusCode::NOT_FOUND, "no such collection").into_response();
     };
     let empty = faults.iter().any(|f| matches!(f, Fault::Empty));
-    let total = if empty { 0 } else { items.len() };
+    let mut listed: Vec<&Item> = if empty {
+        Vec::new()
+    } else {
+        items.iter().collect()
+    };
+    let mut announced = None;
+    for f in &faults {
+        if let Fault::Unlisted {
+            from,
+            count,
+            counted,
+        } = f
+        {
+            let from = (*from).min(listed.len());
+            let end = (from + count).min(listed.len());
+            if *counted {
+                announced = Some(listed.len());
+            }
+            listed.drain(from..end);
+        }
+    }
+    let total = listed.len();
     let start = (serve_offset as usize).min(total);
     let end = (start + limit as usize).min(total);
-    let mut page: Vec<&Item> = items[start..end].iter().collect();
+    let mut page: Vec<&Item> = listed[start..end].to_vec();
     for f in &faults {
         match f {
             Fault::Truncate { keep, .. } => page.truncate(*keep),
@@ -259,6 +405,7 @@ async fn list(
         .stale_total
         .lock()
         .unwrap_or_else(|p| p.into_inner())
+        .or(announced)
         .unwrap_or(total);
     let mut body = String::with_capacity(64 + page.iter().map(|i| i.json.len() + 1).sum::<usize>());
     body.push_str("{\"items\":[");
@@ -279,7 +426,10 @@ async fn list(
         HeaderValue::from_static("application/json"),
     );
     if let Some(n) = next {
-        let link = format!("</0.1/{collection}?limit={limit}&offset={n}>; rel=\"next\"");
+        // The comma in the target is legal RFC 8288 and trips naive parsers.
+        let link = format!(
+            "</0.1/{collection}?limit={limit}&offset={n}&fields=uuid,name>; rel=\"next\"; title=\"next, please\""
+        );
         if let Ok(v) = HeaderValue::from_str(&link) {
             headers.insert(header::LINK, v);
         }

@@ -43,6 +43,9 @@ pub enum UpstreamError {
     Loop(String),
     #[error("incomplete listing: {0}")]
     Incomplete(String),
+    /// The list changed while it was being paged; listing again may work.
+    #[error("incomplete listing: the list moved while it was paged: {0}")]
+    Moved(String),
     #[error("bad upstream configuration: {0}")]
     Config(String),
 }
@@ -55,7 +58,7 @@ impl UpstreamError {
                 *status >= 500 || *status == 429 || *status == 408
             }
             UpstreamError::Transport { .. } => true,
-            UpstreamError::Incomplete(_) => true,
+            UpstreamError::Incomplete(_) | UpstreamError::Moved(_) => true,
             _ => false,
         }
     }
@@ -267,8 +270,20 @@ pub struct Page<T> {
 
 /// Where the pager is in the listing.
 enum Cursor {
-    Offset(u64),
-    PageNo(u64),
+    /// Offset paging. `at` is the next offset to ask for; `anchor` is the
+    /// key of the last row listed, which the next page must start with
+    /// (each request overlaps the previous page by one row).
+    Offset {
+        at: u64,
+        anchor: Option<Box<str>>,
+    },
+    /// Page-number paging. `short` remembers a page that held fewer rows
+    /// than asked for: a later page with rows means the upstream caps
+    /// `per_page` and numbers pages by its own size.
+    PageNo {
+        page: u64,
+        short: Option<(u64, u64)>,
+    },
     Token(Option<String>),
     Link(Url),
     Done,
@@ -291,8 +306,14 @@ pub struct Pager {
 impl Pager {
     pub fn new(client: Arc<Client>, cfg: UpstreamConfig) -> Self {
         let at = match &cfg.pagination {
-            Pagination::Offset { .. } => Cursor::Offset(0),
-            Pagination::Page { first_page, .. } => Cursor::PageNo(*first_page),
+            Pagination::Offset { .. } => Cursor::Offset {
+                at: 0,
+                anchor: None,
+            },
+            Pagination::Page { first_page, .. } => Cursor::PageNo {
+                page: *first_page,
+                short: None,
+            },
             Pagination::Cursor { .. } => Cursor::Token(None),
             Pagination::Link { .. } => Cursor::Link(client.list_url.clone()),
         };
@@ -323,6 +344,8 @@ impl Pager {
     }
 
     /// The next page, or `None` once the listing is complete and checked.
+    /// With offset paging, the row a page repeats from the previous one is
+    /// checked and dropped here: the items returned are new rows only.
     pub async fn next_page<D: PageDecoder>(
         &mut self,
         decoder: &D,
@@ -351,13 +374,12 @@ impl Pager {
         };
         let page = decoder.decode(&body).map_err(malformed)?;
         drop(body);
-        self.check_total(page.total.as_ref()).map_err(malformed)?;
+        self.check_total(page.total.as_ref(), &url)?;
         let next_token = self.next_token(page.next.as_ref()).map_err(malformed)?;
-        let items = page.items;
-        let n = items.len() as u64;
+        let mut items = page.items;
         self.pages += 1;
-        self.rows += n;
-        self.advance(n, next_token, &headers, &url)?;
+        self.advance::<D>(&mut items, next_token, &headers, &url)?;
+        self.rows += items.len() as u64;
         if matches!(self.at, Cursor::Done) {
             self.check_complete()?;
         }
@@ -373,7 +395,7 @@ impl Pager {
         let mut url = self.client.list_url.clone();
         match (&self.at, &self.cfg.pagination) {
             (
-                Cursor::Offset(off),
+                Cursor::Offset { at, .. },
                 Pagination::Offset {
                     limit_param,
                     offset_param,
@@ -381,10 +403,10 @@ impl Pager {
             ) => {
                 url.query_pairs_mut()
                     .append_pair(limit_param, &size)
-                    .append_pair(offset_param, &off.to_string());
+                    .append_pair(offset_param, &at.to_string());
             }
             (
-                Cursor::PageNo(p),
+                Cursor::PageNo { page, .. },
                 Pagination::Page {
                     page_param,
                     per_page_param,
@@ -393,7 +415,7 @@ impl Pager {
             ) => {
                 url.query_pairs_mut()
                     .append_pair(per_page_param, &size)
-                    .append_pair(page_param, &p.to_string());
+                    .append_pair(page_param, &page.to_string());
             }
             (
                 Cursor::Token(token),
@@ -420,23 +442,27 @@ impl Pager {
         url
     }
 
-    fn check_total(&mut self, total: Option<&Json>) -> Result<(), String> {
+    fn check_total(&mut self, total: Option<&Json>, url: &Url) -> Result<(), UpstreamError> {
         let Some(pointer) = &self.cfg.total_pointer else {
             return Ok(());
+        };
+        let malformed = |problem: String| UpstreamError::Malformed {
+            url: url.to_string(),
+            problem,
         };
         let total = match total {
             Some(Json::Number(n)) => n
                 .as_u64()
-                .ok_or_else(|| format!("total at `{pointer}` is not a count"))?,
-            Some(_) => return Err(format!("total at `{pointer}` is not a number")),
-            None => return Err(format!("no total at `{pointer}`")),
+                .ok_or_else(|| malformed(format!("total at `{pointer}` is not a count")))?,
+            Some(_) => return Err(malformed(format!("total at `{pointer}` is not a number"))),
+            None => return Err(malformed(format!("no total at `{pointer}`"))),
         };
         match self.total {
             None => self.total = Some(total),
             Some(first) if first != total => {
-                return Err(format!(
-                    "announced total changed from {first} to {total} while listing; the list changed under the pager"
-                ))
+                return Err(UpstreamError::Moved(format!(
+                    "announced total changed from {first} to {total} while listing"
+                )))
             }
             Some(_) => {}
         }
@@ -456,18 +482,64 @@ impl Pager {
         }
     }
 
-    fn advance(
+    /// Moves the cursor past the page just read. A listing ends on an empty
+    /// page (offset: a page holding only the overlap row; page numbers: a
+    /// page with no rows) or when no next cursor or link is given; a short
+    /// page never ends it.
+    fn advance<D: PageDecoder>(
         &mut self,
-        n: u64,
+        items: &mut Vec<D::Item>,
         token: Option<String>,
         headers: &HeaderMap,
         url: &Url,
     ) -> Result<(), UpstreamError> {
-        let full = n >= u64::from(self.cfg.page_size);
-        self.at = match &self.at {
-            Cursor::Offset(off) if full => Cursor::Offset(off + n),
-            Cursor::PageNo(p) if full => Cursor::PageNo(p + 1),
-            Cursor::Offset(_) | Cursor::PageNo(_) => Cursor::Done,
+        let asked = u64::from(self.cfg.page_size);
+        self.at = match std::mem::replace(&mut self.at, Cursor::Done) {
+            Cursor::Offset { at, anchor } => {
+                let served = items.len() as u64;
+                if let Some(anchor) = anchor {
+                    match items.first().map(D::key_of) {
+                        Some(first) if first == &*anchor => {
+                            items.remove(0);
+                        }
+                        Some(first) => {
+                            return Err(UpstreamError::Moved(format!(
+                                "the page at offset {at} starts with `{first}`, not with `{anchor}`, the last row of the previous page"
+                            )))
+                        }
+                        None => {
+                            return Err(UpstreamError::Moved(format!(
+                                "the page at offset {at} is empty, but `{anchor}`, the last row of the previous page, was there"
+                            )))
+                        }
+                    }
+                }
+                match items.last() {
+                    None => Cursor::Done,
+                    Some(last) => Cursor::Offset {
+                        // Ask again from the last row listed: it must come back first.
+                        at: at + served - 1,
+                        anchor: Some(D::key_of(last).into()),
+                    },
+                }
+            }
+            Cursor::PageNo { page, short } => {
+                let n = items.len() as u64;
+                if n == 0 {
+                    Cursor::Done
+                } else {
+                    if let Some((short_page, had)) = short {
+                        return Err(UpstreamError::Incomplete(format!(
+                            "page {short_page} held {had} rows, fewer than the {asked} asked for, yet page {page} has rows: \
+                             the upstream caps its page size and its page numbers do not follow ours (set upstream.page_size to at most {had})"
+                        )));
+                    }
+                    Cursor::PageNo {
+                        page: page + 1,
+                        short: (n < asked).then_some((page, n)),
+                    }
+                }
+            }
             Cursor::Token(_) => match token {
                 None => Cursor::Done,
                 Some(t) => {
@@ -520,36 +592,107 @@ fn same_origin(a: &Url, b: &Url) -> bool {
         && a.port_or_known_default() == b.port_or_known_default()
 }
 
-/// Finds the `rel="next"` target in RFC 8288 `Link` headers.
-fn next_link(headers: &HeaderMap, base: &Url) -> Result<Option<Url>, UpstreamError> {
-    for value in headers.get_all(LINK) {
-        let Ok(text) = value.to_str() else { continue };
-        for link in text.split(",") {
-            let link = link.trim();
-            let Some(end) = link.find('>') else { continue };
-            if !link.starts_with('<') {
-                continue;
+/// One link of an RFC 8288 `Link` header: its target and its parameters
+/// (names lower-cased, quoted values unquoted).
+#[derive(Debug, PartialEq)]
+struct LinkValue {
+    target: String,
+    params: Vec<(String, String)>,
+}
+
+/// Parses a `Link` header value. Commas separate links only outside `<...>`
+/// and quoted strings, so a target such as `?fields=uuid,name` stays whole.
+/// Returns `None` for a value that does not follow the grammar.
+fn parse_links(text: &str) -> Option<Vec<LinkValue>> {
+    let mut links = Vec::new();
+    let mut rest = text;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+        if rest.is_empty() {
+            return Some(links);
+        }
+        let inner = rest.strip_prefix('<')?;
+        let close = inner.find('>')?;
+        let mut link = LinkValue {
+            target: inner[..close].to_string(),
+            params: Vec::new(),
+        };
+        rest = &inner[close + 1..];
+        loop {
+            rest = rest.trim_start();
+            let Some(after) = rest.strip_prefix(';') else {
+                break;
+            };
+            rest = after.trim_start();
+            let name_end = rest
+                .find(|c: char| c == '=' || c == ';' || c == ',' || c.is_whitespace())
+                .unwrap_or(rest.len());
+            let name = rest[..name_end].to_ascii_lowercase();
+            rest = rest[name_end..].trim_start();
+            let mut value = String::new();
+            if let Some(after) = rest.strip_prefix('=') {
+                rest = after.trim_start();
+                if let Some(quoted) = rest.strip_prefix('"') {
+                    let mut chars = quoted.char_indices();
+                    let mut end = None;
+                    while let Some((i, c)) = chars.next() {
+                        match c {
+                            '\\' => {
+                                value.extend(chars.next().map(|(_, c)| c));
+                            }
+                            '"' => {
+                                end = Some(i + 1);
+                                break;
+                            }
+                            c => value.push(c),
+                        }
+                    }
+                    rest = &quoted[end?..];
+                } else {
+                    let end = rest
+                        .find(|c: char| c == ';' || c == ',' || c.is_whitespace())
+                        .unwrap_or(rest.len());
+                    value = rest[..end].to_string();
+                    rest = &rest[end..];
+                }
             }
-            let target = &link[1..end];
-            let is_next = link[end + 1..].split(';').any(|param| {
-                let param = param.trim();
-                param
-                    .strip_prefix("rel=")
-                    .map(|v| {
-                        v.trim_matches('"')
-                            .split_whitespace()
-                            .any(|r| r.eq_ignore_ascii_case("next"))
-                    })
-                    .unwrap_or(false)
+            if !name.is_empty() {
+                link.params.push((name, value));
+            }
+        }
+        links.push(link);
+        rest = rest.trim_start();
+        if !rest.is_empty() && !rest.starts_with(',') {
+            return None;
+        }
+    }
+}
+
+/// Finds the `rel="next"` target in RFC 8288 `Link` headers. A header that
+/// cannot be parsed is an error, never "no next page".
+fn next_link(headers: &HeaderMap, base: &Url) -> Result<Option<Url>, UpstreamError> {
+    let malformed = |problem: String| UpstreamError::Malformed {
+        url: base.to_string(),
+        problem,
+    };
+    for value in headers.get_all(LINK) {
+        let text = value
+            .to_str()
+            .map_err(|_| malformed("a Link header is not visible ASCII".into()))?;
+        let links = parse_links(text)
+            .ok_or_else(|| malformed(format!("unparsable Link header `{text}`")))?;
+        for link in links {
+            let is_next = link.params.iter().any(|(name, value)| {
+                name == "rel"
+                    && value
+                        .split_whitespace()
+                        .any(|r| r.eq_ignore_ascii_case("next"))
             });
             if is_next {
                 return base
-                    .join(target)
+                    .join(&link.target)
                     .map(Some)
-                    .map_err(|e| UpstreamError::Malformed {
-                        url: base.to_string(),
-                        problem: format!("bad next link `{target}`: {e}"),
-                    });
+                    .map_err(|e| malformed(format!("bad next link `{}`: {e}", link.target)));
             }
         }
     }
@@ -575,6 +718,31 @@ mod tests {
             "http://h:1/users?page=3"
         );
         assert_eq!(next_link(&HeaderMap::new(), &base).unwrap(), None);
+    }
+
+    #[test]
+    fn link_targets_may_hold_commas_and_params_may_be_quoted() {
+        let base = Url::parse("http://h:1/users").unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            LINK,
+            HeaderValue::from_static(
+                r#"</users?fields=uuid,name&offset=0>; rel="prev first", </users?fields=uuid,name&offset=2>; title="a, b; c"; rel="next""#,
+            ),
+        );
+        assert_eq!(
+            next_link(&headers, &base).unwrap().unwrap().as_str(),
+            "http://h:1/users?fields=uuid,name&offset=2"
+        );
+        let links = parse_links(r#"<a>; rel=next, <b>;rel="x \"y\"""#).unwrap();
+        assert_eq!(links[0].params, vec![("rel".into(), "next".into())]);
+        assert_eq!(links[1].target, "b");
+        assert_eq!(links[1].params, vec![("rel".into(), "x \"y\"".into())]);
+        assert!(parse_links("a; rel=next").is_none());
+        assert!(parse_links(r#"<a>; rel="next"#).is_none());
+        let mut bad = HeaderMap::new();
+        bad.insert(LINK, HeaderValue::from_static("<a; rel=next"));
+        assert!(next_link(&bad, &base).is_err());
     }
 
     #[test]

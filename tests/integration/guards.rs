@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use driftd::pass::{Outcome, PassOptions};
-use driftd::sample::Fault;
+use driftd::sample::{user, Fault};
 
 use crate::both_backends;
 use crate::common::*;
@@ -25,9 +25,24 @@ async fn in_sync_plus_ghosts(db: &TestDb) -> BTreeSet<String> {
     db.keys("users").await
 }
 
+/// The listing guards alone: purge candidates are not confirmed with the
+/// get-by-key endpoint (where the pagination kind allows that), so only the
+/// pager and the differ stand between a bad listing and a purge.
+fn unconfirmed(cfg: ConfigBuilder) -> ConfigBuilder {
+    if !cfg.upstream.contains("kind") || cfg.upstream.contains("\"offset\"") {
+        ConfigBuilder {
+            policy: format!("{}\nconfirm_purge = false", cfg.policy),
+            ..cfg
+        }
+    } else {
+        cfg
+    }
+}
+
 /// Runs a pass against an upstream with `fault` and checks that it failed
 /// with an error mentioning `expect` and that no row was touched.
 async fn attack(backend: Backend, fault: Fault, cfg: ConfigBuilder, expect: &str) {
+    let cfg = unconfirmed(cfg);
     let db = TestDb::new(backend).await;
     let before = in_sync_plus_ghosts(&db).await;
     let (up, addr) = upstream(users(N)).await;
@@ -130,14 +145,16 @@ async fn missing_items_field_aborts(backend: Backend) {
     .await;
 }
 
-async fn truncated_page_aborts(backend: Backend) {
-    // A short page looks like the last one; only the announced total shows
-    // the listing stopped early.
+async fn hidden_rows_abort(backend: Backend) {
+    // Rows left out of every listing: only the announced total shows it.
+    // The listing is tried again (the upstream keeps missing them), then
+    // the pass fails.
     attack(
         backend,
-        Fault::Truncate {
-            offset: 400,
-            keep: 10,
+        Fault::Unlisted {
+            from: 400,
+            count: 10,
+            counted: true,
         },
         ConfigBuilder::default(),
         "announced 1000",
@@ -145,7 +162,55 @@ async fn truncated_page_aborts(backend: Backend) {
     .await;
 }
 
+async fn short_page_does_not_end_the_listing(backend: Backend) {
+    // A page shorter than asked is not the last one: offset paging goes on
+    // from the rows really served, with or without a total.
+    for total in [true, false] {
+        let db = TestDb::new(backend).await;
+        let before = in_sync_plus_ghosts(&db).await;
+        let (up, addr) = upstream(users(N)).await;
+        up.inject(Fault::Truncate {
+            offset: 400,
+            keep: 10,
+        });
+        up.inject(Fault::CapLimit { max: 30 });
+        let settings = unconfirmed(ConfigBuilder {
+            total,
+            ..ConfigBuilder::default()
+        })
+        .settings(&db, addr);
+        let r = pass(&settings, PassOptions::default()).await;
+        assert_eq!(r.outcome, Outcome::Repaired, "total {total}: {r:?}");
+        assert_eq!(r.upstream_rows, N, "total {total}");
+        assert_eq!((r.actions.purge, r.found.extra), (5, 5), "total {total}");
+        let ghosts: BTreeSet<String> = (0..5)
+            .map(|i| ghost(i)["uuid"].as_str().unwrap().to_string())
+            .collect();
+        let expected: BTreeSet<String> = before.difference(&ghosts).cloned().collect();
+        assert_eq!(db.keys("users").await, expected, "total {total}");
+    }
+}
+
+async fn capped_page_numbers_abort(backend: Backend) {
+    // Page-number paging against an upstream that serves 30 rows where 100
+    // were asked: its page 2 starts at row 100, so rows 30..100 were never
+    // served. A short page followed by more rows is an error.
+    attack(
+        backend,
+        Fault::CapLimit { max: 30 },
+        ConfigBuilder {
+            total: false,
+            upstream: r#"pagination = { kind = "page" }"#.into(),
+            ..ConfigBuilder::default()
+        },
+        "caps its page size",
+    )
+    .await;
+}
+
 async fn repeated_page_aborts(backend: Backend) {
+    // Offset paging: the repeated page does not start with the row the
+    // previous page ended on.
     attack(
         backend,
         Fault::Repeat {
@@ -156,14 +221,31 @@ async fn repeated_page_aborts(backend: Backend) {
             ordered: false,
             ..ConfigBuilder::default()
         },
+        "moved",
+    )
+    .await;
+    // Cursor paging: the differ sees keys listed twice.
+    attack(
+        backend,
+        Fault::Repeat {
+            offset: 300,
+            from: 200,
+        },
+        ConfigBuilder {
+            ordered: false,
+            total: false,
+            upstream: r#"pagination = { kind = "cursor", next_pointer = "/next" }"#.into(),
+            ..ConfigBuilder::default()
+        },
         "listed twice",
     )
     .await;
 }
 
-async fn shifting_offsets_abort(backend: Backend) {
-    // Rows deleted mid-listing shift the offsets: later rows are skipped.
-    // The upstream keeps announcing the old total.
+async fn shifting_offsets_relist_or_abort(backend: Backend) {
+    // Rows deleted mid-listing shift the offsets under the reader. The
+    // upstream keeps announcing the old total: every new listing disagrees
+    // with it, so the pass fails.
     attack(
         backend,
         Fault::ShiftKeepTotal {
@@ -174,17 +256,59 @@ async fn shifting_offsets_abort(backend: Backend) {
         "announced 1000",
     )
     .await;
-    // ... or announces the new one, which then changed while listing.
-    attack(
-        backend,
-        Fault::Shift {
-            offset: 500,
-            count: 30,
-        },
-        ConfigBuilder::default(),
-        "changed",
-    )
-    .await;
+    // ... or the shift shows (the page no longer starts with the row the
+    // previous one ended on), the listing starts over, and the second
+    // listing is whole: exactly the 30 deleted rows and the 5 ghosts go.
+    let db = TestDb::new(backend).await;
+    in_sync_plus_ghosts(&db).await;
+    let (up, addr) = upstream(users(N)).await;
+    up.inject(Fault::Shift {
+        offset: 500,
+        count: 30,
+    });
+    let settings = unconfirmed(ConfigBuilder {
+        total: false,
+        ..ConfigBuilder::default()
+    })
+    .settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(r.upstream_relists, 1, "{r:?}");
+    assert_eq!(r.actions.purge, 35);
+    let now: BTreeSet<String> = up.keys("users").into_iter().collect();
+    assert_eq!(db.keys("users").await, now);
+}
+
+async fn busy_upstream_under_offset_paging_never_skips(backend: Backend) {
+    // The everyday case: 30 rows, pages of 10, total and ascending order
+    // announced. After page 1 is served one row before the offset goes and
+    // one is appended at the end: the total stays 30 and keys stay
+    // ascending, yet a plain offset reader skips a row and purges it.
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(30)).await;
+    let (up, addr) = upstream(users(30)).await;
+    up.on_list(
+        "users",
+        "uuid",
+        Box::new(|request, churn| {
+            if request == 2 {
+                churn.remove(0);
+                churn.put(user(500, TENANTS));
+            }
+        }),
+    );
+    let settings = unconfirmed(ConfigBuilder {
+        page_size: 10,
+        ..ConfigBuilder::default()
+    })
+    .settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(r.upstream_relists, 1, "{r:?}");
+    assert_eq!((r.actions.insert, r.actions.purge), (1, 1), "{r:?}");
+    let now: BTreeSet<String> = up.keys("users").into_iter().collect();
+    assert_eq!(db.keys("users").await, now);
 }
 
 async fn broken_key_order_aborts(backend: Backend) {
@@ -193,6 +317,7 @@ async fn broken_key_order_aborts(backend: Backend) {
         Fault::Reverse { offset: 600 },
         ConfigBuilder {
             total: false,
+            upstream: r#"pagination = { kind = "cursor", next_pointer = "/next" }"#.into(),
             ..ConfigBuilder::default()
         },
         "ascending order",
@@ -293,11 +418,12 @@ async fn confirm_before_purge_keeps_rows_still_upstream(backend: Backend) {
     let db = TestDb::new(backend).await;
     let before = in_sync_plus_ghosts(&db).await;
     let (up, addr) = upstream(users(N)).await;
-    // A silently truncated listing (no total to catch it) that makes real
+    // A listing silently missing rows (no total to catch it) that makes real
     // rows look extra; only the get-by-key check can tell.
-    up.inject(Fault::Truncate {
-        offset: 900,
-        keep: 50,
+    up.inject(Fault::Unlisted {
+        from: 900,
+        count: 50,
+        counted: false,
     });
     let settings = ConfigBuilder {
         total: false,
@@ -323,9 +449,10 @@ async fn confirm_with_a_wrong_get_path_purges_nothing(backend: Backend) {
     db.create_users().await;
     db.insert_users(&users(N)).await;
     let (up, addr) = upstream(users(N)).await;
-    up.inject(Fault::Truncate {
-        offset: 900,
-        keep: 50,
+    up.inject(Fault::Unlisted {
+        from: 900,
+        count: 50,
+        counted: false,
     });
     let settings = ConfigBuilder {
         total: false,
@@ -347,9 +474,12 @@ both_backends!(
     timeout_aborts,
     malformed_json_aborts,
     missing_items_field_aborts,
-    truncated_page_aborts,
+    hidden_rows_abort,
+    short_page_does_not_end_the_listing,
+    capped_page_numbers_abort,
     repeated_page_aborts,
-    shifting_offsets_abort,
+    shifting_offsets_relist_or_abort,
+    busy_upstream_under_offset_paging_never_skips,
     broken_key_order_aborts,
     cursor_loop_aborts,
     link_loop_aborts,
