@@ -414,6 +414,11 @@ pub struct LocalConfig {
 pub struct ColumnConfig {
     /// JSON pointer into the upstream item.
     pub from: String,
+    /// Whether upstream may leave the field out of an item (then the column
+    /// is set to NULL). Otherwise an absent field is an error: a renamed
+    /// field must not NULL the whole column.
+    #[serde(default)]
+    pub optional: bool,
     #[serde(default, rename = "type")]
     pub kind: ColumnType,
 }
@@ -446,6 +451,13 @@ pub struct PolicyConfig {
     /// A purge above this many rows trips the guard.
     #[serde(default = "default_max_purge_count")]
     pub max_purge_count: u64,
+    /// An update above this fraction of the local rows trips the guard (a
+    /// renamed upstream field would otherwise rewrite every row).
+    #[serde(default = "default_max_update_fraction")]
+    pub max_update_fraction: f64,
+    /// An update above this many rows trips the guard.
+    #[serde(default = "default_max_update_count")]
+    pub max_update_count: u64,
     /// Check each purge candidate with `upstream.get_path`; purge only on
     /// 404. Defaults to on whenever `get_path` is set; see
     /// [`ResourceConfig::confirms_purges`].
@@ -465,6 +477,8 @@ impl Default for PolicyConfig {
             purge: PurgeMode::default(),
             max_purge_fraction: default_max_purge_fraction(),
             max_purge_count: default_max_purge_count(),
+            max_update_fraction: default_max_update_fraction(),
+            max_update_count: default_max_update_count(),
             confirm_purge: None,
             batch_size: default_batch_size(),
         }
@@ -479,6 +493,12 @@ fn default_max_purge_fraction() -> f64 {
 }
 fn default_max_purge_count() -> u64 {
     10_000
+}
+fn default_max_update_fraction() -> f64 {
+    0.25
+}
+fn default_max_update_count() -> u64 {
+    100_000
 }
 fn default_batch_size() -> usize {
     1000
@@ -757,11 +777,13 @@ impl ResourceConfig {
             }
         }
         let p = &self.policy;
-        if !(0.0..=1.0).contains(&p.max_purge_fraction) || p.max_purge_fraction.is_nan() {
-            return Err(problem(
-                "policy.max_purge_fraction",
-                "must be between 0.0 and 1.0",
-            ));
+        for (field, fraction) in [
+            ("policy.max_purge_fraction", p.max_purge_fraction),
+            ("policy.max_update_fraction", p.max_update_fraction),
+        ] {
+            if !(0.0..=1.0).contains(&fraction) {
+                return Err(problem(field, "must be between 0.0 and 1.0"));
+            }
         }
         if p.batch_size == 0 || p.batch_size > 10_000 {
             return Err(problem("policy.batch_size", "must be between 1 and 10000"));

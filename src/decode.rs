@@ -53,6 +53,37 @@ fn split_pointer(pointer: &str) -> Option<Split> {
     })
 }
 
+/// One owned column's mapping.
+struct Mapped {
+    name: String,
+    pointer: String,
+    kind: ColumnType,
+    /// An absent field is NULL rather than an error.
+    optional: bool,
+}
+
+/// Follows `pointer` (a JSON pointer, `""` for `root` itself) into `root`.
+/// `None` when a field or index is absent; a `null` met on the way is the
+/// value (`/address/city` of `{"address": null}` is null, not absent).
+fn resolve<'a>(root: &'a Json, pointer: &str) -> Option<&'a Json> {
+    if pointer.is_empty() {
+        return Some(root);
+    }
+    let mut at = root;
+    for token in pointer.strip_prefix('/')?.split('/') {
+        if at.is_null() {
+            return Some(at);
+        }
+        let token = token.replace("~1", "/").replace("~0", "~");
+        at = match at {
+            Json::Object(map) => map.get(&token)?,
+            Json::Array(items) => items.get(token.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(at)
+}
+
 /// Decodes pages of one resource into [`Row`]s by its mapping.
 pub struct RowDecoder {
     items_pointer: String,
@@ -60,8 +91,8 @@ pub struct RowDecoder {
     next_pointer: Option<String>,
     key_pointer: String,
     key_type: KeyType,
-    /// Column name, pointer, type, in table-spec order.
-    columns: Vec<(String, String, ColumnType)>,
+    /// The owned columns, in table-spec order.
+    columns: Vec<Mapped>,
     fast: Option<FastPlan>,
 }
 
@@ -92,7 +123,12 @@ impl RowDecoder {
             columns: res
                 .columns
                 .iter()
-                .map(|(name, c)| (name.clone(), c.from.clone(), c.kind))
+                .map(|(name, c)| Mapped {
+                    name: name.clone(),
+                    pointer: c.from.clone(),
+                    kind: c.kind,
+                    optional: c.optional,
+                })
                 .collect(),
             fast: None,
         };
@@ -122,7 +158,7 @@ impl RowDecoder {
         let mut fields: Vec<String> = Vec::new();
         let mut picks = Vec::new();
         let pointers =
-            std::iter::once(&self.key_pointer).chain(self.columns.iter().map(|(_, p, _)| p));
+            std::iter::once(&self.key_pointer).chain(self.columns.iter().map(|c| &c.pointer));
         for pointer in pointers {
             // An empty pointer (the whole item) needs the document.
             let s = split_pointer(pointer)?;
@@ -158,13 +194,20 @@ impl RowDecoder {
             key,
             values: Vec::with_capacity(self.columns.len()),
         };
-        for (i, (column, pointer, kind)) in self.columns.iter().enumerate() {
-            let v = Value::from_json_owned(values(i + 1), *kind).map_err(|p| {
+        for (i, column) in self.columns.iter().enumerate() {
+            let found = values(i + 1);
+            let problem = |p: &str| {
                 format!(
-                    "item {index} (key {}): column `{column}` from `{pointer}`: {p}",
-                    row.key
+                    "item {index} (key {}): column `{}` from `{}`: {p}",
+                    row.key, column.name, column.pointer
                 )
-            })?;
+            };
+            if found.is_none() && !column.optional {
+                return Err(problem(
+                    "the field is absent (renamed upstream? declare the column `optional = true` if upstream may leave it out)",
+                ));
+            }
+            let v = Value::from_json_owned(found, column.kind).map_err(|p| problem(&p))?;
             row.values.push(v);
         }
         Ok(row)
@@ -191,9 +234,9 @@ impl RowDecoder {
             let row = self.row(index, |i| {
                 let pointer = match i {
                     0 => &self.key_pointer,
-                    _ => &self.columns[i - 1].1,
+                    _ => &self.columns[i - 1].pointer,
                 };
-                item.pointer(pointer).cloned()
+                resolve(&item, pointer).cloned()
             })?;
             rows.push(row);
         }
@@ -385,13 +428,7 @@ impl<'de> Visitor<'de> for ItemSeed<'_> {
                 match (rest.is_empty(), shared) {
                     (true, false) => slot.take(),
                     (true, true) => slot.clone(),
-                    (false, _) => slot.as_mut().and_then(|v| v.pointer_mut(rest)).map(|v| {
-                        if shared {
-                            v.clone()
-                        } else {
-                            v.take()
-                        }
-                    }),
+                    (false, _) => slot.as_ref().and_then(|v| resolve(v, rest)).cloned(),
                 }
             })
             .map_err(de::Error::custom)
@@ -412,7 +449,7 @@ key = {{ upstream = "/id", column = "id", type = "integer" }}
 local = {{ table = "u" }}
 [resources.u.columns]
 name = {{ from = "/name" }}
-on = {{ from = "/flags/on", type = "boolean" }}
+on = {{ from = "/flags/on", type = "boolean", optional = true }}
 city = {{ from = "/address/city" }}
 "#
         );
@@ -451,10 +488,56 @@ city = {{ from = "/address/city" }}
     }
 
     #[test]
+    fn an_absent_field_is_an_error_unless_optional() {
+        let d = decoder("");
+        // `name` renamed upstream: absent, not null
+        let page = br#"{"items": [{"id": 1, "full_name": "a", "address": {"city": "X"}}]}"#;
+        for err in [
+            d.decode(page).unwrap_err(),
+            d.decode_document(page).unwrap_err(),
+        ] {
+            assert!(
+                err.contains("item 0 (key 1): column `name` from `/name`: the field is absent"),
+                "{err}"
+            );
+        }
+        // `on` is optional, `city` under a null parent is null
+        let page = br#"{"items": [{"id": 1, "name": "a", "address": null}]}"#;
+        let row = &d.decode(page).unwrap().items[0];
+        assert_eq!(
+            row.values,
+            vec![Value::Null, Value::Text("a".into()), Value::Null]
+        );
+        // an absent parent is absent
+        let page = br#"{"items": [{"id": 1, "name": "a"}]}"#;
+        assert!(d.decode(page).unwrap_err().contains("column `city`"));
+    }
+
+    #[test]
+    fn numbers_keep_their_digits_and_nul_is_refused() {
+        let d = decoder("");
+        let page = br#"{"items": [{"id": 1, "name": 123456789012345678901234567890, "address": {"city": 1e2}}]}"#;
+        let row = &d.decode(page).unwrap().items[0];
+        assert_eq!(row.values[0], Value::Text("1e+2".into()));
+        assert_eq!(
+            row.values[1],
+            Value::Text("123456789012345678901234567890".into())
+        );
+        let page = br#"{"items": [{"id": 1, "name": "a\u0000b", "address": null}]}"#;
+        let err = d.decode(page).unwrap_err();
+        assert!(
+            err.contains("column `name`") && err.contains("NUL"),
+            "{err}"
+        );
+        let page = br#"{"items": [{"id": 1e2, "name": "a", "address": null}]}"#;
+        assert!(d.decode(page).unwrap_err().contains("not a 64-bit integer"));
+    }
+
+    #[test]
     fn nested_items_use_the_document_path() {
         let d = decoder(r#", items_pointer = "/data/items""#);
         assert!(d.fast.is_none());
-        let page = r#"{"total": 1, "data": {"items": [{"id": 5, "name": "n"}]}}"#;
+        let page = r#"{"total": 1, "data": {"items": [{"id": 5, "name": "n", "address": null}]}}"#;
         let got = d.decode(page.as_bytes()).unwrap();
         assert_eq!(got.items.len(), 1);
     }
@@ -467,7 +550,7 @@ city = {{ from = "/address/city" }}
         let err = d.decode(b"{\"total\": 1}").unwrap_err();
         assert!(err.contains("no items at `/items`"), "{err}");
         let err = d
-            .decode(br#"{"items": [{"id": 1, "name": {"x": 1}}]}"#)
+            .decode(br#"{"items": [{"id": 1, "name": {"x": 1}, "address": null}]}"#)
             .unwrap_err();
         assert!(err.contains("item 0 (key 1): column `name`"), "{err}");
         let err = d.decode(br#"{"items": [{"name": "x"}]}"#).unwrap_err();
@@ -475,7 +558,7 @@ city = {{ from = "/address/city" }}
         let err = d.decode(br#"{"items": {"id": 1}}"#).unwrap_err();
         assert!(err.contains("array"), "{err}");
         for e in [
-            d.decode_document(br#"{"items": [{"id": 1, "name": {"x": 1}}]}"#)
+            d.decode_document(br#"{"items": [{"id": 1, "name": {"x": 1}, "address": null}]}"#)
                 .unwrap_err(),
             d.decode_document(b"{\"total\": 1}").unwrap_err(),
         ] {

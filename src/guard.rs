@@ -28,7 +28,25 @@ pub enum GuardTrip {
     },
     #[error("purge of {purge} rows is above the limit of {max}")]
     PurgeCount { purge: u64, max: u64 },
+    #[error("update of {update} rows is {percent:.1}% of {local} local rows, above the {max_percent:.1}% limit (did upstream rename or drop a mapped field?)")]
+    UpdateFraction {
+        update: u64,
+        local: u64,
+        percent: f64,
+        max_percent: f64,
+    },
+    #[error("update of {update} rows is above the limit of {max} (did upstream rename or drop a mapped field?)")]
+    UpdateCount { update: u64, max: u64 },
 }
+
+/// Every guard's name, for metric series that exist from the start.
+pub const GUARD_NAMES: [&str; 5] = [
+    "purge_fraction",
+    "purge_count",
+    "empty_upstream",
+    "update_fraction",
+    "update_count",
+];
 
 impl GuardTrip {
     /// A closed-set name for reports and metric labels.
@@ -37,13 +55,44 @@ impl GuardTrip {
             GuardTrip::EmptyUpstream { .. } => "empty_upstream",
             GuardTrip::PurgeFraction { .. } => "purge_fraction",
             GuardTrip::PurgeCount { .. } => "purge_count",
+            GuardTrip::UpdateFraction { .. } => "update_fraction",
+            GuardTrip::UpdateCount { .. } => "update_count",
         }
     }
 }
 
-/// Judges the purge part of `plan` under `policy`. `None` means go ahead.
-/// Only purges are judged: inserts and repairs copy what upstream listed.
+/// Judges `plan` under `policy`. `None` means go ahead. Purges are judged
+/// first, then updates: a mass update is how a renamed upstream field
+/// shows, and it overwrites data as surely as a purge deletes it. Inserts
+/// are not judged: they only add what upstream listed.
 pub fn judge(plan: &Plan, policy: &PolicyConfig) -> Option<GuardTrip> {
+    judge_purge(plan, policy).or_else(|| judge_update(plan, policy))
+}
+
+fn judge_update(plan: &Plan, policy: &PolicyConfig) -> Option<GuardTrip> {
+    let update = plan.update.len() as u64;
+    if !policy.repair_stale || update == 0 {
+        return None;
+    }
+    if update > policy.max_update_count {
+        return Some(GuardTrip::UpdateCount {
+            update,
+            max: policy.max_update_count,
+        });
+    }
+    let fraction = update as f64 / plan.local_rows.max(1) as f64;
+    if fraction > policy.max_update_fraction {
+        return Some(GuardTrip::UpdateFraction {
+            update,
+            local: plan.local_rows,
+            percent: fraction * 100.0,
+            max_percent: policy.max_update_fraction * 100.0,
+        });
+    }
+    None
+}
+
+fn judge_purge(plan: &Plan, policy: &PolicyConfig) -> Option<GuardTrip> {
     let purge = plan.purge.len() as u64;
     if !policy.purge_extra || purge == 0 {
         return None;
@@ -121,6 +170,35 @@ mod tests {
             judge(&plan(3, 0, 3), &policy),
             Some(GuardTrip::EmptyUpstream { local: 3 })
         );
+    }
+
+    #[test]
+    fn mass_update_trips() {
+        let mut p = plan(100, 100, 0);
+        p.update = (0..30)
+            .map(|i| crate::model::Row {
+                key: Key(i.to_string().into()),
+                values: vec![],
+            })
+            .collect();
+        let trip = judge(&p, &PolicyConfig::default()).unwrap();
+        assert_eq!(trip.name(), "update_fraction");
+        let policy = PolicyConfig {
+            max_update_fraction: 1.0,
+            max_update_count: 29,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(judge(&p, &policy).unwrap().name(), "update_count");
+        let policy = PolicyConfig {
+            max_update_fraction: 0.30,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(judge(&p, &policy), None);
+        let policy = PolicyConfig {
+            repair_stale: false,
+            ..PolicyConfig::default()
+        };
+        assert_eq!(judge(&p, &policy), None);
     }
 
     #[test]

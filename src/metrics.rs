@@ -144,7 +144,7 @@ impl Metrics {
         for reason in ["overlap", "locked"] {
             self.skipped.with_label_values(&[resource, reason]);
         }
-        for guard in ["purge_fraction", "purge_count", "empty_upstream"] {
+        for guard in crate::guard::GUARD_NAMES {
             self.guard_trips.with_label_values(&[resource, guard]);
         }
     }

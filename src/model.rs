@@ -46,6 +46,7 @@ impl Value {
             Some(j) => j,
         };
         match (kind, json) {
+            (_, Json::String(s)) if s.contains('\0') => Err(NUL.into()),
             (ColumnType::Text, Json::String(s)) => Ok(Value::Text(s.clone())),
             (ColumnType::Text, Json::Number(n)) => Ok(Value::Text(n.to_string())),
             (ColumnType::Text, Json::Bool(b)) => Ok(Value::Text(b.to_string())),
@@ -72,11 +73,16 @@ impl Value {
     /// [`Value::from_json`], taking the JSON value to reuse its string.
     pub fn from_json_owned(json: Option<Json>, kind: ColumnType) -> Result<Value, String> {
         match (kind, json) {
-            (ColumnType::Text, Some(Json::String(s))) => Ok(Value::Text(s)),
+            (ColumnType::Text, Some(Json::String(s))) if !s.contains('\0') => Ok(Value::Text(s)),
             (kind, json) => Value::from_json(json.as_ref(), kind),
         }
     }
 }
+
+/// Why a text holding NUL is refused: PostgreSQL cannot store it, and
+/// SQLite stores it but cuts it short when reading back.
+const NUL: &str =
+    "the text holds a NUL character, which the database cannot store and compare faithfully";
 
 fn kind_of(json: &Json) -> &'static str {
     match json {
@@ -93,6 +99,7 @@ fn kind_of(json: &Json) -> &'static str {
 pub fn key_from_json(json: Option<&Json>, kind: KeyType) -> Result<Key, String> {
     match (kind, json) {
         (_, None | Some(Json::Null)) => Err("the key is missing".into()),
+        (_, Some(Json::String(s))) if s.contains('\0') => Err(format!("key: {NUL}")),
         (KeyType::Text, Some(Json::String(s))) if !s.is_empty() => Ok(Key(s.as_str().into())),
         (KeyType::Text, Some(Json::Number(n))) => Ok(Key(n.to_string().into())),
         (KeyType::Integer, Some(Json::Number(n))) => n

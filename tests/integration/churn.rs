@@ -101,7 +101,7 @@ async fn one_seed(backend: Backend, seed: u64) -> bool {
     let settings = ConfigBuilder {
         page_size,
         ordered,
-        policy: "max_purge_fraction = 1.0\nmax_purge_count = 1000000\nconfirm_purge = false".into(),
+        policy: "max_purge_fraction = 1.0\nmax_purge_count = 1000000\nmax_update_fraction = 1.0\nconfirm_purge = false".into(),
         ..ConfigBuilder::default()
     }
     .settings(&db, addr);

@@ -8,8 +8,10 @@
 
 use std::collections::BTreeSet;
 
+use driftd::config::Settings;
 use driftd::pass::{Outcome, PassOptions};
 use driftd::sample::{user, Fault};
+use serde_json::Value as Json;
 
 use crate::both_backends;
 use crate::common::*;
@@ -467,7 +469,119 @@ async fn confirm_with_a_wrong_get_path_purges_nothing(backend: Backend) {
     assert_eq!(db.count("users").await, N as i64);
 }
 
+async fn renamed_field_fails_and_mass_update_trips(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(100)).await;
+    let before = db
+        .text("SELECT CAST(uuid AS TEXT) || firstname FROM users ORDER BY 1")
+        .await;
+    let renamed: Vec<_> = users(100)
+        .into_iter()
+        .map(|mut u| {
+            let first = u["firstname"].take();
+            u.as_object_mut().unwrap().remove("firstname");
+            u["first_name"] = first;
+            u
+        })
+        .collect();
+    let (_up, addr) = upstream(renamed).await;
+    let cfg = ConfigBuilder::default();
+    // An absent mapped field fails the pass, naming the item and column.
+    let r = pass(&cfg.settings(&db, addr), PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    let err = r.error.clone().unwrap_or_default();
+    assert!(
+        err.contains("column `firstname` from `/firstname`: the field is absent"),
+        "{err}"
+    );
+    // Declared optional, it would NULL every row: the update guard stops it.
+    let toml = cfg.toml(&db, addr).replace(
+        r#"firstname = { from = "/firstname" }"#,
+        r#"firstname = { from = "/firstname", optional = true }"#,
+    );
+    let settings = Settings::from_toml_str(&toml, "test.toml").unwrap();
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::GuardTripped, "{r:?}");
+    assert_eq!(r.guard.as_ref().map(|g| g.name()), Some("update_fraction"));
+    let after = db
+        .text("SELECT CAST(uuid AS TEXT) || firstname FROM users ORDER BY 1")
+        .await;
+    assert_eq!(before, after);
+    // --force applies it.
+    let r = pass(
+        &settings,
+        PassOptions {
+            force: true,
+            ..PassOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(
+        db.text("SELECT firstname FROM users WHERE firstname IS NOT NULL")
+            .await
+            .len(),
+        0
+    );
+}
+
+async fn nul_text_is_refused_naming_the_item(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(10)).await;
+    let mut items = users(10);
+    items[3]["firstname"] = Json::String("bad\u{0}name".into());
+    let (up, addr) = upstream(items).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    let err = r.error.clone().unwrap_or_default();
+    let key = users(10)[3]["uuid"].as_str().unwrap().to_string();
+    assert!(
+        err.contains(&key) && err.contains("column `firstname`") && err.contains("NUL"),
+        "{err}"
+    );
+    // Once upstream is fixed, passes work again.
+    let mut items = users(10);
+    items[3]["firstname"] = Json::String("fixed".into());
+    up.set("users", "uuid", items);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+}
+
+async fn big_numbers_keep_their_digits_in_text(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(10)).await;
+    let mut items = users(10);
+    items[0]["lastname"] = serde_json::from_str("123456789012345678901234567890").unwrap();
+    items[1]["lastname"] = serde_json::from_str("0.1000").unwrap();
+    let (_up, addr) = upstream(items).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    let mut got = db
+        .text("SELECT lastname FROM users WHERE lastname NOT LIKE 'Last%'")
+        .await;
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            Some("0.1000".to_string()),
+            Some("123456789012345678901234567890".to_string())
+        ]
+    );
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+}
+
 both_backends!(
+    renamed_field_fails_and_mass_update_trips,
+    nul_text_is_refused_naming_the_item,
+    big_numbers_keep_their_digits_in_text,
     http_error_after_retries_aborts,
     client_error_aborts,
     transient_error_is_retried,
