@@ -391,13 +391,26 @@ pub struct KeyConfig {
     pub kind: KeyType,
 }
 
-/// Key types; integer keys are compared and stored as integers.
+/// Key types; integer keys are compared and stored as integers, uuid keys
+/// in their canonical form (lower case, hyphenated) whatever upstream sends.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum KeyType {
     #[default]
     Text,
     Integer,
+    Uuid,
+}
+
+impl KeyType {
+    /// The config's own name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Text => "text",
+            KeyType::Integer => "integer",
+            KeyType::Uuid => "uuid",
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -423,7 +436,8 @@ pub struct ColumnConfig {
     pub kind: ColumnType,
 }
 
-/// Column types driftd compares with type awareness.
+/// Column types driftd compares with type awareness. Values of the last
+/// four are brought to a canonical text form (see [`crate::canonical`]).
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ColumnType {
@@ -431,6 +445,29 @@ pub enum ColumnType {
     Text,
     Integer,
     Boolean,
+    /// A uuid (PostgreSQL `uuid`, or text holding the canonical form).
+    Uuid,
+    /// An RFC 3339 timestamp (PostgreSQL `timestamptz`, or text in UTC).
+    Timestamp,
+    /// An exact decimal (PostgreSQL `numeric`, or text).
+    Numeric,
+    /// Any JSON value (PostgreSQL `jsonb` or `json`, or text).
+    Json,
+}
+
+impl ColumnType {
+    /// The config's own name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Integer => "integer",
+            ColumnType::Boolean => "boolean",
+            ColumnType::Uuid => "uuid",
+            ColumnType::Timestamp => "timestamp",
+            ColumnType::Numeric => "numeric",
+            ColumnType::Json => "json",
+        }
+    }
 }
 
 /// What a pass may do, and the limits on purging.

@@ -268,7 +268,7 @@ impl Differ {
 
 fn compare_keys(a: &Key, b: &Key, kind: KeyType) -> Ordering {
     match kind {
-        KeyType::Text => a.as_str().as_bytes().cmp(b.as_str().as_bytes()),
+        KeyType::Text | KeyType::Uuid => a.as_str().as_bytes().cmp(b.as_str().as_bytes()),
         KeyType::Integer => match (a.as_str().parse::<i64>(), b.as_str().parse::<i64>()) {
             (Ok(x), Ok(y)) => x.cmp(&y),
             _ => a.cmp(b),

@@ -10,6 +10,7 @@
 //! [`sample`] (bundled sample upstream), [`quickstart`].
 
 pub mod admin;
+pub mod canonical;
 pub mod cli;
 pub mod config;
 pub mod daemon;

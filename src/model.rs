@@ -10,6 +10,7 @@ use std::hash::{DefaultHasher, Hasher};
 
 use serde_json::Value as Json;
 
+use crate::canonical;
 use crate::config::{ColumnType, KeyType};
 
 /// A row's key, in canonical text form (integers in decimal), so a text key
@@ -64,7 +65,18 @@ impl Value {
                 Some(1) => Ok(Value::Bool(true)),
                 _ => Err(format!("{n} is not a boolean")),
             },
-            (kind, other) => Err(format!("{} is not a valid {kind:?} value", kind_of(other))),
+            (ColumnType::Uuid, Json::String(s)) => canonical::uuid(s).map(Value::Text),
+            (ColumnType::Timestamp, Json::String(s)) => canonical::timestamp(s).map(Value::Text),
+            (ColumnType::Numeric, Json::Number(n)) => {
+                canonical::numeric(&n.to_string(), None).map(Value::Text)
+            }
+            (ColumnType::Numeric, Json::String(s)) => canonical::numeric(s, None).map(Value::Text),
+            (ColumnType::Json, json) => canonical::json(json).map(Value::Text),
+            (kind, other) => Err(format!(
+                "{} is not a valid {} value",
+                kind_of(other),
+                kind.as_str()
+            )),
         }
     }
 }
@@ -95,6 +107,17 @@ fn kind_of(json: &Json) -> &'static str {
     }
 }
 
+/// Whether `key`, as read from the local table, is in the canonical form
+/// upstream keys are brought to. A local key that is not (`01` in an
+/// integer key, an upper-case uuid) would never pair with its upstream row.
+pub fn is_canonical_key(key: &str, kind: KeyType) -> bool {
+    match kind {
+        KeyType::Text => !key.is_empty(),
+        KeyType::Integer => key.parse::<i64>().is_ok_and(|i| i.to_string() == key),
+        KeyType::Uuid => canonical::uuid(key).is_ok_and(|u| u == key),
+    }
+}
+
 /// Reads a key from an upstream item.
 pub fn key_from_json(json: Option<&Json>, kind: KeyType) -> Result<Key, String> {
     match (kind, json) {
@@ -110,6 +133,7 @@ pub fn key_from_json(json: Option<&Json>, kind: KeyType) -> Result<Key, String> 
             .parse::<i64>()
             .map(|i| Key(i.to_string().into()))
             .map_err(|_| format!("key \"{s}\" is not an integer")),
+        (KeyType::Uuid, Some(Json::String(s))) => canonical::uuid(s).map(|u| Key(u.into())),
         (_, Some(other)) => Err(format!("the key is {}", kind_of(other))),
     }
 }
@@ -123,7 +147,7 @@ pub struct Row {
 }
 
 /// Appends the canonical signature of `values` to `out`: per value `N;`
-/// (null), `B1;`/`B0;`, `I<decimal>;` or `T<char count>:<text>;`. The
+/// (null), `B1;`/`B0;`, `I<decimal>;` or `T<byte length>:<text>;`. The
 /// length prefix makes the concatenation unambiguous. The stores compute
 /// the same text in SQL ([`crate::store`]), so a local row's fingerprint
 /// costs one text column to read, whatever the number of owned columns.
@@ -134,7 +158,7 @@ pub fn signature(values: &[Value], out: &mut String) {
             Value::Null => write!(out, "N;"),
             Value::Bool(b) => write!(out, "B{};", u8::from(*b)),
             Value::Int(i) => write!(out, "I{i};"),
-            Value::Text(t) => write!(out, "T{}:{t};", t.chars().count()),
+            Value::Text(t) => write!(out, "T{}:{t};", t.len()),
         };
     }
 }
@@ -226,6 +250,6 @@ mod tests {
             ],
             &mut s,
         );
-        assert_eq!(s, "N;B1;I-4;T3:é'x;");
+        assert_eq!(s, "N;B1;I-4;T4:é'x;");
     }
 }

@@ -186,6 +186,8 @@ pub enum PassError {
     Store(#[from] StoreError),
     #[error("confirm_purge canary: the get-by-key endpoint answers 404 for `{0}`, which the listing has; its 404s cannot be trusted (check upstream.get_path)")]
     Canary(Key),
+    #[error("a value does not fit its column unchanged, nothing was written: {0}")]
+    DoesNotFit(String),
     #[error("cancelled")]
     Cancelled,
     #[error("upstream task ended unexpectedly: {0}")]
@@ -199,7 +201,10 @@ impl PassError {
             PassError::Upstream(e) => e.is_transient(),
             PassError::Store(e) => e.is_transient(),
             PassError::Listing(_) => true,
-            PassError::Canary(_) | PassError::Task(_) | PassError::Cancelled => false,
+            PassError::Canary(_)
+            | PassError::DoesNotFit(_)
+            | PassError::Task(_)
+            | PassError::Cancelled => false,
         }
     }
 }
@@ -319,7 +324,7 @@ async fn execute<S: Store>(
     report: &mut PassReport,
 ) -> Result<(), PassError> {
     let spec = res.table_spec();
-    store.prepare(&spec).await?;
+    let shape = store.prepare(&spec).await?;
     let mut client = Client::new(&res.upstream)?;
     if let Some(m) = &hooks.metrics {
         client = client.observed(name, m.clone());
@@ -335,6 +340,9 @@ async fn execute<S: Store>(
         extra: plan.purge.len() as u64,
     };
     let mut plan = restrict(plan, res, opts.mode);
+    for row in plan.insert.iter().chain(&plan.update) {
+        shape.check_row(&spec, row).map_err(PassError::DoesNotFit)?;
+    }
 
     if let Some(trip) = guard::judge(&plan, &res.policy) {
         if !opts.force {

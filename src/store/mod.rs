@@ -12,20 +12,24 @@
 //! migrations, prefixed `driftd_`.
 
 mod jobs;
+mod pg_schema;
 mod postgres;
+pub mod shape;
 mod sqlite;
+mod sqlite_schema;
 
 use std::future::Future;
 
 use secrecy::{ExposeSecret, SecretString};
 
 pub use postgres::PgStore;
+pub use shape::Shape;
 pub use sqlite::SqliteStore;
 
-use crate::config::{ColumnType, TableSpec};
+use crate::config::{ColumnType, Ident, TableSpec};
 use crate::diff::{IndexError, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
-use crate::model::{fingerprint_signature, Key, Row};
+use crate::model::{fingerprint_signature, is_canonical_key, Key, Row};
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -116,8 +120,10 @@ pub trait Store: Send + Sync {
     /// Creates or upgrades driftd's own tables.
     fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Checks that the mirrored table and every column in `spec` exist.
-    fn prepare(&self, spec: &TableSpec) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Checks that the mirrored table and every column in `spec` exist and
+    /// can mirror the configured types faithfully; returns the limits the
+    /// columns put on values.
+    fn prepare(&self, spec: &TableSpec) -> impl Future<Output = Result<Shape, StoreError>> + Send;
 
     /// Reads the live (not soft-deleted) rows into a key → fingerprint index.
     fn scan(&self, spec: &TableSpec)
@@ -196,15 +202,6 @@ impl AnyStore {
     }
 }
 
-/// How a backend spells the casts the scan needs.
-pub(crate) struct Dialect {
-    pub text: &'static str,
-    pub int: &'static str,
-    /// `true` when `x IS TRUE` works on the column after the cast (real
-    /// booleans); SQLite stores booleans as integers.
-    pub native_bool: bool,
-}
-
 /// The parts of the scan: the key and the signature (see
 /// [`crate::model::signature`]) computed in SQL, over the live rows.
 pub(crate) struct ScanQuery {
@@ -216,31 +213,16 @@ pub(crate) struct ScanQuery {
 }
 
 impl ScanQuery {
-    pub fn new(spec: &TableSpec, d: &Dialect) -> Self {
-        let mut parts = Vec::new();
-        for (col, kind) in &spec.columns {
-            let c = col.quoted();
-            parts.push(match kind {
-                ColumnType::Text => format!(
-                    "COALESCE('T' || length(CAST({c} AS {t})) || ':' || CAST({c} AS {t}) || ';', 'N;')",
-                    t = d.text
-                ),
-                ColumnType::Integer => format!(
-                    "COALESCE('I' || CAST(CAST({c} AS {i}) AS {t}) || ';', 'N;')",
-                    i = d.int,
-                    t = d.text
-                ),
-                ColumnType::Boolean if d.native_bool => {
-                    format!("CASE WHEN {c} IS NULL THEN 'N;' WHEN {c} THEN 'B1;' ELSE 'B0;' END")
-                }
-                ColumnType::Boolean => format!(
-                    "CASE WHEN {c} IS NULL THEN 'N;' WHEN CAST({c} AS {i}) <> 0 THEN 'B1;' ELSE 'B0;' END",
-                    i = d.int
-                ),
-            });
-        }
+    /// `key` is the key column as text; `part` gives one owned column's
+    /// part of the signature, in the backend's SQL.
+    pub fn new(spec: &TableSpec, key: String, part: impl Fn(&Ident, ColumnType) -> String) -> Self {
+        let parts: Vec<String> = spec
+            .columns
+            .iter()
+            .map(|(c, kind)| part(c, *kind))
+            .collect();
         ScanQuery {
-            key: format!("CAST({} AS {})", spec.key_column.quoted(), d.text),
+            key,
             signature: if parts.is_empty() {
                 "''".to_string()
             } else {
@@ -280,6 +262,16 @@ pub(crate) fn index_row(
             problem: format!("a row has a NULL key in `{}`", spec.key_column),
         });
     };
+    if !is_canonical_key(key, spec.key_type) {
+        return Err(StoreError::BadRow {
+            table: spec.table.to_string(),
+            problem: format!(
+                "local key `{key}` in `{}` is not in canonical {} form, so no upstream key can pair with it; fix the row (driftd will not guess which upstream row it is)",
+                spec.key_column,
+                spec.key_type.as_str()
+            ),
+        });
+    }
     index
         .insert(key, fingerprint_signature(signature.unwrap_or("")))
         .map_err(|source| StoreError::Index {
@@ -302,7 +294,7 @@ impl Store for AnyStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         delegate!(self, migrate())
     }
-    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
+    async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         delegate!(self, prepare(spec))
     }
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {

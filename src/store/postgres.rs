@@ -11,9 +11,10 @@ use futures_util::TryStreamExt;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Row as _};
 
+use super::pg_schema::{self, PgColumn};
+use super::shape::{self, Shape};
 use super::{
-    check_columns, index_row, jobs, lock_key, query_err, Dialect, ResourceLock, ScanQuery, Store,
-    StoreError,
+    check_columns, index_row, jobs, lock_key, query_err, ResourceLock, ScanQuery, Store, StoreError,
 };
 use crate::config::{ColumnType, TableSpec};
 use crate::diff::LocalIndex;
@@ -25,8 +26,8 @@ const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
 
 pub struct PgStore {
     pool: PgPool,
-    /// Column → catalog type name, per table, filled by `prepare`.
-    types: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Column → catalog description, per table, filled by `prepare`.
+    types: Mutex<HashMap<String, HashMap<String, PgColumn>>>,
 }
 
 impl PgStore {
@@ -47,13 +48,21 @@ impl PgStore {
         &self.pool
     }
 
-    /// The catalog type of `column`, for casts; `text` if unknown.
-    fn type_of(&self, spec: &TableSpec, column: &str) -> String {
+    /// The catalog description of `column`, once `prepare` ran.
+    fn column(&self, spec: &TableSpec, column: &str) -> Option<PgColumn> {
         let types = self.types.lock().unwrap_or_else(|p| p.into_inner());
         types
             .get(spec.table.as_str())
             .and_then(|t| t.get(column))
             .cloned()
+    }
+
+    /// The base type of `column`, for casts (without its modifier, so that
+    /// assignment applies the column's own checks instead of an explicit,
+    /// truncating cast); `text` if unknown.
+    fn type_of(&self, spec: &TableSpec, column: &str) -> String {
+        self.column(spec, column)
+            .map(|c| c.base)
             .unwrap_or_else(|| "text".into())
     }
 
@@ -80,7 +89,11 @@ enum ColumnArray {
 impl ColumnArray {
     fn collect<'a>(kind: ColumnType, values: impl Iterator<Item = &'a Value>) -> Self {
         match kind {
-            ColumnType::Text => ColumnArray::Text(
+            ColumnType::Text
+            | ColumnType::Uuid
+            | ColumnType::Timestamp
+            | ColumnType::Numeric
+            | ColumnType::Json => ColumnArray::Text(
                 values
                     .map(|v| match v {
                         Value::Text(s) => Some(s.clone()),
@@ -131,12 +144,6 @@ impl ColumnArray {
     }
 }
 
-const DIALECT: Dialect = Dialect {
-    text: "text",
-    int: "int8",
-    native_bool: true,
-};
-
 impl Store for PgStore {
     async fn migrate(&self) -> Result<(), StoreError> {
         let mut tx = self
@@ -179,24 +186,60 @@ impl Store for PgStore {
         tx.commit().await.map_err(query_err("commit migrations"))
     }
 
-    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
-        let rows: Vec<(String, String)> = sqlx::query_as(
-            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
-             WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped",
-        )
-        .bind(spec.table.quoted())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(query_err(format!("inspect table {}", spec.table)))?;
-        let names: Vec<String> = rows.iter().map(|(n, _)| n.clone()).collect();
+    async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
+        let rows: Vec<(String, String, String, i32, bool)> = sqlx::query_as(pg_schema::COLUMNS)
+            .bind(spec.table.quoted())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect table {}", spec.table)))?;
+        let rows: Vec<PgColumn> = rows.into_iter().map(PgColumn::from).collect();
+        let names: Vec<String> = rows.iter().map(|c| c.name.clone()).collect();
         check_columns(spec, &names)?;
+        let find = |name: &str| rows.iter().find(|c| c.name == name);
+        let refuse = |problem: String| StoreError::Schema {
+            table: spec.table.to_string(),
+            problem,
+        };
+        let mut shape = Shape::unlimited(spec);
+        if let Some(key) = find(spec.key_column.as_str()) {
+            if !shape::key_fits(spec.key_type, key.kind()) {
+                return Err(refuse(shape::key_refusal(
+                    spec.key_type,
+                    &key.name,
+                    &key.full,
+                    key.kind(),
+                )));
+            }
+            shape.key = key.limit();
+        }
+        for (i, (column, kind)) in spec.columns.iter().enumerate() {
+            if let Some(col) = find(column.as_str()) {
+                if !shape::column_fits(*kind, col.kind()) {
+                    return Err(refuse(shape::column_refusal(
+                        *kind,
+                        &col.name,
+                        &col.full,
+                        col.kind(),
+                    )));
+                }
+                shape.columns[i] = col.limit();
+            }
+        }
         let mut types = self.types.lock().unwrap_or_else(|p| p.into_inner());
-        types.insert(spec.table.to_string(), rows.into_iter().collect());
-        Ok(())
+        types.insert(
+            spec.table.to_string(),
+            rows.into_iter().map(|c| (c.name.clone(), c)).collect(),
+        );
+        Ok(shape)
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = ScanQuery::new(spec, &DIALECT).plain();
+        let sql = ScanQuery::new(
+            spec,
+            format!("CAST({} AS text)", spec.key_column.quoted()),
+            |c, kind| pg_schema::signature_part(c, kind, self.column(spec, c.as_str()).as_ref()),
+        )
+        .plain();
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )

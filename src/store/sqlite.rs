@@ -9,11 +9,13 @@ use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{Row as _, SqlitePool};
 
+use super::shape::{self, Kind, Shape};
+use super::sqlite_schema::{affinity, column_collation};
 use super::{
-    check_columns, index_row, jobs, query_err, rows_per_statement, Dialect, ResourceLock,
-    ScanQuery, Store, StoreError,
+    check_columns, index_row, jobs, query_err, rows_per_statement, ResourceLock, ScanQuery, Store,
+    StoreError,
 };
-use crate::config::{KeyType, TableSpec};
+use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
@@ -105,16 +107,91 @@ fn values_list(rows: usize, width: usize) -> String {
     vec![one; rows].join(",")
 }
 
-const DIALECT: Dialect = Dialect {
-    text: "TEXT",
-    int: "INTEGER",
-    native_bool: false,
-};
+/// One owned column's part of the scan signature. Values are compared by
+/// their storage class too: a REAL `12.7` or the text `'12abc'` in an
+/// integer column, or `'yes'` in a boolean one, reads as `X;`, which no
+/// upstream value produces, so the row is repaired instead of passing as
+/// equal after a cast. Text lengths are in bytes, so a NUL inside a local
+/// value cannot cut the packed scan short.
+fn signature_part(c: &Ident, kind: ColumnType) -> String {
+    let c = c.quoted();
+    match kind {
+        ColumnType::Integer => format!(
+            "CASE typeof({c}) WHEN 'integer' THEN 'I' || {c} || ';' WHEN 'null' THEN 'N;' ELSE 'X;' END"
+        ),
+        ColumnType::Boolean => format!(
+            "CASE WHEN {c} IS NULL THEN 'N;' WHEN typeof({c}) = 'integer' AND {c} IN (0, 1) THEN 'B' || {c} || ';' ELSE 'X;' END"
+        ),
+        ColumnType::Text
+        | ColumnType::Uuid
+        | ColumnType::Timestamp
+        | ColumnType::Numeric
+        | ColumnType::Json => format!(
+            "CASE typeof({c}) WHEN 'text' THEN 'T' || length(CAST({c} AS BLOB)) || ':' || {c} || ';' WHEN 'null' THEN 'N;' ELSE 'X;' END"
+        ),
+    }
+}
+
+fn scan_query(spec: &TableSpec) -> ScanQuery {
+    ScanQuery::new(
+        spec,
+        format!("CAST({} AS TEXT)", spec.key_column.quoted()),
+        signature_part,
+    )
+}
 
 /// Rows per chunk of the chunked scan.
 const SCAN_CHUNK: u32 = 4096;
 
 impl SqliteStore {
+    /// The collation that decides equality of `key` values: the one in
+    /// its column definition, or one of a unique index on it alone. `None`
+    /// when neither names one (BINARY).
+    async fn key_collation(
+        &self,
+        schema: &str,
+        table: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let context = format!("inspect collations of {table}");
+        let master = if schema.eq_ignore_ascii_case("temp") {
+            "sqlite_temp_master".to_string()
+        } else {
+            format!("\"{}\".sqlite_master", schema.replace('"', ""))
+        };
+        let ddl: Option<String> = sqlx::query_scalar(&format!(
+            "SELECT sql FROM {master} WHERE type = 'table' AND name = ?1"
+        ))
+        .bind(table)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(query_err(context.clone()))?
+        .flatten();
+        let mut found = ddl.as_deref().and_then(|sql| column_collation(sql, key));
+        let indexes: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_index_list(?1, ?2) WHERE \"unique\" = 1")
+                .bind(table)
+                .bind(schema)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_err(context.clone()))?;
+        for index in indexes {
+            let cols: Vec<(Option<String>, Option<String>)> =
+                sqlx::query_as("SELECT name, coll FROM pragma_index_xinfo(?1, ?2) WHERE key = 1")
+                    .bind(&index)
+                    .bind(schema)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(query_err(context.clone()))?;
+            if let [(Some(name), Some(coll))] = cols.as_slice() {
+                if name == key && !coll.eq_ignore_ascii_case("BINARY") {
+                    found = Some(coll.to_ascii_uppercase());
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Scans a rowid table in chunks of [`SCAN_CHUNK`] rows, each chunk
     /// packed by SQLite into one text value (`<len>:<key><len>:<signature>`
     /// per row, lengths in characters), inside one read transaction for a
@@ -133,7 +210,7 @@ impl SqliteStore {
             .map(|l| format!(" AND {l}"))
             .unwrap_or_default();
         let sql = format!(
-            "SELECT group_concat(COALESCE(length(k) || ':' || k, 'X') || length(s) || ':' || s, ''), \
+            "SELECT group_concat(COALESCE(length(CAST(k AS BLOB)) || ':' || k, 'X') || length(CAST(s AS BLOB)) || ':' || s, ''), \
              max(r), count(*) FROM (SELECT {key} AS k, {sig} AS s, rowid AS r FROM {table} \
              WHERE rowid > ?1{live} ORDER BY rowid LIMIT {SCAN_CHUNK})",
             key = q.key,
@@ -199,7 +276,7 @@ enum Unpack {
 }
 
 /// Walks a packed chunk: per row `<n>:<key>` (or `X` for a NULL key) then
-/// `<m>:<signature>`, lengths in characters.
+/// `<m>:<signature>`, lengths in bytes.
 fn unpack(
     mut text: &str,
     mut row: impl FnMut(Option<&str>, &str) -> Result<(), StoreError>,
@@ -208,14 +285,7 @@ fn unpack(
         let colon = text.find(':')?;
         let n: usize = text[..colon].parse().ok()?;
         let rest = &text[colon + 1..];
-        let end = if n == 0 {
-            0
-        } else {
-            rest.char_indices()
-                .nth(n - 1)
-                .map(|(i, c)| i + c.len_utf8())?
-        };
-        Some((&rest[..end], &rest[end..]))
+        Some((rest.get(..n)?, rest.get(n..)?))
     }
     while !text.is_empty() {
         let key = if let Some(rest) = text.strip_prefix('X') {
@@ -266,22 +336,69 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(query_err("commit migrations"))
     }
 
-    async fn prepare(&self, spec: &TableSpec) -> Result<(), StoreError> {
+    async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         let (schema, table) = match spec.table.as_str().split_once('.') {
             Some((s, t)) => (s, t),
             None => ("main", spec.table.as_str()),
         };
-        let names: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?1, ?2)")
-            .bind(table)
-            .bind(schema)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err(format!("inspect table {}", spec.table)))?;
-        check_columns(spec, &names)
+        let context = format!("inspect table {}", spec.table);
+        let columns: Vec<(String, String)> =
+            sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
+                .bind(table)
+                .bind(schema)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(query_err(context.clone()))?;
+        let names: Vec<String> = columns.iter().map(|(n, _)| n.clone()).collect();
+        check_columns(spec, &names)?;
+        let declared = |name: &str| {
+            columns
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, t)| t.clone())
+                .unwrap_or_default()
+        };
+        let refuse = |problem: String| StoreError::Schema {
+            table: spec.table.to_string(),
+            problem,
+        };
+        let key = spec.key_column.as_str();
+        let key_declared = declared(key);
+        let mut key_kind = affinity(&key_declared);
+        if key_kind == Kind::Text {
+            if let Some(collation) = self.key_collation(schema, table, key).await? {
+                if collation != "BINARY" {
+                    key_kind = Kind::FoldedText;
+                }
+            }
+        }
+        if !shape::key_fits(spec.key_type, key_kind) {
+            let what = format!("`{key_declared}` (SQLite {key_kind:?} affinity)");
+            return Err(refuse(shape::key_refusal(
+                spec.key_type,
+                key,
+                &what,
+                key_kind,
+            )));
+        }
+        for (column, kind) in &spec.columns {
+            let text = declared(column.as_str());
+            let found = affinity(&text);
+            if !shape::column_fits(*kind, found) {
+                let what = format!("`{text}` (SQLite {found:?} affinity)");
+                return Err(refuse(shape::column_refusal(
+                    *kind,
+                    column.as_str(),
+                    &what,
+                    found,
+                )));
+            }
+        }
+        Ok(Shape::unlimited(spec))
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let query = ScanQuery::new(spec, &DIALECT);
+        let query = scan_query(spec);
         let count: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", query.table))
             .fetch_one(&self.pool)
             .await
@@ -451,7 +568,7 @@ mod tests {
     #[test]
     fn unpacks_rows() {
         let mut seen = Vec::new();
-        let packed = "3:abc5:N;B1;X2:I11:é0:";
+        let packed = "3:abc5:N;B1;X2:I12:é0:";
         let r = unpack(packed, |k, s| {
             seen.push((k.map(str::to_string), s.to_string()));
             Ok(())

@@ -226,7 +226,7 @@ impl ConfigBuilder {
 url = "{db}"
 
 [resources.users]
-key = {{ upstream = "/uuid", column = "uuid" }}
+key = {{ upstream = "/uuid", column = "uuid", type = "uuid" }}
 local = {{ table = "users" }}
 
 [resources.users.upstream]
@@ -243,7 +243,7 @@ query = {{ order = "uuid" }}
 {upstream}
 
 [resources.users.columns]
-tenant_uuid = {{ from = "/tenant_uuid" }}
+tenant_uuid = {{ from = "/tenant_uuid", type = "uuid" }}
 firstname = {{ from = "/firstname" }}
 lastname = {{ from = "/lastname" }}
 email = {{ from = "/email" }}

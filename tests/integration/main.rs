@@ -5,6 +5,7 @@ mod churn;
 mod cli;
 mod common;
 mod daemon;
+mod equality;
 mod guards;
 mod prometheus;
 mod repair;

@@ -1,0 +1,152 @@
+//! Reading a PostgreSQL table's columns from the catalog: each column's
+//! base type (what driftd casts to, so assignment applies the column's own
+//! checks instead of a silent truncating cast), its modifier (`varchar(n)`,
+//! `numeric(p,s)`) and whether its collation is deterministic; and the SQL
+//! that prints a column's value in driftd's canonical form for the scan.
+
+use super::shape::{Kind, Limit};
+use crate::config::{ColumnType, Ident};
+
+/// One column as the catalog describes it.
+#[derive(Debug, Clone)]
+pub struct PgColumn {
+    pub name: String,
+    /// `format_type(atttypid, NULL)`: `character varying`, `numeric`, ...
+    pub base: String,
+    /// `format_type(atttypid, atttypmod)`: `character varying(5)`, ...
+    pub full: String,
+    pub typmod: i32,
+    /// False for case-insensitive (non-deterministic) ICU collations.
+    pub deterministic: bool,
+}
+
+/// The catalog query behind [`PgColumn`]; `$1` is the quoted table name.
+pub const COLUMNS: &str = "SELECT a.attname::text AS name, \
+     format_type(a.atttypid, NULL) AS base, \
+     format_type(a.atttypid, a.atttypmod) AS full, \
+     a.atttypmod AS typmod, \
+     COALESCE((SELECT c.collisdeterministic FROM pg_collation c WHERE c.oid = a.attcollation), true) AS deterministic \
+     FROM pg_attribute a \
+     WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped";
+
+impl From<(String, String, String, i32, bool)> for PgColumn {
+    fn from(
+        (name, base, full, typmod, deterministic): (String, String, String, i32, bool),
+    ) -> Self {
+        PgColumn {
+            name,
+            base,
+            full,
+            typmod,
+            deterministic,
+        }
+    }
+}
+
+/// The 4-byte header PostgreSQL adds to type modifiers.
+const VARHDRSZ: i32 = 4;
+
+impl PgColumn {
+    pub fn kind(&self) -> Kind {
+        match self.base.as_str() {
+            "text" | "character varying" if self.deterministic => Kind::Text,
+            "text" | "character varying" | "citext" => Kind::FoldedText,
+            "smallint" | "integer" | "bigint" => Kind::Integer,
+            "boolean" => Kind::Boolean,
+            "uuid" => Kind::Uuid,
+            "timestamp with time zone" => Kind::Timestamp,
+            "numeric" => Kind::Decimal,
+            "json" | "jsonb" => Kind::Json,
+            _ => Kind::Other,
+        }
+    }
+
+    /// What the column holds unchanged.
+    pub fn limit(&self) -> Limit {
+        match self.base.as_str() {
+            "character varying" if self.typmod >= VARHDRSZ => {
+                Limit::Chars((self.typmod - VARHDRSZ) as u32)
+            }
+            "smallint" => Limit::IntRange(i16::MIN.into(), i16::MAX.into()),
+            "integer" => Limit::IntRange(i32::MIN.into(), i32::MAX.into()),
+            "numeric" if self.typmod >= VARHDRSZ => {
+                let m = self.typmod - VARHDRSZ;
+                let precision = (m >> 16) & 0xffff;
+                // an 11-bit signed scale (negative scales since PostgreSQL 15)
+                let scale = ((m & 0x7ff) ^ 1024) - 1024;
+                Limit::Numeric(precision.into(), scale.into())
+            }
+            _ => Limit::None,
+        }
+    }
+
+    /// SQL printing the column's value as driftd's canonical text.
+    fn canonical_text(&self, c: &str) -> String {
+        match self.base.as_str() {
+            "timestamp with time zone" => {
+                format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+            }
+            "numeric" => format!("trim_scale({c})::text"),
+            _ => format!("{c}::text"),
+        }
+    }
+}
+
+/// One owned column's part of the scan signature (see
+/// [`crate::model::signature`]).
+pub fn signature_part(c: &Ident, kind: ColumnType, column: Option<&PgColumn>) -> String {
+    let q = c.quoted();
+    let native_bool = column.map_or(true, |col| col.base == "boolean");
+    match kind {
+        ColumnType::Integer => format!("COALESCE('I' || CAST({q} AS int8)::text || ';', 'N;')"),
+        ColumnType::Boolean if native_bool => {
+            format!("CASE WHEN {q} IS NULL THEN 'N;' WHEN {q} THEN 'B1;' ELSE 'B0;' END")
+        }
+        ColumnType::Boolean => format!(
+            "CASE WHEN {q} IS NULL THEN 'N;' WHEN CAST({q} AS int8) = 1 THEN 'B1;' WHEN CAST({q} AS int8) = 0 THEN 'B0;' ELSE 'X;' END"
+        ),
+        ColumnType::Text
+        | ColumnType::Uuid
+        | ColumnType::Timestamp
+        | ColumnType::Numeric
+        | ColumnType::Json => {
+            let text = match column {
+                Some(col) => col.canonical_text(&q),
+                None => format!("{q}::text"),
+            };
+            format!("COALESCE('T' || octet_length({text}) || ':' || {text} || ';', 'N;')")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(base: &str, typmod: i32) -> PgColumn {
+        PgColumn {
+            name: "c".into(),
+            base: base.into(),
+            full: base.into(),
+            typmod,
+            deterministic: true,
+        }
+    }
+
+    #[test]
+    fn limits_come_from_type_modifiers() {
+        assert_eq!(col("character varying", 5 + 4).limit(), Limit::Chars(5));
+        assert_eq!(col("character varying", -1).limit(), Limit::None);
+        // numeric(10,2): ((10 << 16) | 2) + 4
+        assert_eq!(
+            col("numeric", ((10 << 16) | 2) + 4).limit(),
+            Limit::Numeric(10, 2)
+        );
+        assert_eq!(col("numeric", -1).limit(), Limit::None);
+        assert_eq!(col("smallint", -1).limit(), Limit::IntRange(-32768, 32767));
+        let mut folded = col("text", -1);
+        folded.deterministic = false;
+        assert_eq!(folded.kind(), Kind::FoldedText);
+        assert_eq!(col("character", 9).kind(), Kind::Other);
+    }
+}

@@ -1,0 +1,347 @@
+//! driftd's equality is the database's (DESIGN.md rule 7): keys and values
+//! the column would store, compare or sort differently are canonicalised
+//! where the type defines how, and refused with an error naming the column
+//! or the row otherwise. Each test here broke on a version that compared
+//! in Rust what the database compares its own way.
+
+use std::net::SocketAddr;
+
+use driftd::config::Settings;
+use driftd::pass::{Outcome, PassOptions};
+use driftd::sample::SampleUpstream;
+use serde_json::{json, Value as Json};
+
+use crate::both_backends;
+use crate::common::*;
+
+/// A resource `items` keyed by `/id` into `items.id`, with `columns` (TOML
+/// lines of `[resources.items.columns]`).
+fn items_settings(db: &TestDb, addr: SocketAddr, key_type: &str, columns: &str) -> Settings {
+    let toml = format!(
+        r#"
+[store]
+url = "{db}"
+
+[resources.items]
+key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
+local = {{ table = "items" }}
+
+[resources.items.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/items"
+page_size = 7
+total_pointer = "/total"
+backoff_ms = 1
+
+[resources.items.columns]
+{columns}
+
+[resources.items.policy]
+max_purge_fraction = 1.0
+max_update_fraction = 1.0
+confirm_purge = false
+"#,
+        db = db.url
+    );
+    Settings::from_toml_str(&toml, "test.toml").expect("test config is valid")
+}
+
+async fn items_upstream(items: Vec<Json>) -> (std::sync::Arc<SampleUpstream>, SocketAddr) {
+    let up = SampleUpstream::new();
+    up.set("items", "id", items);
+    let addr = up.spawn("127.0.0.1:0").await.expect("bind sample upstream");
+    (up, addr)
+}
+
+async fn pass_items(settings: &Settings) -> driftd::pass::PassReport {
+    let store = driftd::store::AnyStore::open(&settings.store.url, 4)
+        .await
+        .expect("open store");
+    let res = settings.resource("items").expect("items resource");
+    driftd::pass::run_pass(
+        &store,
+        "items",
+        res,
+        PassOptions::default(),
+        &driftd::pass::Hooks::default(),
+    )
+    .await
+}
+
+fn failed_with(r: &driftd::pass::PassReport, needles: &[&str]) {
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    let err = r.error.as_deref().unwrap_or("");
+    for n in needles {
+        assert!(err.contains(n), "error `{err}` lacks `{n}`");
+    }
+}
+
+async fn case_insensitive_key_collation_is_refused(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    match backend {
+        Backend::Sqlite => {
+            db.exec("CREATE TABLE items (id TEXT COLLATE NOCASE PRIMARY KEY, name TEXT)")
+                .await
+        }
+        Backend::Postgres => {
+            db.exec(
+                "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+                 CREATE TABLE items (id TEXT COLLATE ci PRIMARY KEY, name TEXT)",
+            )
+            .await
+        }
+    }
+    db.exec("INSERT INTO items VALUES ('alice', 'a')").await;
+    let (_up, addr) = items_upstream(vec![json!({"id": "Alice", "name": "a"})]).await;
+    let settings = items_settings(&db, addr, "text", r#"name = { from = "/name" }"#);
+    let r = pass_items(&settings).await;
+    failed_with(&r, &["key column `id`", "collation"]);
+    assert_eq!(
+        db.text("SELECT id FROM items").await,
+        vec![Some("alice".into())]
+    );
+
+    if backend == Backend::Sqlite {
+        // The collation of a unique index on the key counts too.
+        let db = TestDb::new(backend).await;
+        db.exec(
+            "CREATE TABLE items (id TEXT NOT NULL, name TEXT);
+             CREATE UNIQUE INDEX items_id ON items (id COLLATE NOCASE)",
+        )
+        .await;
+        let settings = items_settings(&db, addr, "text", r#"name = { from = "/name" }"#);
+        failed_with(&pass_items(&settings).await, &["collation"]);
+    }
+}
+
+async fn uuid_keys_are_canonical(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ddl = match backend {
+        Backend::Sqlite => "CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT)",
+        Backend::Postgres => "CREATE TABLE items (id UUID PRIMARY KEY, name TEXT)",
+    };
+    db.exec(ddl).await;
+    db.exec("INSERT INTO items VALUES ('6f9619ff-8b86-d011-b42d-00c04fc964ff', 'a')")
+        .await;
+    let upper = "6F9619FF-8B86-D011-B42D-00C04FC964FF";
+    let (_up, addr) = items_upstream(vec![
+        json!({"id": upper, "name": "a"}),
+        json!({"id": "0AAAAAAA-8B86-D011-B42D-00C04FC964FF", "name": "b"}),
+    ])
+    .await;
+    if backend == Backend::Postgres {
+        // A uuid column with text keys is refused, with the fix.
+        let settings = items_settings(&db, addr, "text", r#"name = { from = "/name" }"#);
+        failed_with(&pass_items(&settings).await, &["set key.type = \"uuid\""]);
+    }
+    let settings = items_settings(&db, addr, "uuid", r#"name = { from = "/name" }"#);
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!((r.actions.insert, r.actions.purge), (1, 0), "{r:?}");
+    for _ in 0..2 {
+        let r = pass_items(&settings).await;
+        assert_eq!(r.outcome, Outcome::InSync, "no flap: {r:?}");
+    }
+    let mut keys: Vec<_> = db.text("SELECT CAST(id AS TEXT) FROM items").await;
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            Some("0aaaaaaa-8b86-d011-b42d-00c04fc964ff".into()),
+            Some("6f9619ff-8b86-d011-b42d-00c04fc964ff".into())
+        ]
+    );
+}
+
+async fn key_type_must_match_the_column(backend: Backend) {
+    // An integer key in a TEXT column: `'01'` and `'1'` are two rows to the
+    // database and one key to an integer comparison.
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT)")
+        .await;
+    db.exec("INSERT INTO items VALUES ('1', 'a'), ('01', 'b')")
+        .await;
+    let (_up, addr) = items_upstream(vec![json!({"id": 1, "name": "a"})]).await;
+    let settings = items_settings(&db, addr, "integer", r#"name = { from = "/name" }"#);
+    failed_with(
+        &pass_items(&settings).await,
+        &["key column `id`", "`integer` keys"],
+    );
+    assert_eq!(db.count("items").await, 2);
+
+    // A key column holding keys not in the key type's canonical form: such
+    // a row cannot pair with any upstream row, and the pass says so
+    // instead of purging it.
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT)")
+        .await;
+    db.exec("INSERT INTO items VALUES ('Alice', 'a'), ('bob', 'b')")
+        .await;
+    let (_up, addr) = items_upstream(vec![json!({"id": "alice", "name": "a"})]).await;
+    let settings = items_settings(&db, addr, "uuid", r#"name = { from = "/name" }"#);
+    failed_with(
+        &pass_items(&settings).await,
+        &["not in canonical uuid form"],
+    );
+    assert_eq!(db.count("items").await, 2);
+}
+
+async fn values_that_do_not_fit_are_refused_naming_row_and_column(backend: Backend) {
+    if backend == Backend::Sqlite {
+        // SQLite stores any length in a VARCHAR(5): nothing to refuse.
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE items (id VARCHAR(8) PRIMARY KEY, name VARCHAR(5), n INTEGER, amount NUMERIC(6,2))")
+        .await;
+    db.exec("INSERT INTO items VALUES ('k1', 'Barth', 1, 1.5)")
+        .await;
+    let cols = r#"name = { from = "/name" }
+n = { from = "/n", type = "integer" }
+amount = { from = "/amount", type = "numeric" }"#;
+    for (item, needle) in [
+        (
+            json!({"id": "k1", "name": "Bartholomew", "n": 1, "amount": 1.5}),
+            "row `k1`: column `name`",
+        ),
+        (
+            json!({"id": "k123456789", "name": "B", "n": 1, "amount": 1.5}),
+            "key column `id`",
+        ),
+        (
+            json!({"id": "k1", "name": "B", "n": 3000000000_i64, "amount": 1.5}),
+            "row `k1`: column `n`",
+        ),
+        (
+            json!({"id": "k1", "name": "B", "n": 1, "amount": 1.234}),
+            "row `k1`: column `amount`",
+        ),
+    ] {
+        let (_up, addr) = items_upstream(vec![item.clone()]).await;
+        let settings = items_settings(&db, addr, "text", cols);
+        let r = pass_items(&settings).await;
+        failed_with(&r, &[needle, "nothing was written"]);
+        assert_eq!(
+            db.text("SELECT id || name || n || amount FROM items").await,
+            vec![Some("k1Barth11.50".into())],
+            "{item}"
+        );
+    }
+}
+
+async fn column_types_must_match(backend: Backend) {
+    if backend == Backend::Sqlite {
+        return;
+    }
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE items (id TEXT PRIMARY KEY, at TIMESTAMPTZ)")
+        .await;
+    let (_up, addr) = items_upstream(vec![json!({"id": "a", "at": "2027-01-01T00:00:00Z"})]).await;
+    let settings = items_settings(&db, addr, "text", r#"at = { from = "/at" }"#);
+    failed_with(
+        &pass_items(&settings).await,
+        &[
+            "column `at` is timestamp with time zone",
+            "type = \"timestamp\"",
+        ],
+    );
+}
+
+async fn every_type_converges(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let ddl = match backend {
+        Backend::Sqlite => "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT, at TEXT, amount TEXT, doc TEXT, raw TEXT, ref TEXT, n INTEGER, flag BOOLEAN)",
+        Backend::Postgres => "CREATE TABLE items (id BIGINT PRIMARY KEY, name VARCHAR(20), at TIMESTAMPTZ, amount NUMERIC(12,4), doc JSONB, raw JSON, ref UUID, n SMALLINT, flag BOOLEAN)",
+    };
+    db.exec(ddl).await;
+    let items: Vec<Json> = (0..20)
+        .map(|i| {
+            json!({
+                "id": i,
+                "name": format!("name {i} é"),
+                "at": format!("2027-10-31T02:{:02}:00.5+02:00", i),
+                "amount": serde_json::from_str::<Json>(&format!("{i}.50")).unwrap(),
+                "doc": serde_json::from_str::<Json>(&format!(
+                    r#"{{"zz": [1, 1.50, 2e1, "x\"y"], "a": {{"k": null}}, "n": {i}, "é": true}}"#
+                )).unwrap(),
+                "raw": {"b": 1, "a": [true]},
+                "ref": format!("6F9619FF-8B86-D011-B42D-00C04FC964{i:02X}"),
+                "n": i - 10,
+                "flag": i % 2 == 0,
+            })
+        })
+        .collect();
+    let (_up, addr) = items_upstream(items).await;
+    let cols = r#"name = { from = "/name" }
+at = { from = "/at", type = "timestamp" }
+amount = { from = "/amount", type = "numeric" }
+doc = { from = "/doc", type = "json" }
+raw = { from = "/raw", type = "json" }
+ref = { from = "/ref", type = "uuid" }
+n = { from = "/n", type = "integer" }
+flag = { from = "/flag", type = "boolean" }"#;
+    let settings = items_settings(&db, addr, "integer", cols);
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(r.actions.insert, 20);
+    let r = pass_items(&settings).await;
+    assert_eq!(
+        r.outcome,
+        Outcome::InSync,
+        "second pass over an unchanged upstream: {r:?}"
+    );
+    // Touch every column behind driftd's back: each is repaired, then quiet.
+    db.exec(
+        "UPDATE items SET name = 'x' WHERE id = 1; UPDATE items SET amount = 99 WHERE id = 2;
+         UPDATE items SET ref = NULL WHERE id = 3; UPDATE items SET n = 7 WHERE id = 4;
+         UPDATE items SET flag = NULL WHERE id = 5",
+    )
+    .await;
+    let r = pass_items(&settings).await;
+    assert_eq!((r.outcome, r.found.stale), (Outcome::Repaired, 5), "{r:?}");
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+}
+
+async fn sqlite_storage_classes_are_compared(backend: Backend) {
+    if backend == Backend::Postgres {
+        return;
+    }
+    // A cast would make REAL 12.7 or '12abc' equal 12, and 'yes' equal
+    // false: the rows must read as stale and be repaired.
+    let db = TestDb::new(backend).await;
+    db.exec("CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER, flag BOOLEAN, name TEXT)")
+        .await;
+    db.exec(
+        "INSERT INTO items VALUES ('a', 12.7, 0, 'x'), ('b', '12abc', 'yes', 'x'), ('c', 12, 'true', 'x' || char(0) || 'y'), ('d', 12, 0, 12), ('e', 12, 0, 'x')",
+    )
+    .await;
+    let items: Vec<Json> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|k| json!({"id": k, "n": 12, "flag": false, "name": "x"}))
+        .collect();
+    let (_up, addr) = items_upstream(items).await;
+    let cols = r#"n = { from = "/n", type = "integer" }
+flag = { from = "/flag", type = "boolean" }
+name = { from = "/name" }"#;
+    let settings = items_settings(&db, addr, "text", cols);
+    let r = pass_items(&settings).await;
+    assert_eq!((r.outcome, r.found.stale), (Outcome::Repaired, 4), "{r:?}");
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+    assert_eq!(
+        db.text("SELECT typeof(n) || typeof(flag) || name FROM items ORDER BY id")
+            .await,
+        vec![Some("integerintegerx".to_string()); 5]
+    );
+}
+
+both_backends!(
+    case_insensitive_key_collation_is_refused,
+    uuid_keys_are_canonical,
+    key_type_must_match_the_column,
+    values_that_do_not_fit_are_refused_naming_row_and_column,
+    column_types_must_match,
+    every_type_converges,
+    sqlite_storage_classes_are_compared,
+);
