@@ -41,6 +41,12 @@ impl Daemon {
             Schedules::load(&settings.schedules_dir(), &settings).map_err(anyhow::Error::new)?,
         );
         let store = Arc::new(crate::cli::open_store(&settings).await?);
+        // Refuse to start over a table driftd cannot mirror faithfully.
+        for (name, res) in &settings.resources {
+            crate::store::Store::prepare(store.as_ref(), &res.table_spec())
+                .await
+                .with_context(|| format!("resource `{name}`"))?;
+        }
         let runner = Runner::new(settings.clone(), store, Arc::new(Metrics::new()));
         let abandoned = runner
             .recover()

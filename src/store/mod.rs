@@ -194,6 +194,17 @@ impl AnyStore {
         Ok(store)
     }
 
+    /// Opens an existing database without creating or migrating anything,
+    /// to inspect the mirrored tables (`driftd check`).
+    pub async fn open_existing(url: &SecretString) -> Result<AnyStore, StoreError> {
+        let raw = url.expose_secret();
+        Ok(if raw.starts_with("sqlite:") {
+            AnyStore::Sqlite(SqliteStore::open_with(raw, false).await?)
+        } else {
+            AnyStore::Postgres(PgStore::open(raw, 1).await?)
+        })
+    }
+
     pub fn backend(&self) -> &'static str {
         match self {
             AnyStore::Sqlite(_) => "sqlite",

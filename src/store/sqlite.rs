@@ -29,10 +29,15 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::open_with(url, true).await
+    }
+
+    /// Opens `url`; a missing file is created only when `create` is set.
+    pub async fn open_with(url: &str, create: bool) -> Result<Self, StoreError> {
         let in_memory = url.contains(":memory:");
         let options = SqliteConnectOptions::from_str(url)
             .map_err(StoreError::Connect)?
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(if in_memory {
                 SqliteJournalMode::Memory
             } else {

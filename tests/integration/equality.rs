@@ -336,7 +336,67 @@ name = { from = "/name" }"#;
     );
 }
 
+/// `driftd check` and `driftd run` refuse a table driftd cannot mirror,
+/// before any pass; `check` says OK for one it can.
+async fn check_and_run_refuse_an_unsafe_table(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    match backend {
+        Backend::Sqlite => {
+            db.exec("CREATE TABLE items (id TEXT COLLATE NOCASE PRIMARY KEY, name TEXT)")
+                .await
+        }
+        Backend::Postgres => {
+            db.exec("CREATE TABLE items (id UUID PRIMARY KEY, name TEXT)")
+                .await
+        }
+    }
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("driftd.toml");
+    let toml = |key_type: &str| {
+        format!(
+            r#"
+[store]
+url = "{db}"
+[admin]
+listen = "127.0.0.1:0"
+allow_unauthenticated = true
+[resources.items]
+key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
+local = {{ table = "items" }}
+upstream = {{ base_url = "http://{addr}", list_path = "/items" }}
+columns = {{ name = {{ from = "/name" }} }}
+"#,
+            db = db.url
+        )
+    };
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .expect("run driftd")
+    };
+    std::fs::write(&path, toml("text")).unwrap();
+    for args in [&["check"][..], &["run"][..]] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains("key column `id`"), "{args:?}: {err}");
+    }
+    if backend == Backend::Postgres {
+        std::fs::write(&path, toml("uuid")).unwrap();
+        let out = run(&["check"]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{stdout}");
+        assert!(stdout.contains("table items: OK"), "{stdout}");
+    }
+}
+
 both_backends!(
+    check_and_run_refuse_an_unsafe_table,
     case_insensitive_key_collation_is_refused,
     uuid_keys_are_canonical,
     key_type_must_match_the_column,
