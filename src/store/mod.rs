@@ -75,11 +75,16 @@ pub(crate) fn query_err(context: impl Into<String>) -> impl FnOnce(sqlx::Error) 
 }
 
 /// A per-resource lock held while a pass runs, so that several driftd
-/// replicas on one PostgreSQL database never run the same resource at once.
-/// SQLite serves one process, whose runner already allows one pass per
-/// resource, so its lock is a no-op.
+/// processes on one database never run the same resource at once: a
+/// PostgreSQL advisory lock, or on SQLite an exclusive `flock` on a file
+/// beside the database (`<db>.driftd-<resource>.lock`), which every driftd
+/// process (worker or CLI) respects. An in-memory database serves one
+/// process, whose runner already allows one pass per resource.
 pub enum ResourceLock {
     Local,
+    /// Held while the file stays open; closing it releases the lock, also
+    /// when the process dies.
+    File(std::fs::File),
     /// A session-level advisory lock, held by this pooled connection.
     Advisory {
         conn: sqlx::pool::PoolConnection<sqlx::Postgres>,

@@ -25,6 +25,8 @@ const MAX_PARAMS: usize = 30_000;
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file (`None` in memory), for the lock files beside it.
+    path: Option<std::path::PathBuf>,
 }
 
 impl SqliteStore {
@@ -44,6 +46,7 @@ impl SqliteStore {
                 SqliteJournalMode::Wal
             })
             .busy_timeout(Duration::from_secs(10));
+        let path = (!in_memory).then(|| options.get_filename().to_path_buf());
         // An in-memory database exists once per connection: keep exactly one.
         let pool = SqlitePoolOptions::new()
             .max_connections(if in_memory { 1 } else { 4 })
@@ -61,7 +64,7 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
-        Ok(Self { pool })
+        Ok(Self { pool, path })
     }
 
     /// The pool, for tests and the quickstart that seed tables.
@@ -553,8 +556,28 @@ impl Store for SqliteStore {
         rows.into_iter().map(jobs::from_row).collect()
     }
 
-    async fn try_lock(&self, _resource: &str) -> Result<Option<ResourceLock>, StoreError> {
-        Ok(Some(ResourceLock::Local))
+    async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
+        let Some(db) = &self.path else {
+            return Ok(Some(ResourceLock::Local));
+        };
+        let mut name = db.as_os_str().to_owned();
+        name.push(format!(".driftd-{resource}.lock"));
+        let path = std::path::PathBuf::from(name);
+        let lock_err = |e: std::io::Error| StoreError::Schema {
+            table: resource.to_string(),
+            problem: format!("cannot take the lock file {}: {e}", path.display()),
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(lock_err)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(ResourceLock::File(file))),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(lock_err(e)),
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

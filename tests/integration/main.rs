@@ -7,5 +7,6 @@ mod common;
 mod daemon;
 mod equality;
 mod guards;
+mod locks;
 mod prometheus;
 mod repair;
