@@ -481,7 +481,7 @@ pub fn user(i: u64, tenants: u64) -> Json {
         "firstname": format!("First{i}"),
         "lastname": format!("Last{}", i % 997),
         "email": format!("user{i}@example.com"),
-        "enabled": i % 10 != 0,
+        "enabled": !i.is_multiple_of(10),
         "extension": 1000 + (i % 9000) as i64,
     })
 }

@@ -96,7 +96,7 @@ impl PgColumn {
 /// [`crate::model::signature`]).
 pub fn signature_part(c: &Ident, kind: ColumnType, column: Option<&PgColumn>) -> String {
     let q = c.quoted();
-    let native_bool = column.map_or(true, |col| col.base == "boolean");
+    let native_bool = column.is_none_or(|col| col.base == "boolean");
     match kind {
         ColumnType::Integer => format!("COALESCE('I' || CAST({q} AS int8)::text || ';', 'N;')"),
         ColumnType::Boolean if native_bool => {
