@@ -36,6 +36,9 @@ use crate::model::{fingerprint_signature, is_canonical_key, Key, Row};
 pub enum StoreError {
     #[error("cannot open the database: {0}")]
     Connect(#[source] sqlx::Error),
+    /// The SQLite file is missing, or not the one opened.
+    #[error("{0}")]
+    Gone(String),
     #[error("table `{table}`: {problem}")]
     Schema { table: String, problem: String },
     #[error("table `{table}`: {source}")]
@@ -191,7 +194,7 @@ impl AnyStore {
     pub async fn open(url: &SecretString, max_connections: u32) -> Result<AnyStore, StoreError> {
         let raw = url.expose_secret();
         let store = if raw.starts_with("sqlite:") {
-            AnyStore::Sqlite(SqliteStore::open(raw).await?)
+            AnyStore::Sqlite(SqliteStore::open_with(raw, false).await?)
         } else {
             AnyStore::Postgres(PgStore::open(raw, max_connections).await?)
         };

@@ -27,11 +27,43 @@ pub struct SqliteStore {
     pool: SqlitePool,
     /// The database file (`None` in memory), for the lock files beside it.
     path: Option<std::path::PathBuf>,
+    /// The file's device and inode when opened: a file deleted, moved or
+    /// replaced under driftd is noticed before the next write or pass.
+    file_id: Option<(u64, u64)>,
+}
+
+/// A file's identity on disk.
+fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl SqliteStore {
+    /// Opens `url`, creating the file if it is missing: for the quickstart,
+    /// which seeds its own database. Everything else uses
+    /// [`SqliteStore::open_with`] without creation.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         Self::open_with(url, true).await
+    }
+
+    /// Fails if the database file is gone or is not the one opened (a
+    /// connection would silently write into the unlinked file, or a new
+    /// one would create an empty database).
+    fn check_file(&self) -> Result<(), StoreError> {
+        let (Some(path), Some(opened)) = (&self.path, self.file_id) else {
+            return Ok(());
+        };
+        let gone =
+            |what: &str| StoreError::Gone(format!("database file {} {what}", path.display()));
+        match file_id(path) {
+            Ok(now) if now == opened => Ok(()),
+            Ok(_) => Err(gone("was replaced by another file since driftd opened it")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(gone("is gone (deleted or moved) since driftd opened it"))
+            }
+            Err(e) => Err(gone(&format!("cannot be checked: {e}"))),
+        }
     }
 
     /// Opens `url`; a missing file is created only when `create` is set.
@@ -47,6 +79,12 @@ impl SqliteStore {
             })
             .busy_timeout(Duration::from_secs(10));
         let path = (!in_memory).then(|| options.get_filename().to_path_buf());
+        if let Some(path) = path.as_ref().filter(|p| !create && !p.exists()) {
+            return Err(StoreError::Gone(format!(
+                "database file {} does not exist; driftd never creates one (only `driftd quickstart` does): create it with the mirrored tables first",
+                path.display()
+            )));
+        }
         // An in-memory database exists once per connection: keep exactly one.
         let pool = SqlitePoolOptions::new()
             .max_connections(if in_memory { 1 } else { 4 })
@@ -64,7 +102,18 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
-        Ok(Self { pool, path })
+        let file_id = match &path {
+            Some(p) => Some(
+                file_id(p)
+                    .map_err(|e| StoreError::Gone(format!("database file {}: {e}", p.display())))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            pool,
+            path,
+            file_id,
+        })
     }
 
     /// The pool, for tests and the quickstart that seed tables.
@@ -73,6 +122,7 @@ impl SqliteStore {
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, StoreError> {
+        self.check_file()?;
         self.pool
             .begin_with("BEGIN IMMEDIATE")
             .await
@@ -345,6 +395,7 @@ impl Store for SqliteStore {
     }
 
     async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
+        self.check_file()?;
         let (schema, table) = match spec.table.as_str().split_once('.') {
             Some((s, t)) => (s, t),
             None => ("main", spec.table.as_str()),
@@ -520,6 +571,7 @@ impl Store for SqliteStore {
     }
 
     async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.check_file()?;
         let sql = jobs::UPSERT.replace('$', "?");
         jobs::bind(sqlx::query(&sql), jobs::to_row(job))
             .execute(&self.pool)
@@ -581,6 +633,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
+        self.check_file()?;
         sqlx::query("SELECT 1")
             .execute(&self.pool)
             .await

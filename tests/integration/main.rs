@@ -7,6 +7,6 @@ mod common;
 mod daemon;
 mod equality;
 mod guards;
-mod locks;
 mod prometheus;
 mod repair;
+mod sqlite_file;
