@@ -137,9 +137,11 @@ fn default_admin_listen() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
-    /// Folder of `*.toml` schedule files, relative to the config file.
-    #[serde(default = "default_schedules_dir")]
-    pub schedules_dir: PathBuf,
+    /// Folder of `*.toml` schedule files, relative to the config file. When
+    /// set it must exist (a misspelled folder would mean no schedules);
+    /// unset, `schedules` is used if present.
+    #[serde(default)]
+    pub schedules_dir: Option<PathBuf>,
     /// Resources to pass once at start-up.
     #[serde(default)]
     pub startup: Vec<String>,
@@ -151,7 +153,7 @@ pub struct DaemonSettings {
 impl Default for DaemonSettings {
     fn default() -> Self {
         Self {
-            schedules_dir: default_schedules_dir(),
+            schedules_dir: None,
             startup: Vec::new(),
             shutdown_grace_secs: default_shutdown_grace(),
         }
@@ -728,7 +730,8 @@ impl Settings {
 
     /// The schedules folder, relative to the config file's folder.
     pub fn schedules_dir(&self) -> PathBuf {
-        let dir = &self.daemon.schedules_dir;
+        let default = default_schedules_dir();
+        let dir = self.daemon.schedules_dir.as_ref().unwrap_or(&default);
         if dir.is_absolute() {
             return dir.clone();
         }

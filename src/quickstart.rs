@@ -37,7 +37,8 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
     let mut settings = Settings::from_toml_str(&text, "examples/quickstart/driftd.toml")?;
     if !serve {
         // The demo runs its passes itself; schedules only when serving.
-        settings.daemon.schedules_dir = "/nonexistent/driftd-quickstart".into();
+        // (unset, the default folder beside the config does not exist)
+        settings.daemon.schedules_dir = None;
     }
     if std::net::TcpListener::bind(&settings.admin.listen).is_err() {
         settings.admin.listen = "127.0.0.1:0".into();
