@@ -30,7 +30,13 @@ pub fn uuid(raw: &str) -> Result<String, String> {
 pub fn timestamp(raw: &str) -> Result<String, String> {
     let parsed = chrono::DateTime::parse_from_rfc3339(raw)
         .map_err(|e| format!("`{raw}` is not an RFC 3339 timestamp: {e}"))?;
-    let utc = parsed.with_timezone(&chrono::Utc);
+    let mut utc = parsed.with_timezone(&chrono::Utc);
+    let nanos = utc.timestamp_subsec_nanos();
+    if nanos >= 1_000_000_000 {
+        // A leap second (`23:59:60`): PostgreSQL stores the next second.
+        utc = chrono::DateTime::from_timestamp(utc.timestamp() + 1, nanos - 1_000_000_000)
+            .ok_or_else(|| format!("`{raw}` is out of range"))?;
+    }
     if utc.timestamp_subsec_nanos() % 1000 != 0 {
         return Err(format!(
             "`{raw}` is more precise than the microseconds the database keeps"
@@ -99,6 +105,10 @@ impl Decimal {
             let pad = shown + 1 - digits.len();
             digits.insert_str(0, &"0".repeat(pad));
         }
+        // a zero scaled up (`0E+2`) has no digits of its own: one `0`
+        let int_len = digits.len() - shown;
+        let zeros = digits[..int_len].bytes().take_while(|b| *b == b'0').count();
+        digits.drain(..zeros.min(int_len - 1));
         let point = digits.len() - shown;
         let mut out = String::with_capacity(digits.len() + 2);
         if self.negative {
@@ -255,6 +265,10 @@ mod tests {
             "2027-01-01T00:00:00.123456Z"
         );
         assert!(timestamp("2027-01-01T00:00:00.1234567Z").is_err());
+        assert_eq!(
+            timestamp("2016-12-31T23:59:60Z").unwrap(),
+            "2017-01-01T00:00:00.000000Z"
+        );
         assert!(timestamp("yesterday").is_err());
     }
 
@@ -269,6 +283,9 @@ mod tests {
             ("1.5e-3", "0.0015"),
             ("-12345678901234567890.5", "-12345678901234567890.5"),
             ("2E+3", "2000"),
+            ("0E+2", "0"),
+            ("-0e3", "0"),
+            ("0.00e1", "0"),
         ] {
             assert_eq!(numeric(raw, None).unwrap(), want, "{raw}");
         }
@@ -289,6 +306,8 @@ mod tests {
         );
         assert!(json(&json!("a\u{0}")).is_err());
         assert_eq!(json(&json!([])).unwrap(), "[]");
+        let zeros: Json = serde_json::from_str(r#"[0e3, 0.00e1, -0.0, 0E+2]"#).unwrap();
+        assert_eq!(json(&zeros).unwrap(), "[0, 0.0, 0.0, 0]");
         assert_eq!(json(&json!({})).unwrap(), "{}");
     }
 }

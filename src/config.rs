@@ -335,8 +335,9 @@ impl Pagination {
 
     /// Whether a listing can itself show that the list did not move while
     /// it was paged. Offset pages overlap by one row, and the overlap must
-    /// match; page numbers, cursors and links give the pager nothing to
-    /// check a moved list against.
+    /// match (which proves the listing whole over a list sorted by the key,
+    /// `key_order = "asc"`); page numbers, cursors and links give the pager
+    /// nothing to check a moved list against.
     pub fn proves_completeness(&self) -> bool {
         matches!(self, Pagination::Offset { .. })
     }
@@ -837,17 +838,22 @@ impl ResourceConfig {
                 "needs upstream.get_path to confirm candidates",
             ));
         }
-        if p.purge_extra
-            && !self.confirms_purges()
-            && !self.upstream.pagination.proves_completeness()
-        {
-            return Err(problem(
-                "upstream.pagination",
-                format!(
-                    "`{}` pagination cannot show that the list did not move while it was paged, so purge candidates must be confirmed one by one: set upstream.get_path (and leave policy.confirm_purge on), or set policy.purge_extra = false",
-                    self.upstream.pagination.kind()
-                ),
-            ));
+        if p.purge_extra && !self.confirms_purges() {
+            let kind = self.upstream.pagination.kind();
+            if !self.upstream.pagination.proves_completeness() {
+                return Err(problem(
+                    "upstream.pagination",
+                    format!(
+                        "`{kind}` pagination cannot show that the list did not move while it was paged, so purge candidates must be confirmed one by one: set upstream.get_path (and leave policy.confirm_purge on), or set policy.purge_extra = false"
+                    ),
+                ));
+            }
+            if self.upstream.key_order != KeyOrder::Asc {
+                return Err(problem(
+                    "upstream.key_order",
+                    "offset pages prove a listing whole only over a list sorted by the key (a row whose sort field changes can jump over the page boundary unseen): sort the listing by the key and set key_order = \"asc\", or set upstream.get_path so purge candidates are confirmed, or set policy.purge_extra = false",
+                ));
+            }
         }
         Ok(())
     }
@@ -1009,7 +1015,7 @@ mod tests {
 
     const MINIMAL: &str = r#"
 [resources.users]
-upstream = { base_url = "http://127.0.0.1:9", list_path = "/users" }
+upstream = { base_url = "http://127.0.0.1:9", list_path = "/users", key_order = "asc" }
 key = { upstream = "/uuid", column = "uuid" }
 local = { table = "users" }
 columns = { name = { from = "/name" } }
@@ -1033,6 +1039,28 @@ columns = { name = { from = "/name" } }
         assert!(err.contains("t.toml"), "{err}");
         assert!(err.contains("`users`"), "{err}");
         assert!(err.contains("local.table"), "{err}");
+    }
+
+    #[test]
+    fn unprovable_listings_need_confirmed_purges() {
+        let unordered = MINIMAL.replace(", key_order = \"asc\"", "");
+        let err = Settings::from_toml_str(&unordered, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("upstream.key_order"), "{err}");
+        let confirmed = unordered.replace(
+            "list_path = \"/users\"",
+            "list_path = \"/users\", get_path = \"/users/{key}\"",
+        );
+        let s = Settings::from_toml_str(&confirmed, "t.toml").unwrap();
+        assert!(s.resources["users"].confirms_purges());
+        let paged = MINIMAL.replace("key_order", "pagination = { kind = \"page\" }, key_order");
+        let err = Settings::from_toml_str(&paged, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`page` pagination cannot show"), "{err}");
+        let no_purge = format!("{paged}\n[resources.users.policy]\npurge_extra = false\n");
+        assert!(Settings::from_toml_str(&no_purge, "t.toml").is_ok());
     }
 
     #[test]

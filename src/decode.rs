@@ -444,7 +444,7 @@ mod tests {
         let text = format!(
             r#"
 [resources.u]
-upstream = {{ base_url = "http://h", list_path = "/u", total_pointer = "/total" {extra} }}
+upstream = {{ base_url = "http://h", list_path = "/u", total_pointer = "/total", key_order = "asc" {extra} }}
 key = {{ upstream = "/id", column = "id", type = "integer" }}
 local = {{ table = "u" }}
 [resources.u.columns]

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{ResourceConfig, TableSpec, UpstreamConfig};
+use crate::config::{KeyType, ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
 use crate::guard::{self, GuardTrip};
@@ -362,7 +362,7 @@ async fn execute<S: Store>(
     let applying = Instant::now();
     if res.confirms_purges() && !plan.purge.is_empty() {
         check_canary(&client, plan.canary.as_ref()).await?;
-        let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge)).await?;
+        let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge), res.key.kind).await?;
         plan.purge = gone;
         report.actions.purge_kept = kept;
     }
@@ -577,15 +577,25 @@ async fn check_canary(client: &Client, canary: Option<&Key>) -> Result<(), PassE
     };
     match client.confirm(key.as_str()).await? {
         Presence::Present => Ok(()),
-        Presence::Gone => Err(PassError::Canary(key.clone())),
+        Presence::Gone | Presence::Unverifiable => Err(PassError::Canary(key.clone())),
     }
 }
 
-/// Splits candidates into confirmed-gone and still-present (kept).
-async fn confirm(client: &Client, candidates: Vec<Key>) -> Result<(Vec<Key>, u64), PassError> {
+/// Splits candidates into confirmed-gone and kept (still present, or not
+/// checkable). A uuid key is gone only if both its lower- and upper-case
+/// spellings are: driftd stores the canonical lower case, an upstream may
+/// store and match keys as it was given them.
+async fn confirm(
+    client: &Client,
+    candidates: Vec<Key>,
+    key_type: KeyType,
+) -> Result<(Vec<Key>, u64), PassError> {
     let checks: Vec<(Key, Result<Presence, UpstreamError>)> = stream::iter(candidates)
         .map(|key| async move {
-            let presence = client.confirm(key.as_str()).await;
+            let mut presence = client.confirm(key.as_str()).await;
+            if key_type == KeyType::Uuid && matches!(presence, Ok(Presence::Gone)) {
+                presence = client.confirm(&key.as_str().to_ascii_uppercase()).await;
+            }
             (key, presence)
         })
         .buffered(CONFIRM_CONCURRENCY)
@@ -598,6 +608,10 @@ async fn confirm(client: &Client, candidates: Vec<Key>) -> Result<(Vec<Key>, u64
             Presence::Gone => gone.push(key),
             Presence::Present => {
                 tracing::warn!(%key, "purge candidate still exists upstream; kept (the listing missed it)");
+                kept += 1;
+            }
+            Presence::Unverifiable => {
+                tracing::warn!(%key, "purge candidate cannot be checked with get_path (the key does not survive as a URL path segment); kept");
                 kept += 1;
             }
         }

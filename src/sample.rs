@@ -155,6 +155,9 @@ pub struct SampleUpstream {
     stale_total: Mutex<Option<usize>>,
     /// Changes made before each list request, per collection.
     churn: Mutex<HashMap<String, (String, ChurnHook)>>,
+    /// Collections whose get-by-key looks items up by another field than
+    /// the one they are ordered by.
+    get_by: Mutex<HashMap<String, String>>,
 }
 
 impl SampleUpstream {
@@ -187,6 +190,15 @@ impl SampleUpstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(collection.to_string(), (key.to_string(), hook));
+    }
+
+    /// Makes get-by-key of `collection` look items up by `field` (a list
+    /// ordered by something else than its key).
+    pub fn get_by(&self, collection: &str, field: &str) {
+        self.get_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(collection.to_string(), field.to_string());
     }
 
     /// Stops calling the hooks set by [`SampleUpstream::on_list`].
@@ -441,12 +453,25 @@ async fn get_one(
     State(up): State<Arc<SampleUpstream>>,
     Path((collection, key)): Path<(String, String)>,
 ) -> Response {
+    let field = up
+        .get_by
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&collection)
+        .cloned();
     let all = up.collections.read().unwrap_or_else(|p| p.into_inner());
-    let found = all.get(&collection).and_then(|items| {
-        items
+    let found = all.get(&collection).and_then(|items| match &field {
+        None => items
             .binary_search_by(|i| i.key.as_str().cmp(&key))
             .ok()
-            .map(|at| items[at].json.clone())
+            .map(|at| items[at].json.clone()),
+        Some(field) => items
+            .iter()
+            .find(|i| {
+                serde_json::from_str::<Json>(&i.json)
+                    .is_ok_and(|j| j[field.as_str()].as_str() == Some(key.as_str()))
+            })
+            .map(|i| i.json.clone()),
     });
     match found {
         Some(json) => (

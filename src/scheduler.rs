@@ -597,7 +597,7 @@ mod tests {
         let text = format!(
             r#"{dir}
 [resources.users]
-upstream = {{ base_url = "http://127.0.0.1:9", list_path = "/users" }}
+upstream = {{ base_url = "http://127.0.0.1:9", list_path = "/users", key_order = "asc" }}
 key = {{ upstream = "/uuid", column = "uuid" }}
 local = {{ table = "users" }}
 "#

@@ -83,6 +83,10 @@ pub enum Presence {
     Gone,
     /// 2xx: the row still exists.
     Present,
+    /// The key cannot be put in `get_path` faithfully (`.` and `..` are
+    /// resolved away by URL parsing): nothing can be learnt, so the
+    /// candidate is kept.
+    Unverifiable,
 }
 
 impl Client {
@@ -205,8 +209,18 @@ impl Client {
             .get_template
             .as_ref()
             .ok_or_else(|| UpstreamError::Config("no get_path configured".into()))?;
-        let url = Url::parse(&template.replace("{key}", &encode_path_segment(key)))
+        let encoded = encode_path_segment(key);
+        let url = Url::parse(&template.replace("{key}", &encoded))
             .map_err(|e| UpstreamError::Config(format!("get url: {e}")))?;
+        // The path must hold the key as given: URL parsing resolves dot
+        // segments, which would ask about another resource.
+        const PLACEHOLDER: &str = "driftd-key-placeholder";
+        let expected = Url::parse(&template.replace("{key}", PLACEHOLDER))
+            .map(|u| u.path().replace(PLACEHOLDER, &encoded))
+            .map_err(|e| UpstreamError::Config(format!("get url: {e}")))?;
+        if url.path() != expected {
+            return Ok(Presence::Unverifiable);
+        }
         let (status, _, body) = self.get(&url).await?;
         match status {
             StatusCode::NOT_FOUND => Ok(Presence::Gone),

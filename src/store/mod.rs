@@ -278,7 +278,11 @@ pub(crate) fn index_row(
     let Some(key) = key else {
         return Err(StoreError::BadRow {
             table: spec.table.to_string(),
-            problem: format!("a row has a NULL key in `{}`", spec.key_column),
+            problem: format!(
+                "a row has a NULL key in `{}`, or one stored as another type than {} (e.g. a BLOB), which driftd cannot address",
+                spec.key_column,
+                spec.key_type.as_str()
+            ),
         });
     };
     if !is_canonical_key(key, spec.key_type) {

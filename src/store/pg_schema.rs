@@ -43,6 +43,13 @@ impl From<(String, String, String, i32, bool)> for PgColumn {
     }
 }
 
+/// Whether `$2` (a column name) of table `$1` has a unique, non-partial
+/// index (or constraint) on exactly that column.
+pub const KEY_IS_UNIQUE: &str = "SELECT EXISTS (SELECT 1 FROM pg_index i \
+     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] \
+     WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL \
+     AND i.indexprs IS NULL AND i.indnkeyatts = 1 AND a.attname = $2)";
+
 /// The 4-byte header PostgreSQL adds to type modifiers.
 const VARHDRSZ: i32 = 4;
 
@@ -83,9 +90,10 @@ impl PgColumn {
     /// SQL printing the column's value as driftd's canonical text.
     fn canonical_text(&self, c: &str) -> String {
         match self.base.as_str() {
-            "timestamp with time zone" => {
-                format!("to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
-            }
+            // to_char prints NULL for ±infinity: print those as they are
+            "timestamp with time zone" => format!(
+                "CASE WHEN isfinite({c}) THEN to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"') ELSE {c}::text END"
+            ),
             "numeric" => format!("trim_scale({c})::text"),
             _ => format!("{c}::text"),
         }

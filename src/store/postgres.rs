@@ -66,6 +66,19 @@ impl PgStore {
             .unwrap_or_else(|| "text".into())
     }
 
+    /// The type a value array is cast to before assignment to `column`:
+    /// its base type, except booleans into an integer column, which go
+    /// through `integer` (the only integer type PostgreSQL casts a boolean
+    /// to; assignment then widens or narrows it).
+    fn cast_of(&self, spec: &TableSpec, column: &str, kind: ColumnType) -> String {
+        let base = self.type_of(spec, column);
+        if kind == ColumnType::Boolean && base != "boolean" {
+            "integer".into()
+        } else {
+            base
+        }
+    }
+
     /// Parameter arrays for `rows`: keys, then one array per owned column.
     fn arrays<'a>(spec: &TableSpec, rows: &'a [Row]) -> (Vec<&'a str>, Vec<ColumnArray>) {
         let keys = rows.iter().map(|r| r.key.as_str()).collect();
@@ -200,6 +213,15 @@ impl Store for PgStore {
             table: spec.table.to_string(),
             problem,
         };
+        let unique: bool = sqlx::query_scalar(pg_schema::KEY_IS_UNIQUE)
+            .bind(spec.table.quoted())
+            .bind(spec.key_column.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect the key of {}", spec.table)))?;
+        if !unique {
+            return Err(refuse(shape::not_unique(spec.key_column.as_str())));
+        }
         let mut shape = Shape::unlimited(spec);
         if let Some(key) = find(spec.key_column.as_str()) {
             if !shape::key_fits(spec.key_type, key.kind()) {
@@ -270,11 +292,14 @@ impl Store for PgStore {
         let mut unnest = vec!["$1::text[]".to_string()];
         let mut aliases = vec!["k".to_string()];
         let mut picks = vec![format!("u.k::{kt}")];
-        for (i, ((col, _), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
             names.push(col.quoted());
             unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
             aliases.push(format!("c{i}"));
-            picks.push(format!("u.c{i}::{}", self.type_of(spec, col.as_str())));
+            picks.push(format!(
+                "u.c{i}::{}",
+                self.cast_of(spec, col.as_str(), *kind)
+            ));
         }
         let sql = format!(
             "INSERT INTO {t} ({names}) SELECT {picks} FROM UNNEST({unnest}) AS u({aliases}) \
@@ -306,13 +331,13 @@ impl Store for PgStore {
         let mut unnest = vec!["$1::text[]".to_string()];
         let mut aliases = vec!["k".to_string()];
         let mut sets = Vec::new();
-        for (i, ((col, _), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
             unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
             aliases.push(format!("c{i}"));
             sets.push(format!(
                 "{} = u.c{i}::{}",
                 col.quoted(),
-                self.type_of(spec, col.as_str())
+                self.cast_of(spec, col.as_str(), *kind)
             ));
         }
         if let Some(soft) = &spec.soft_delete {

@@ -189,6 +189,13 @@ fn key_fits_name(s: &str) -> bool {
     matches!(s, "text" | "integer" | "uuid")
 }
 
+/// Why a key column that is not unique cannot be mirrored.
+pub fn not_unique(key: &str) -> String {
+    format!(
+        "the key column `{key}` has no unique constraint or index of its own (a partial one, e.g. unique among live rows, does not count): driftd pairs one row per key and its writes address rows by key; add a unique index on `{key}`"
+    )
+}
+
 /// Why an owned column cannot be mirrored, with a hint.
 pub fn column_refusal(column: ColumnType, name: &str, declared: &str, kind: Kind) -> String {
     let why = format!(

@@ -190,10 +190,18 @@ fn signature_part(c: &Ident, kind: ColumnType) -> String {
     }
 }
 
+/// The key as text, only when stored as the key type's storage class: a
+/// BLOB or REAL key (written by another application) reads as NULL and
+/// fails the scan, since no bound text or integer would ever address it.
 fn scan_query(spec: &TableSpec) -> ScanQuery {
+    let k = spec.key_column.quoted();
+    let class = match spec.key_type {
+        KeyType::Integer => "integer",
+        KeyType::Text | KeyType::Uuid => "text",
+    };
     ScanQuery::new(
         spec,
-        format!("CAST({} AS TEXT)", spec.key_column.quoted()),
+        format!("CASE WHEN typeof({k}) = '{class}' THEN CAST({k} AS TEXT) END"),
         signature_part,
     )
 }
@@ -202,16 +210,17 @@ fn scan_query(spec: &TableSpec) -> ScanQuery {
 const SCAN_CHUNK: u32 = 4096;
 
 impl SqliteStore {
-    /// The collation that decides equality of `key` values: the one in
-    /// its column definition, or one of a unique index on it alone. `None`
-    /// when neither names one (BINARY).
-    async fn key_collation(
+    /// What decides equality of `key` values: the collation in its column
+    /// definition or of a unique index on it alone (`None`: BINARY), and
+    /// whether the key is unique at all (`INTEGER PRIMARY KEY`, or a unique,
+    /// non-partial index on exactly that column).
+    async fn key_facts(
         &self,
         schema: &str,
         table: &str,
         key: &str,
-    ) -> Result<Option<String>, StoreError> {
-        let context = format!("inspect collations of {table}");
+    ) -> Result<(Option<String>, bool), StoreError> {
+        let context = format!("inspect the key of {table}");
         let master = if schema.eq_ignore_ascii_case("temp") {
             "sqlite_temp_master".to_string()
         } else {
@@ -225,14 +234,26 @@ impl SqliteStore {
         .await
         .map_err(query_err(context.clone()))?
         .flatten();
-        let mut found = ddl.as_deref().and_then(|sql| column_collation(sql, key));
-        let indexes: Vec<String> =
-            sqlx::query_scalar("SELECT name FROM pragma_index_list(?1, ?2) WHERE \"unique\" = 1")
-                .bind(table)
-                .bind(schema)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(query_err(context.clone()))?;
+        let mut collation = ddl.as_deref().and_then(|sql| column_collation(sql, key));
+        let rowid_alias: bool = sqlx::query_scalar(
+            "SELECT COUNT(*) = 1 AND SUM(name = ?3 AND upper(type) = 'INTEGER') = 1 \
+             FROM pragma_table_info(?1, ?2) WHERE pk > 0",
+        )
+        .bind(table)
+        .bind(schema)
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_err(context.clone()))?;
+        let mut unique = rowid_alias;
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM pragma_index_list(?1, ?2) WHERE \"unique\" = 1 AND partial = 0",
+        )
+        .bind(table)
+        .bind(schema)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(query_err(context.clone()))?;
         for index in indexes {
             let cols: Vec<(Option<String>, Option<String>)> =
                 sqlx::query_as("SELECT name, coll FROM pragma_index_xinfo(?1, ?2) WHERE key = 1")
@@ -242,12 +263,15 @@ impl SqliteStore {
                     .await
                     .map_err(query_err(context.clone()))?;
             if let [(Some(name), Some(coll))] = cols.as_slice() {
-                if name == key && !coll.eq_ignore_ascii_case("BINARY") {
-                    found = Some(coll.to_ascii_uppercase());
+                if name == key {
+                    unique = true;
+                    if !coll.eq_ignore_ascii_case("BINARY") {
+                        collation = Some(coll.to_ascii_uppercase());
+                    }
                 }
             }
         }
-        Ok(found)
+        Ok((collation, unique))
     }
 
     /// Scans a rowid table in chunks of [`SCAN_CHUNK`] rows, each chunk
@@ -424,12 +448,12 @@ impl Store for SqliteStore {
         let key = spec.key_column.as_str();
         let key_declared = declared(key);
         let mut key_kind = affinity(&key_declared);
-        if key_kind == Kind::Text {
-            if let Some(collation) = self.key_collation(schema, table, key).await? {
-                if collation != "BINARY" {
-                    key_kind = Kind::FoldedText;
-                }
-            }
+        let (collation, unique) = self.key_facts(schema, table, key).await?;
+        if !unique {
+            return Err(refuse(shape::not_unique(key)));
+        }
+        if key_kind == Kind::Text && collation.is_some_and(|c| c != "BINARY") {
+            key_kind = Kind::FoldedText;
         }
         if !shape::key_fits(spec.key_type, key_kind) {
             let what = format!("`{key_declared}` (SQLite {key_kind:?} affinity)");
@@ -463,10 +487,25 @@ impl Store for SqliteStore {
             .await
             .map_err(query_err(format!("count {}", spec.table)))?;
         let mut index = LocalIndex::with_capacity(count.max(0) as usize);
-        let has_rowid = sqlx::query(&format!("SELECT rowid FROM {} LIMIT 1", query.table))
-            .fetch_optional(&self.pool)
-            .await
-            .is_ok();
+        let (schema, table) = match spec.table.as_str().split_once('.') {
+            Some((s, t)) => (s, t),
+            None => ("main", spec.table.as_str()),
+        };
+        // A user column called `rowid` hides the real one: page on nothing.
+        let shadowed: bool = sqlx::query_scalar(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1, ?2) \
+             WHERE lower(name) IN ('rowid', '_rowid_', 'oid')",
+        )
+        .bind(table)
+        .bind(schema)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(query_err(format!("inspect {}", spec.table)))?;
+        let has_rowid = !shadowed
+            && sqlx::query(&format!("SELECT rowid FROM {} LIMIT 1", query.table))
+                .fetch_optional(&self.pool)
+                .await
+                .is_ok();
         if has_rowid {
             self.scan_chunked(spec, &query, &mut index).await?;
         } else {

@@ -3,8 +3,9 @@
 //! happens, no key that upstream had during the whole pass is deleted
 //! locally; once the upstream is quiet, a pass converges exactly.
 //!
-//! Purge candidates are not confirmed here (`confirm_purge = false`), so
-//! the pager's own checks are what is tested.
+//! Over listings sorted by the key, purge candidates are not confirmed
+//! (`confirm_purge = false`), so the pager's own checks are what is tested;
+//! unordered listings need confirmation, and get it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -101,7 +102,12 @@ async fn one_seed(backend: Backend, seed: u64) -> bool {
     let settings = ConfigBuilder {
         page_size,
         ordered,
-        policy: "max_purge_fraction = 1.0\nmax_purge_count = 1000000\nmax_update_fraction = 1.0\nconfirm_purge = false".into(),
+        // Unordered listings cannot prove themselves whole: their purge
+        // candidates are confirmed (get_path); ordered ones are not.
+        policy: format!(
+            "max_purge_fraction = 1.0\nmax_purge_count = 1000000\nmax_update_fraction = 1.0\nconfirm_purge = {}",
+            !ordered
+        ),
         ..ConfigBuilder::default()
     }
     .settings(&db, addr);

@@ -122,7 +122,7 @@ fn unknown_resource_names_the_known_ones() {
 [store]
 url = "sqlite::memory:"
 [resources.users]
-upstream = { base_url = "http://127.0.0.1:9", list_path = "/users" }
+upstream = { base_url = "http://127.0.0.1:9", list_path = "/users", key_order = "asc" }
 key = { upstream = "/uuid", column = "uuid" }
 local = { table = "users" }
 "#;

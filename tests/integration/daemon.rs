@@ -381,7 +381,7 @@ fn schedules_command_lists_next_fires_and_rejects_bad_entries() {
     let config = dir.path().join("driftd.toml");
     std::fs::write(
         &config,
-        "[store]\nurl = \"sqlite::memory:\"\n[resources.users]\nupstream = { base_url = \"http://127.0.0.1:9\", list_path = \"/u\" }\nkey = { upstream = \"/uuid\", column = \"uuid\" }\nlocal = { table = \"users\" }\n",
+        "[store]\nurl = \"sqlite::memory:\"\n[resources.users]\nupstream = { base_url = \"http://127.0.0.1:9\", list_path = \"/u\", key_order = \"asc\" }\nkey = { upstream = \"/uuid\", column = \"uuid\" }\nlocal = { table = \"users\" }\n",
     )
     .unwrap();
     let out = driftd()

@@ -37,9 +37,8 @@ backoff_ms = 1
 {columns}
 
 [resources.items.policy]
-max_purge_fraction = 1.0
 max_update_fraction = 1.0
-confirm_purge = false
+purge_extra = false
 "#,
         db = db.url
     );
@@ -364,7 +363,7 @@ allow_unauthenticated = true
 [resources.items]
 key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
 local = {{ table = "items" }}
-upstream = {{ base_url = "http://{addr}", list_path = "/items" }}
+upstream = {{ base_url = "http://{addr}", list_path = "/items", key_order = "asc" }}
 columns = {{ name = {{ from = "/name" }} }}
 "#,
             db = db.url

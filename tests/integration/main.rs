@@ -9,4 +9,5 @@ mod equality;
 mod guards;
 mod prometheus;
 mod repair;
+mod review;
 mod sqlite_file;
