@@ -177,7 +177,14 @@ async fn openapi() -> Response {
 /// Checks the bearer token of a mutating request.
 fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let admin = &s.runner.settings().admin;
-    let Some(token) = &admin.resolved_token else {
+    // Config validation refuses a blank token; should one get here anyway,
+    // it counts as no token, never as a token that a request without
+    // `Authorization` (an empty one) would match.
+    let token = admin
+        .resolved_token
+        .as_ref()
+        .filter(|t| !t.expose_secret().trim().is_empty());
+    let Some(token) = token else {
         if admin.allow_unauthenticated {
             return Ok(());
         }

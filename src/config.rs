@@ -133,6 +133,47 @@ fn default_admin_listen() -> String {
     "127.0.0.1:9750".into()
 }
 
+impl AdminSettings {
+    /// The admin token from `token` or `token_env`. An empty or blank token
+    /// is refused, never taken as "no token": compared with an absent
+    /// `Authorization` header it would match, and open the mutating
+    /// endpoints to anyone.
+    fn resolve_token(&self) -> Result<Option<SecretString>, FieldProblem> {
+        let token = match (&self.token, &self.token_env) {
+            (Some(_), Some(_)) => {
+                return Err(problem("admin.token", "give token or token_env, not both"))
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => SecretString::from(v),
+                Err(_) => {
+                    return Err(problem(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set"),
+                    ))
+                }
+            },
+            (None, None) => return Ok(None),
+        };
+        if token.expose_secret().trim().is_empty() {
+            let (field, source) = match &self.token_env {
+                Some(var) => ("admin.token_env", format!("environment variable `{var}`")),
+                None => (
+                    "admin.token",
+                    "the token (or DRIFTD_ADMIN__TOKEN)".to_string(),
+                ),
+            };
+            return Err(problem(
+                field,
+                format!(
+                    "{source} is empty; an empty token is not a token: give a real one, or remove it (mutating endpoints are then refused unless admin.allow_unauthenticated = true)"
+                ),
+            ));
+        }
+        Ok(Some(token))
+    }
+}
+
 /// The long-running worker.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -594,25 +635,10 @@ impl Settings {
                 ),
             ));
         }
-        self.admin.resolved_token = match (&self.admin.token, &self.admin.token_env) {
-            (Some(_), Some(_)) => {
-                return Err(global(
-                    "admin.token",
-                    "give token or token_env, not both".into(),
-                ))
-            }
-            (Some(t), None) => Some(t.clone()),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Some(SecretString::from(v)),
-                _ => {
-                    return Err(global(
-                        "admin.token_env",
-                        format!("environment variable `{var}` is not set"),
-                    ))
-                }
-            },
-            (None, None) => None,
-        };
+        self.admin.resolved_token = self
+            .admin
+            .resolve_token()
+            .map_err(|(field, problem)| global(&field, problem))?;
         if !(self.daemon.shutdown_grace_secs > 0.0 && self.daemon.shutdown_grace_secs <= 3600.0) {
             return Err(global(
                 "daemon.shutdown_grace_secs",
@@ -977,6 +1003,24 @@ columns = { name = { from = "/name" } }
             err.contains("upstream.token_file") && err.contains("empty"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blank_admin_token_is_refused_naming_the_field() {
+        for token in ["", "   ", "\t"] {
+            let text = format!("{MINIMAL}\n[admin]\ntoken = \"{token}\"\n");
+            let err = Settings::from_toml_str(&text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("t.toml") && err.contains("`admin.token`") && err.contains("empty"),
+                "{token:?}: {err}"
+            );
+        }
+        let text = format!("{MINIMAL}\n[admin]\ntoken = \"tok\"\n");
+        let s = Settings::from_toml_str(&text, "t.toml").unwrap();
+        let token = s.admin.resolved_token.as_ref().unwrap();
+        assert_eq!(token.expose_secret(), "tok");
     }
 
     #[test]

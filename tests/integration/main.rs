@@ -7,3 +7,4 @@ mod daemon;
 mod guards;
 mod prometheus;
 mod repair;
+mod security;

@@ -1,0 +1,157 @@
+//! Security edges (issue 7): blank admin tokens, credentials and redirects,
+//! secrets in store URLs, the `DRIFTD_` environment, and what counts as a
+//! success.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driftd::daemon::Daemon;
+use secrecy::SecretString;
+
+use crate::common::*;
+
+fn driftd_bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_driftd"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `[admin]` on `listen` with `admin` lines, `[daemon]` with no schedules.
+fn tail(dir: &std::path::Path, listen: &str, admin: &str) -> String {
+    format!(
+        "[admin]\nlisten = \"{listen}\"\n{admin}\n\n[daemon]\nschedules_dir = \"{}\"\nshutdown_grace_secs = 5\n",
+        dir.display()
+    )
+}
+
+/// POSTs a reconcile of `users`; returns the HTTP status.
+async fn post_reconcile(base: &str, authorization: Option<&str>) -> u16 {
+    let mut req = reqwest::Client::new().post(format!("{base}/v1/resources/users/reconcile"));
+    if let Some(a) = authorization {
+        req = req.header("Authorization", a);
+    }
+    req.send()
+        .await
+        .expect("admin API answers")
+        .status()
+        .as_u16()
+}
+
+/// Kills the child on drop, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs `driftd run` with `env` and waits up to 10 s for it to exit. If it
+/// is still running, it serves: the returned error says what an
+/// unauthenticated POST got.
+async fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Result<Output, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let path = dir.path().join("driftd.toml");
+    std::fs::write(
+        &path,
+        config.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    let mut cmd = driftd_bin();
+    cmd.args(["run", "--config"])
+        .arg(&path)
+        .env_remove("DRIFTD_ADMIN__TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = Running(cmd.spawn().expect("start driftd run"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            let mut stderr = Vec::new();
+            if let Some(mut pipe) = child.0.stderr.take() {
+                std::io::Read::read_to_end(&mut pipe, &mut stderr).unwrap();
+            }
+            return Ok(Output {
+                status,
+                stdout: Vec::new(),
+                stderr,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = post_reconcile(&format!("http://127.0.0.1:{port}"), None).await;
+    Err(format!(
+        "driftd run kept running; a POST without Authorization got HTTP {status}"
+    ))
+}
+
+/// Item 1: a blank admin token is refused at start, from the file, from
+/// `DRIFTD_ADMIN__TOKEN=` and from an empty `token_env` variable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_admin_token_is_refused_at_start() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |admin: &str| {
+        ConfigBuilder {
+            tail: tail(dir.path(), "127.0.0.1:0", admin),
+            ..ConfigBuilder::default()
+        }
+        .toml(&db, addr)
+    };
+    for (admin, env, field) in [
+        ("token = \"\"", vec![], "`admin.token`"),
+        ("token = \"  \"", vec![], "`admin.token`"),
+        ("", vec![("DRIFTD_ADMIN__TOKEN", "")], "`admin.token`"),
+        (
+            "token_env = \"DRIFTD_TEST_EMPTY_ADMIN_TOKEN\"",
+            vec![("DRIFTD_TEST_EMPTY_ADMIN_TOKEN", "")],
+            "`admin.token_env`",
+        ),
+    ] {
+        let out = run_expecting_exit(&config(admin), &env)
+            .await
+            .unwrap_or_else(|e| panic!("{admin:?} {env:?}: {e}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{admin:?} {env:?}: {err}");
+        assert!(
+            err.contains(field) && err.contains("empty"),
+            "{admin:?} {env:?}: {err}"
+        );
+    }
+}
+
+/// Item 1, behind validation: should a blank token reach the admin API, it
+/// counts as no token (403), never as one an absent header matches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_token_in_the_api_is_no_token() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = ConfigBuilder {
+        tail: tail(dir.path(), "127.0.0.1:0", ""),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, addr);
+    settings.admin.resolved_token = Some(SecretString::from(""));
+    let d = Daemon::start(Arc::new(settings)).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    assert_eq!(post_reconcile(&base, None).await, 403);
+    assert_eq!(post_reconcile(&base, Some("Bearer ")).await, 403);
+    assert_eq!(post_reconcile(&base, Some("")).await, 403);
+    d.stop().await;
+}
