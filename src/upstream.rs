@@ -108,6 +108,7 @@ impl Client {
             .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout())
             .user_agent(concat!("driftd/", env!("CARGO_PKG_VERSION")))
+            .redirect(same_origin_redirects())
             .build()
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
         let root = cfg.base_url.trim_end_matches('/');
@@ -146,7 +147,8 @@ impl Client {
             let outcome = self.try_get(url).await;
             let retry = match &outcome {
                 Ok((status, _, _)) => is_transient_status(*status),
-                Err(_) => true,
+                // A refused redirect is refused again: not transient.
+                Err(e) => !e.is_redirect(),
             };
             if !retry || attempt >= self.retries {
                 return match outcome {
@@ -215,6 +217,37 @@ impl Client {
             }),
         }
     }
+}
+
+/// Redirects followed in one request, at most.
+const MAX_REDIRECTS: usize = 10;
+
+/// Follows redirects within the origin (scheme, host and port) of the
+/// request that started the chain, and refuses any other with an error.
+/// The token and the configured headers are default headers, sent with
+/// every request of the chain; reqwest strips only `Authorization` and
+/// cookies on a cross-host hop, so a custom header like `X-Auth-Token`
+/// would reach another server. The refusal fails the request, and with it
+/// the pass: nothing is purged from a listing that went elsewhere.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.stop();
+        };
+        if attempt.url().origin() != first.origin() {
+            let problem = format!(
+                "redirect to `{}` leaves the upstream's origin `{}`; not following it, so credentials stay there",
+                attempt.url(),
+                first.origin().ascii_serialization()
+            );
+            return attempt.error(problem);
+        }
+        if attempt.previous().len() > MAX_REDIRECTS {
+            let problem = format!("more than {MAX_REDIRECTS} redirects");
+            return attempt.error(problem);
+        }
+        attempt.follow()
+    })
 }
 
 fn is_transient_status(status: StatusCode) -> bool {

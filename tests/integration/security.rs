@@ -2,12 +2,18 @@
 //! secrets in store URLs, the `DRIFTD_` environment, and what counts as a
 //! success.
 
+use std::net::SocketAddr;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
 use driftd::daemon::Daemon;
+use driftd::pass::{Outcome, PassOptions};
 use secrecy::SecretString;
+use serde_json::{json, Value as Json};
 
 use crate::common::*;
 
@@ -154,4 +160,142 @@ async fn a_blank_token_in_the_api_is_no_token() {
     assert_eq!(post_reconcile(&base, Some("Bearer ")).await, 403);
     assert_eq!(post_reconcile(&base, Some("")).await, 403);
     d.stop().await;
+}
+
+/// Serves `app` on an ephemeral loopback port.
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+/// One page holding all of `users`, in key order, with its total.
+fn listing(users: &[Json]) -> Response {
+    let mut items = users.to_vec();
+    items.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
+    let total = items.len();
+    axum::Json(json!({"items": items, "total": total})).into_response()
+}
+
+/// The headers of every request a server received.
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<HeaderMap>>>);
+
+impl Seen {
+    fn record(&self, headers: HeaderMap) {
+        self.0.lock().unwrap().push(headers);
+    }
+
+    /// Requests that carried `secret` in any header.
+    fn carrying(&self, secret: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|h| {
+                h.values()
+                    .any(|v| String::from_utf8_lossy(v.as_bytes()).contains(secret))
+            })
+            .count()
+    }
+}
+
+/// A server that answers every request with a `status` redirect to the
+/// same path and query on `to`.
+async fn redirector(status: StatusCode, to: SocketAddr) -> SocketAddr {
+    serve(Router::new().fallback(move |uri: Uri| async move {
+        let target = format!(
+            "http://{to}{}",
+            uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")
+        );
+        (status, [(header::LOCATION, target)]).into_response()
+    }))
+    .await
+}
+
+const UPSTREAM_TOKEN: &str = "upstream-t0ken-never-elsewhere";
+
+/// Item 2: a listing redirected to another origin (another port here)
+/// carries no credential there, fails the pass and purges nothing, for
+/// 302 and 307 and for both a bearer and a custom token header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_origin_redirect_never_carries_the_token() {
+    for status in [StatusCode::FOUND, StatusCode::TEMPORARY_REDIRECT] {
+        for token_header in ["X-Auth-Token", "Authorization"] {
+            let db = TestDb::new(Backend::Sqlite).await;
+            db.create_users().await;
+            db.insert_users(&users(10)).await;
+            // The other origin lists one user fewer: following it would purge.
+            let seen = Seen::default();
+            let recorder = seen.clone();
+            let elsewhere = serve(Router::new().fallback(move |headers: HeaderMap| {
+                let recorder = recorder.clone();
+                async move {
+                    recorder.record(headers);
+                    listing(&users(9))
+                }
+            }))
+            .await;
+            let upstream = redirector(status, elsewhere).await;
+            let settings = ConfigBuilder {
+                upstream: format!(
+                    "token = \"{UPSTREAM_TOKEN}\"\ntoken_header = \"{token_header}\""
+                ),
+                ..ConfigBuilder::default()
+            }
+            .settings(&db, upstream);
+            let report = pass(&settings, PassOptions::default()).await;
+            let case = format!("{status} {token_header}");
+            assert_eq!(seen.carrying(UPSTREAM_TOKEN), 0, "{case}: token leaked");
+            assert_eq!(report.outcome, Outcome::Failed, "{case}: {report:?}");
+            let error = report.error.unwrap_or_default();
+            assert!(
+                error.contains("leaves the upstream's origin"),
+                "{case}: {error}"
+            );
+            assert_eq!(db.count("users").await, 10, "{case}: rows purged");
+        }
+    }
+}
+
+/// Item 2: a redirect within the upstream's origin is followed, with the
+/// token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_origin_redirect_is_followed() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    db.insert_users(&users(10)).await;
+    let seen = Seen::default();
+    let recorder = seen.clone();
+    let app = Router::new()
+        .route(
+            "/0.1/users",
+            axum::routing::get(|uri: Uri| async move {
+                let query = uri.query().unwrap_or_default();
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(header::LOCATION, format!("/0.2/users?{query}"))],
+                )
+            }),
+        )
+        .route(
+            "/0.2/users",
+            axum::routing::get(move |headers: HeaderMap| {
+                let recorder = recorder.clone();
+                async move {
+                    recorder.record(headers);
+                    listing(&users(10))
+                }
+            }),
+        );
+    let upstream = serve(app).await;
+    let settings = ConfigBuilder {
+        upstream: format!("token = \"{UPSTREAM_TOKEN}\"\ntoken_header = \"X-Auth-Token\""),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, upstream);
+    let report = pass(&settings, PassOptions::default()).await;
+    assert_eq!(report.outcome, Outcome::InSync, "{report:?}");
+    assert_eq!(seen.carrying(UPSTREAM_TOKEN), 1);
 }
