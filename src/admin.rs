@@ -162,11 +162,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
             "schedules": s.schedules.entries.len(),
         }))
         .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "problem": format!("database: {e}")})),
-        )
-            .into_response(),
+        Err(e) => {
+            let url = s.runner.settings().store.url.expose_secret();
+            let problem = crate::redact::scrub(&format!("database: {e}"), url);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "not_ready", "problem": problem})),
+            )
+                .into_response()
+        }
     }
 }
 

@@ -299,3 +299,67 @@ async fn a_same_origin_redirect_is_followed() {
     assert_eq!(report.outcome, Outcome::InSync, "{report:?}");
     assert_eq!(seen.carrying(UPSTREAM_TOKEN), 1);
 }
+
+/// Item 3: a store URL's passwords, in the userinfo and in query
+/// parameters of any case, never reach `driftd check`'s output nor a failed
+/// connection's stderr, even at `RUST_LOG=trace`.
+#[test]
+fn store_url_secrets_are_never_printed() {
+    let secrets = ["pw1-s3cret", "pw2-s3cret", "pw3-s3cret", "pw4-s3cret"];
+    let server = pg_admin_url();
+    let base = server
+        .rsplit_once('/')
+        .map(|(base, _)| base)
+        .expect("a database URL");
+    let url = format!(
+        "{}/driftd_no_such_db?password={}&sslpassword={}&PassWord={}",
+        base.replacen("postgres@", &format!("postgres:{}@", secrets[0]), 1),
+        secrets[1],
+        secrets[2],
+        secrets[3]
+    );
+    assert!(url.contains(secrets[0]), "{url}");
+    let config = format!(
+        "[store]\nurl = \"{url}\"\n[resources.users]\nupstream = {{ base_url = \"http://127.0.0.1:9\", list_path = \"/u\" }}\nkey = {{ upstream = \"/uuid\", column = \"uuid\" }}\nlocal = {{ table = \"users\" }}\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("driftd.toml");
+    std::fs::write(&path, config).unwrap();
+    let run = |args: &[&str], log: Option<&str>| {
+        let mut cmd = driftd_bin();
+        cmd.args(args).arg("--config").arg(&path);
+        match log {
+            Some(level) => cmd.env("RUST_LOG", level),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        cmd.output().expect("run driftd")
+    };
+    let check = run(&["check"], None);
+    let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert_eq!(check.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("store: postgres://postgres:***@") && stdout.contains("PassWord=***"),
+        "{stdout}"
+    );
+    let mut outputs = vec![("check".to_string(), check)];
+    for log in [None, Some("trace")] {
+        let failed = run(&["reconcile", "users"], log);
+        let stderr = String::from_utf8_lossy(&failed.stderr).into_owned();
+        assert_eq!(failed.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("driftd_no_such_db") && stderr.contains("postgres:***@"),
+            "{stderr}"
+        );
+        outputs.push((format!("reconcile, RUST_LOG={log:?}"), failed));
+    }
+    for (what, out) in outputs {
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for secret in secrets {
+            assert!(!all.contains(secret), "{what}: {secret} leaked:\n{all}");
+        }
+    }
+}
