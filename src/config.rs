@@ -694,16 +694,29 @@ impl Settings {
     }
 }
 
-/// `DRIFTD_*` variables, `__` between levels. `DRIFTD_CONFIG` names the
-/// file (a CLI flag), and `DRIFTD_TEST_*` belong to the test suite; neither
-/// is a setting.
+/// `DRIFTD_<SECTION>__<FIELD>...` variables, `__` between levels.
 fn env_provider() -> Env {
     Env::prefixed("DRIFTD_")
-        .filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            key != "config" && !key.starts_with("test_")
-        })
+        .filter(|key| is_setting(key.as_str()))
         .split("__")
+}
+
+/// The top-level tables of [`Settings`]; a variable naming another is not a
+/// setting.
+const SECTIONS: &[&str] = &["store", "admin", "daemon", "resources"];
+
+/// Whether a `DRIFTD_` variable (named without the prefix) is a setting:
+/// a section, then at least one `__` and no empty level. Anything else
+/// under the prefix belongs to someone else (`DRIFTD_CONFIG` names the
+/// file, `DRIFTD_LOG`, `DRIFTD_TEST_*` the test suite, `DRIFTD_ADMIN_TOKEN`
+/// a `token_env` target) and is ignored rather than failing every command
+/// with "unknown field".
+fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let mut levels = key.split("__");
+    let section = levels.next().unwrap_or_default();
+    let mut rest = levels.peekable();
+    SECTIONS.contains(&section) && rest.peek().is_some() && rest.all(|level| !level.is_empty())
 }
 
 type FieldProblem = (String, String);
@@ -1021,6 +1034,34 @@ columns = { name = { from = "/name" } }
         let s = Settings::from_toml_str(&text, "t.toml").unwrap();
         let token = s.admin.resolved_token.as_ref().unwrap();
         assert_eq!(token.expose_secret(), "tok");
+    }
+
+    #[test]
+    fn only_section_variables_are_settings() {
+        for key in [
+            "STORE__URL",
+            "admin__token",
+            "DAEMON__SHUTDOWN_GRACE_SECS",
+            "RESOURCES__USERS__UPSTREAM__TOKEN",
+            "ADMIN__TOKNE",
+        ] {
+            assert!(is_setting(key), "{key}");
+        }
+        for key in [
+            "CONFIG",
+            "LOG",
+            "ADMIN_TOKEN",
+            "STORE_URL",
+            "TEST_PG_URL",
+            "TEST__PG_URL",
+            "FOO__BAR",
+            "ADMIN",
+            "ADMIN__",
+            "RESOURCES____TOKEN",
+            "",
+        ] {
+            assert!(!is_setting(key), "{key}");
+        }
     }
 
     #[test]

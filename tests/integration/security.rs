@@ -60,13 +60,11 @@ impl Drop for Running {
     }
 }
 
-/// Runs `driftd run` with `env` and waits up to 10 s for it to exit. If it
-/// is still running, it serves: the returned error says what an
-/// unauthenticated POST got.
-async fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Result<Output, String> {
-    let dir = tempfile::tempdir().unwrap();
+/// Starts `driftd run` on `config` (its `127.0.0.1:0` replaced by a free
+/// port) with `env` added; returns the process and the admin API's base URL.
+fn start_run(config: &str, env: &[(&str, &str)], dir: &std::path::Path) -> (Running, String) {
     let port = free_port();
-    let path = dir.path().join("driftd.toml");
+    let path = dir.join("driftd.toml");
     std::fs::write(
         &path,
         config.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
@@ -81,7 +79,16 @@ async fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Result<Output
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = Running(cmd.spawn().expect("start driftd run"));
+    let child = Running(cmd.spawn().expect("start driftd run"));
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// Runs `driftd run` with `env` and waits up to 10 s for it to exit. If it
+/// is still running, it serves: the returned error says what an
+/// unauthenticated POST got.
+async fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Result<Output, String> {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, base) = start_run(config, env, dir.path());
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -97,10 +104,28 @@ async fn run_expecting_exit(config: &str, env: &[(&str, &str)]) -> Result<Output
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = post_reconcile(&format!("http://127.0.0.1:{port}"), None).await;
+    let status = post_reconcile(&base, None).await;
     Err(format!(
         "driftd run kept running; a POST without Authorization got HTTP {status}"
     ))
+}
+
+/// Runs `driftd run` and waits until its admin API answers.
+async fn serve_run(config: &str, env: &[(&str, &str)], dir: &std::path::Path) -> (Running, String) {
+    let (mut child, base) = start_run(config, env, dir);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("{base}/healthz")).await.is_err() {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            let mut stderr = String::new();
+            if let Some(mut pipe) = child.0.stderr.take() {
+                std::io::Read::read_to_string(&mut pipe, &mut stderr).unwrap();
+            }
+            panic!("driftd run exited with {status}: {stderr}");
+        }
+        assert!(Instant::now() < deadline, "driftd run did not come up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (child, base)
 }
 
 /// Item 1: a blank admin token is refused at start, from the file, from
@@ -362,4 +387,65 @@ fn store_url_secrets_are_never_printed() {
             assert!(!all.contains(secret), "{what}: {secret} leaked:\n{all}");
         }
     }
+}
+
+/// Item 4: `DRIFTD_` variables that are not `DRIFTD_<SECTION>__<FIELD>`
+/// (the README's own `token_env = "DRIFTD_ADMIN_TOKEN"`, `DRIFTD_LOG`, ...)
+/// are ignored instead of failing every command, while the documented form
+/// still applies and is still validated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_documented_driftd_variables_are_settings() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(5)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder {
+        tail: tail(
+            dir.path(),
+            "127.0.0.1:0",
+            "token_env = \"DRIFTD_ADMIN_TOKEN\"",
+        ),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+    let token = "env-admin-t0ken";
+    let stray = [
+        ("DRIFTD_ADMIN_TOKEN", token),
+        ("DRIFTD_LOG", "debug"),
+        ("DRIFTD_STORE_URL", "nonsense"),
+        ("DRIFTD_TEST_SOMETHING", "1"),
+        ("DRIFTD_FOO__BAR", "1"),
+    ];
+    // Not in the schedules folder, which must hold schedules only.
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("driftd.toml");
+    std::fs::write(&path, &config).unwrap();
+    let check = |extra: &[(&str, &str)]| {
+        let mut cmd = driftd_bin();
+        cmd.args(["check", "--config"]).arg(&path);
+        cmd.envs(stray.iter().chain(extra).copied());
+        cmd.output().expect("run driftd check")
+    };
+    let out = check(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("unknown field"), "{stderr}");
+
+    // The documented form still applies, and is still checked.
+    let out = check(&[("DRIFTD_STORE__MAX_CONNECTIONS", "0")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("store.max_connections"), "{stderr}");
+    let out = check(&[("DRIFTD_ADMIN__TOKNE", "x")]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tokne"), "{stderr}");
+
+    // The worker takes its admin token from DRIFTD_ADMIN_TOKEN.
+    let (_run, base) = serve_run(&config, &stray, files.path()).await;
+    assert_eq!(post_reconcile(&base, None).await, 401);
+    assert_eq!(
+        post_reconcile(&base, Some(&format!("Bearer {token}"))).await,
+        202
+    );
 }
