@@ -449,3 +449,132 @@ async fn only_documented_driftd_variables_are_settings() {
         202
     );
 }
+
+const ADMIN_TOKEN: &str = "security-admin-token";
+
+/// Calls the admin API with the admin token; returns the status and JSON.
+async fn api(method: &str, url: &str, body: Option<&str>) -> (u16, Json) {
+    let mut req = reqwest::Client::new()
+        .request(method.parse().unwrap(), url)
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"));
+    if let Some(b) = body {
+        req = req
+            .header("Content-Type", "application/json")
+            .body(b.to_string());
+    }
+    let resp = req.send().await.expect("admin API answers");
+    let status = resp.status().as_u16();
+    let bytes = resp.bytes().await.unwrap();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Json::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, json)
+}
+
+/// Starts a `users` pass through the API and waits for its job to end.
+async fn reconcile_job(base: &str, body: &str) -> Json {
+    let url = format!("{base}/v1/resources/users/reconcile");
+    let (status, started) = api("POST", &url, Some(body)).await;
+    assert_eq!(status, 202, "{started}");
+    let id = started["job_id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, job) = api("GET", &format!("{base}/v1/jobs/{id}"), None).await;
+        if !matches!(job["status"].as_str(), Some("queued" | "running")) {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job {id} did not end: {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of a sample in the exposition text, if present.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+    })
+}
+
+const LAST_SUCCESS: &str = "driftd_last_success_timestamp_seconds{resource=\"users\"}";
+
+/// `last_success_at` of `users` and the last-success metric (None if absent).
+async fn last_success(base: &str) -> (Json, Option<f64>) {
+    let (_, res) = api("GET", &format!("{base}/v1/resources"), None).await;
+    let (_, metrics) = api("GET", &format!("{base}/metrics"), None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    (
+        res["resources"][0]["last_success_at"].clone(),
+        sample(&metrics, LAST_SUCCESS),
+    )
+}
+
+/// Item 5: a dry run that found drift ends `drift_found`, not `succeeded`,
+/// and moves neither `last_success_at` nor the last-success metric; nor does
+/// a purge-only dry run that finds only missing rows, nor a job recorded
+/// `succeeded` for a dry run with drift before `drift_found` existed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_that_found_drift_is_not_a_success() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(20);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (_up, addr) = upstream(users(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ConfigBuilder {
+        tail: tail(
+            dir.path(),
+            "127.0.0.1:0",
+            &format!("token = \"{ADMIN_TOKEN}\""),
+        ),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, addr);
+    let d = Daemon::start(Arc::new(settings)).await.unwrap();
+    let base = format!("http://{}", d.addr);
+
+    let dry = reconcile_job(&base, r#"{"dry_run": true}"#).await;
+    assert_eq!(dry["status"], "drift_found", "{dry}");
+    assert_eq!(dry["report"]["outcome"], "dry_run", "{dry}");
+    let (at, metric) = last_success(&base).await;
+    assert!(at.is_null(), "{at}");
+    assert_eq!(metric.unwrap_or(0.0), 0.0);
+    let (_, found) = api("GET", &format!("{base}/v1/jobs?status=drift_found"), None).await;
+    assert_eq!(found["jobs"][0]["id"], dry["id"], "{found}");
+
+    let real = reconcile_job(&base, "{}").await;
+    assert_eq!(real["status"], "succeeded", "{real}");
+    let (at, metric) = last_success(&base).await;
+    assert_eq!(at, real["finished_at"]);
+    let repaired_at = metric.expect("the metric moved");
+    assert!(repaired_at > 0.0);
+
+    // A row goes missing; a purge-only dry run has nothing to purge, but
+    // the table is not upstream's.
+    let gone = users(1)[0]["uuid"].as_str().unwrap().to_string();
+    db.exec(&format!("DELETE FROM users WHERE uuid = '{gone}'"))
+        .await;
+    let purge_only = reconcile_job(&base, r#"{"dry_run": true, "mode": "purge-only"}"#).await;
+    assert_eq!(purge_only["status"], "drift_found", "{purge_only}");
+    assert_eq!(last_success(&base).await, (at.clone(), Some(repaired_at)));
+
+    // A dry run with drift recorded `succeeded` by an older driftd.
+    let store = driftd::store::AnyStore::open(&d.runner.settings().store.url, 1)
+        .await
+        .unwrap();
+    let mut legacy = driftd::jobs::Job::queued(
+        "users",
+        driftd::jobs::Trigger::Http,
+        driftd::pass::Mode::Full,
+        true,
+        false,
+    );
+    legacy.report = Some(dry["report"].clone());
+    legacy.finish(driftd::jobs::JobStatus::Succeeded, None);
+    driftd::store::Store::save_job(&store, &legacy)
+        .await
+        .unwrap();
+    assert_eq!(last_success(&base).await.0, at);
+    d.stop().await;
+}
