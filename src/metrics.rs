@@ -196,6 +196,15 @@ impl Metrics {
         }
     }
 
+    /// Sets the last success of `resource` from the job history at start
+    /// (`0` = none on record), so the series exists, and the "no recent
+    /// success" alert can fire, before the next pass. A pass that ended
+    /// meanwhile is newer and is kept.
+    pub fn seed_last_success(&self, resource: &str, unix_secs: f64) {
+        let gauge = self.last_success.with_label_values(&[resource]);
+        gauge.set(gauge.get().max(unix_secs));
+    }
+
     /// Records one upstream request.
     pub fn upstream_request(&self, resource: &str, status: Option<u16>, seconds: f64) {
         let class = match status {

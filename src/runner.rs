@@ -150,6 +150,30 @@ impl Runner {
         Ok(jobs.into_iter().find(Job::is_success))
     }
 
+    /// Seeds each resource's last-success metric from the job history: the
+    /// end of its last success, or `0` if it has none on record.
+    pub async fn seed_last_success(&self) -> Result<(), StoreError> {
+        for resource in self.inner.settings.resources.keys() {
+            let finished = self
+                .last_success(resource)
+                .await?
+                .and_then(|j| j.finished_at);
+            let secs = match finished.as_deref().map(humantime::parse_rfc3339_weak) {
+                Some(Ok(at)) => at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+                Some(Err(e)) => {
+                    tracing::warn!(%resource, error = %e, "last success has a bad finished_at; counting none");
+                    0.0
+                }
+                None => 0.0,
+            };
+            self.inner.metrics.seed_last_success(resource, secs);
+        }
+        Ok(())
+    }
+
     /// Marks jobs a crash left `queued` or `running` as failed, when nobody
     /// holds their resource (another replica may be running them).
     pub async fn recover(&self) -> Result<u64, StoreError> {

@@ -578,3 +578,55 @@ async fn a_dry_run_that_found_drift_is_not_a_success() {
     assert_eq!(last_success(&base).await.0, at);
     d.stop().await;
 }
+
+/// Item 6: `driftd run` starts with the last-success metric of each
+/// resource taken from the job history (the last real success, not a later
+/// dry run that found drift), and `0` for one that never succeeded, so the
+/// "no recent success" alert can fire before any pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_success_metric_is_seeded_from_history() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(20);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (_up, addr) = upstream(users(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let settings = Arc::new(
+        ConfigBuilder {
+            tail: tail(
+                dir.path(),
+                "127.0.0.1:0",
+                &format!("token = \"{ADMIN_TOKEN}\""),
+            ),
+            ..ConfigBuilder::default()
+        }
+        .settings(&db, addr),
+    );
+
+    // Never succeeded: present, at 0.
+    let d = Daemon::start(settings.clone()).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    assert_eq!(last_success(&base).await, (Json::Null, Some(0.0)));
+    let real = reconcile_job(&base, "{}").await;
+    assert_eq!(real["status"], "succeeded", "{real}");
+    db.insert_users(&[ghost(2)]).await;
+    let dry = reconcile_job(&base, r#"{"dry_run": true}"#).await;
+    assert_eq!(dry["status"], "drift_found", "{dry}");
+    d.stop().await;
+
+    // After a restart: the end of the last real success.
+    let d = Daemon::start(settings).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    let finished = real["finished_at"].as_str().unwrap();
+    let want = humantime::parse_rfc3339(finished)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let (at, metric) = last_success(&base).await;
+    assert_eq!(at, real["finished_at"]);
+    let metric = metric.expect("seeded at start");
+    assert!((metric - want).abs() < 0.001, "{metric} != {want}");
+    d.stop().await;
+}
