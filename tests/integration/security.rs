@@ -630,3 +630,89 @@ async fn the_last_success_metric_is_seeded_from_history() {
     assert!((metric - want).abs() < 0.001, "{metric} != {want}");
     d.stop().await;
 }
+
+/// An upstream whose first list request gets `status` with `Retry-After:
+/// retry_after` and every later one the listing of `users(10)`; returns its
+/// address and the arrival time of each request.
+async fn busy_upstream(
+    status: StatusCode,
+    retry_after: String,
+) -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
+    let arrivals = Arc::new(Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    let app = Router::new().route(
+        "/0.1/users",
+        axum::routing::get(move || {
+            let seen = seen.clone();
+            let retry_after = retry_after.clone();
+            async move {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(Instant::now());
+                    seen.len() == 1
+                };
+                if first {
+                    (status, [(header::RETRY_AFTER, retry_after)], "busy").into_response()
+                } else {
+                    listing(&users(10))
+                }
+            }
+        }),
+    );
+    (serve(app).await, arrivals)
+}
+
+/// Item 7: a 429 or 503 with `Retry-After` (seconds, or an HTTP date) is
+/// retried no sooner than asked, measured at the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    // An HTTP date has whole seconds: 3 s ahead is at least 2 s ahead.
+    let in_three_seconds = || {
+        (chrono::Utc::now() + chrono::Duration::seconds(3))
+            .format("%a, %d %b %Y %H:%M:%S GMT")
+            .to_string()
+    };
+    for (status, as_date) in [
+        (StatusCode::TOO_MANY_REQUESTS, false),
+        (StatusCode::SERVICE_UNAVAILABLE, true),
+    ] {
+        let retry_after = if as_date {
+            in_three_seconds()
+        } else {
+            "1".to_string()
+        };
+        let db = TestDb::new(Backend::Sqlite).await;
+        db.create_users().await;
+        db.insert_users(&users(10)).await;
+        let (addr, arrivals) = busy_upstream(status, retry_after.clone()).await;
+        // retries = 1 and backoff_ms = 1: only Retry-After can make it wait.
+        let settings = ConfigBuilder::default().settings(&db, addr);
+        let report = pass(&settings, PassOptions::default()).await;
+        assert_eq!(report.outcome, Outcome::InSync, "{status}: {report:?}");
+        let arrivals = arrivals.lock().unwrap().clone();
+        assert_eq!(arrivals.len(), 2, "{status}");
+        let waited = arrivals[1] - arrivals[0];
+        assert!(
+            waited >= Duration::from_secs(1),
+            "{status} Retry-After {retry_after}: retried after {waited:?}"
+        );
+    }
+}
+
+/// Item 7: asked to wait longer than driftd's limit (60 s), the client
+/// gives up at once rather than retry sooner than asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_beyond_the_limit_fails_without_retrying() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    db.insert_users(&users(10)).await;
+    let (addr, arrivals) = busy_upstream(StatusCode::SERVICE_UNAVAILABLE, "3600".into()).await;
+    let settings = ConfigBuilder::default().settings(&db, addr);
+    let started = Instant::now();
+    let report = pass(&settings, PassOptions::default()).await;
+    assert_eq!(report.outcome, Outcome::Failed, "{report:?}");
+    assert!(report.error.unwrap_or_default().contains("503"));
+    assert_eq!(arrivals.lock().unwrap().len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(db.count("users").await, 10);
+}
