@@ -162,11 +162,15 @@ async fn readyz(State(s): State<AppState>) -> Response {
             "schedules": s.schedules.entries.len(),
         }))
         .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "problem": format!("database: {e}")})),
-        )
-            .into_response(),
+        Err(e) => {
+            let url = s.runner.settings().store.url.expose_secret();
+            let problem = crate::redact::scrub(&format!("database: {e}"), url);
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "not_ready", "problem": problem})),
+            )
+                .into_response()
+        }
     }
 }
 
@@ -177,7 +181,14 @@ async fn openapi() -> Response {
 /// Checks the bearer token of a mutating request.
 fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let admin = &s.runner.settings().admin;
-    let Some(token) = &admin.resolved_token else {
+    // Config validation refuses a blank token; should one get here anyway,
+    // it counts as no token, never as a token that a request without
+    // `Authorization` (an empty one) would match.
+    let token = admin
+        .resolved_token
+        .as_ref()
+        .filter(|t| !t.expose_secret().trim().is_empty());
+    let Some(token) = token else {
         if admin.allow_unauthenticated {
             return Ok(());
         }
@@ -275,8 +286,10 @@ async fn list_jobs(
             }
             "status" => {
                 filter.status = Some(JobStatus::parse(v).ok_or_else(|| {
+                    let known: Vec<&str> = JobStatus::ALL.iter().map(|st| st.as_str()).collect();
                     ApiError::bad_request(format!(
-                        "status `{v}`: expected queued, running, succeeded, failed, guard_tripped, cancelled or skipped"
+                        "status `{v}`: expected one of {}",
+                        known.join(", ")
                     ))
                 })?)
             }
@@ -285,9 +298,15 @@ async fn list_jobs(
                     .parse()
                     .ok()
                     .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| ApiError::bad_request(format!("limit `{v}`: expected 1 to 1000")))?
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!("limit `{v}`: expected 1 to 1000"))
+                    })?
             }
-            other => return Err(ApiError::bad_request(format!("unknown parameter `{other}`"))),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter `{other}`"
+                )))
+            }
         }
     }
     let jobs = s
@@ -331,17 +350,18 @@ async fn resources(State(s): State<AppState>) -> Result<Response, ApiError> {
     let now = chrono::Utc::now();
     let mut out = Vec::new();
     for (name, res) in &s.runner.settings().resources {
-        let last = |status: Option<JobStatus>| JobFilter {
+        let last = JobFilter {
             resource: Some(name.clone()),
-            status,
+            status: None,
             limit: 1,
         };
-        let store = s.runner.store();
-        let last_job = store.list_jobs(&last(None)).await.map_err(store_error)?;
-        let last_success = store
-            .list_jobs(&last(Some(JobStatus::Succeeded)))
+        let last_job = s
+            .runner
+            .store()
+            .list_jobs(&last)
             .await
             .map_err(store_error)?;
+        let last_success = s.runner.last_success(name).await.map_err(store_error)?;
         out.push(json!({
             "name": name,
             "table": res.local.table,
@@ -350,7 +370,7 @@ async fn resources(State(s): State<AppState>) -> Result<Response, ApiError> {
                 "id": j.id, "status": j.status, "trigger": j.trigger,
                 "created_at": j.created_at, "finished_at": j.finished_at,
             })),
-            "last_success_at": last_success.first().and_then(|j| j.finished_at.clone()),
+            "last_success_at": last_success.and_then(|j| j.finished_at),
             "next_run_at": s.schedules.next_run(name, now).map(|t| t.to_rfc3339()),
         }));
     }

@@ -14,6 +14,7 @@ use crate::config::Settings;
 use crate::jobs::{JobFilter, Trigger};
 use crate::metrics::Metrics;
 use crate::pass::{Mode, PassOptions, PassReport, Progress};
+use crate::redact;
 use crate::report;
 use crate::runner::{JobRequest, Runner};
 use crate::store::AnyStore;
@@ -213,7 +214,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
     let settings = Settings::load(path)?;
     println!("{}: OK", path.display());
-    println!("store: {}", mask_url(settings.store.url.expose_secret()));
+    println!(
+        "store: {}",
+        redact::mask_url(settings.store.url.expose_secret())
+    );
     for (name, r) in &settings.resources {
         let u = &r.upstream;
         println!("resource {name}");
@@ -279,22 +283,16 @@ async fn check_tables(settings: &Settings) -> i32 {
     code
 }
 
-/// Hides the password in a database URL.
-pub fn mask_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme && url[scheme + 3..at].contains(':') => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
+/// Opens the store. The error names the URL masked, and its text is
+/// scrubbed of the URL's secrets should the driver have echoed them.
 pub async fn open_store(settings: &Settings) -> anyhow::Result<AnyStore> {
+    let url = settings.store.url.expose_secret();
     AnyStore::open(&settings.store.url, settings.store.max_connections)
         .await
-        .with_context(|| format!("store {}", mask_url(settings.store.url.expose_secret())))
+        .map_err(|e| {
+            let problem = redact::scrub(&crate::pass::error_chain(&e), url);
+            anyhow::anyhow!("store {}: {problem}", redact::mask_url(url))
+        })
 }
 
 /// Runs one pass of `resource` through a runner (so it is recorded as a
@@ -373,20 +371,5 @@ impl Progress for TerminalProgress {
             rows as f64 / secs
         );
         let _ = std::io::stderr().flush();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::mask_url;
-
-    #[test]
-    fn masks_passwords() {
-        assert_eq!(
-            mask_url("postgres://app:s3cret@db:5432/x"),
-            "postgres://app:***@db:5432/x"
-        );
-        assert_eq!(mask_url("sqlite://a.db"), "sqlite://a.db");
-        assert_eq!(mask_url("postgres://app@db/x"), "postgres://app@db/x");
     }
 }

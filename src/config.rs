@@ -133,6 +133,47 @@ fn default_admin_listen() -> String {
     "127.0.0.1:9750".into()
 }
 
+impl AdminSettings {
+    /// The admin token from `token` or `token_env`. An empty or blank token
+    /// is refused, never taken as "no token": compared with an absent
+    /// `Authorization` header it would match, and open the mutating
+    /// endpoints to anyone.
+    fn resolve_token(&self) -> Result<Option<SecretString>, FieldProblem> {
+        let token = match (&self.token, &self.token_env) {
+            (Some(_), Some(_)) => {
+                return Err(problem("admin.token", "give token or token_env, not both"))
+            }
+            (Some(t), None) => t.clone(),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(v) => SecretString::from(v),
+                Err(_) => {
+                    return Err(problem(
+                        "admin.token_env",
+                        format!("environment variable `{var}` is not set"),
+                    ))
+                }
+            },
+            (None, None) => return Ok(None),
+        };
+        if token.expose_secret().trim().is_empty() {
+            let (field, source) = match &self.token_env {
+                Some(var) => ("admin.token_env", format!("environment variable `{var}`")),
+                None => (
+                    "admin.token",
+                    "the token (or DRIFTD_ADMIN__TOKEN)".to_string(),
+                ),
+            };
+            return Err(problem(
+                field,
+                format!(
+                    "{source} is empty; an empty token is not a token: give a real one, or remove it (mutating endpoints are then refused unless admin.allow_unauthenticated = true)"
+                ),
+            ));
+        }
+        Ok(Some(token))
+    }
+}
+
 /// The long-running worker.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -684,25 +725,10 @@ impl Settings {
                 ),
             ));
         }
-        self.admin.resolved_token = match (&self.admin.token, &self.admin.token_env) {
-            (Some(_), Some(_)) => {
-                return Err(global(
-                    "admin.token",
-                    "give token or token_env, not both".into(),
-                ))
-            }
-            (Some(t), None) => Some(t.clone()),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(v) if !v.is_empty() => Some(SecretString::from(v)),
-                _ => {
-                    return Err(global(
-                        "admin.token_env",
-                        format!("environment variable `{var}` is not set"),
-                    ))
-                }
-            },
-            (None, None) => None,
-        };
+        self.admin.resolved_token = self
+            .admin
+            .resolve_token()
+            .map_err(|(field, problem)| global(&field, problem))?;
         if !(self.daemon.shutdown_grace_secs > 0.0 && self.daemon.shutdown_grace_secs <= 3600.0) {
             return Err(global(
                 "daemon.shutdown_grace_secs",
@@ -759,16 +785,29 @@ impl Settings {
     }
 }
 
-/// `DRIFTD_*` variables, `__` between levels. `DRIFTD_CONFIG` names the
-/// file (a CLI flag), and `DRIFTD_TEST_*` belong to the test suite; neither
-/// is a setting.
+/// `DRIFTD_<SECTION>__<FIELD>...` variables, `__` between levels.
 fn env_provider() -> Env {
     Env::prefixed("DRIFTD_")
-        .filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            key != "config" && !key.starts_with("test_")
-        })
+        .filter(|key| is_setting(key.as_str()))
         .split("__")
+}
+
+/// The top-level tables of [`Settings`]; a variable naming another is not a
+/// setting.
+const SECTIONS: &[&str] = &["store", "admin", "daemon", "resources"];
+
+/// Whether a `DRIFTD_` variable (named without the prefix) is a setting:
+/// a section, then at least one `__` and no empty level. Anything else
+/// under the prefix belongs to someone else (`DRIFTD_CONFIG` names the
+/// file, `DRIFTD_LOG`, `DRIFTD_TEST_*` the test suite, `DRIFTD_ADMIN_TOKEN`
+/// a `token_env` target) and is ignored rather than failing every command
+/// with "unknown field".
+fn is_setting(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    let mut levels = key.split("__");
+    let section = levels.next().unwrap_or_default();
+    let mut rest = levels.peekable();
+    SECTIONS.contains(&section) && rest.peek().is_some() && rest.all(|level| !level.is_empty())
 }
 
 type FieldProblem = (String, String);
@@ -1126,6 +1165,52 @@ columns = { name = { from = "/name" } }
             err.contains("upstream.token_file") && err.contains("empty"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn blank_admin_token_is_refused_naming_the_field() {
+        for token in ["", "   ", "\t"] {
+            let text = format!("{MINIMAL}\n[admin]\ntoken = \"{token}\"\n");
+            let err = Settings::from_toml_str(&text, "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("t.toml") && err.contains("`admin.token`") && err.contains("empty"),
+                "{token:?}: {err}"
+            );
+        }
+        let text = format!("{MINIMAL}\n[admin]\ntoken = \"tok\"\n");
+        let s = Settings::from_toml_str(&text, "t.toml").unwrap();
+        let token = s.admin.resolved_token.as_ref().unwrap();
+        assert_eq!(token.expose_secret(), "tok");
+    }
+
+    #[test]
+    fn only_section_variables_are_settings() {
+        for key in [
+            "STORE__URL",
+            "admin__token",
+            "DAEMON__SHUTDOWN_GRACE_SECS",
+            "RESOURCES__USERS__UPSTREAM__TOKEN",
+            "ADMIN__TOKNE",
+        ] {
+            assert!(is_setting(key), "{key}");
+        }
+        for key in [
+            "CONFIG",
+            "LOG",
+            "ADMIN_TOKEN",
+            "STORE_URL",
+            "TEST_PG_URL",
+            "TEST__PG_URL",
+            "FOO__BAR",
+            "ADMIN",
+            "ADMIN__",
+            "RESOURCES____TOKEN",
+            "",
+        ] {
+            assert!(!is_setting(key), "{key}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `driftd run`: the long-running worker. Start-up order: open the store,
-//! fail abandoned jobs, load schedules, serve the admin API, start the
-//! scheduler, submit start-up passes.
+//! fail abandoned jobs, seed the last-success metric from the job history,
+//! load schedules, serve the admin API, start the scheduler, submit
+//! start-up passes.
 //!
 //! Shutdown protocol (SIGTERM or SIGINT): stop the scheduler (no new
 //! ticks), close the runner (no new jobs; running passes are cancelled and
@@ -58,6 +59,10 @@ impl Daemon {
                 "jobs left running by a previous crash were marked failed"
             );
         }
+        runner
+            .seed_last_success()
+            .await
+            .context("reading the last successes from the job history")?;
         let listen = &settings.admin.listen;
         let listener = tokio::net::TcpListener::bind(listen)
             .await

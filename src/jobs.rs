@@ -4,7 +4,7 @@
 //! Status machine (each arrow is one write of the job row):
 //!
 //! ```text
-//! queued ─► running ─► succeeded | failed | guard_tripped | cancelled
+//! queued ─► running ─► succeeded | drift_found | failed | guard_tripped | cancelled
 //!   │          └─────► skipped (another replica holds the resource)
 //!   ├────────────────► cancelled (before it started)
 //!   └────────────────► skipped (a pass of the resource was already running)
@@ -12,6 +12,11 @@
 //!
 //! A job found `queued` or `running` at start-up whose resource nobody holds
 //! was interrupted by a crash: it becomes `failed` with reason `abandoned`.
+//!
+//! `succeeded` means the table equalled upstream when the job ended (DESIGN
+//! rule 8): a pass found it in sync or repaired it. A dry run that found
+//! drift changed nothing, so it ends `drift_found`, and only `succeeded`
+//! jobs count as a success (`last_success_at`, the last-success metric).
 
 use std::fmt;
 use std::str::FromStr;
@@ -78,7 +83,10 @@ impl Trigger {
 pub enum JobStatus {
     Queued,
     Running,
+    /// The table equals upstream: in sync, or repaired.
     Succeeded,
+    /// A dry run found drift and, as asked, applied nothing.
+    DriftFound,
     Failed,
     GuardTripped,
     Cancelled,
@@ -91,6 +99,7 @@ impl JobStatus {
             JobStatus::Queued => "queued",
             JobStatus::Running => "running",
             JobStatus::Succeeded => "succeeded",
+            JobStatus::DriftFound => "drift_found",
             JobStatus::Failed => "failed",
             JobStatus::GuardTripped => "guard_tripped",
             JobStatus::Cancelled => "cancelled",
@@ -99,17 +108,7 @@ impl JobStatus {
     }
 
     pub fn parse(s: &str) -> Option<JobStatus> {
-        [
-            JobStatus::Queued,
-            JobStatus::Running,
-            JobStatus::Succeeded,
-            JobStatus::Failed,
-            JobStatus::GuardTripped,
-            JobStatus::Cancelled,
-            JobStatus::Skipped,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
     }
 
     /// Whether the job has ended.
@@ -117,10 +116,29 @@ impl JobStatus {
         !matches!(self, JobStatus::Queued | JobStatus::Running)
     }
 
-    /// The status a pass outcome ends a job with.
-    pub fn from_outcome(outcome: Outcome) -> JobStatus {
-        match outcome {
-            Outcome::InSync | Outcome::Repaired | Outcome::DryRun => JobStatus::Succeeded,
+    /// Every status, for listings and error messages.
+    pub const ALL: [JobStatus; 8] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::DriftFound,
+        JobStatus::Failed,
+        JobStatus::GuardTripped,
+        JobStatus::Cancelled,
+        JobStatus::Skipped,
+    ];
+
+    /// The status a pass report ends a job with. A dry run is `succeeded`
+    /// only if it found no drift of any kind, including kinds its mode
+    /// does not act on (a purge-only dry run that finds missing rows says
+    /// `drift_found`, though its restricted plan is empty).
+    pub fn of_report(report: &PassReport) -> JobStatus {
+        let found = &report.found;
+        let drift = found.missing + found.stale + found.extra > 0;
+        match report.outcome {
+            Outcome::DryRun => JobStatus::DriftFound,
+            Outcome::InSync if report.dry_run && drift => JobStatus::DriftFound,
+            Outcome::InSync | Outcome::Repaired => JobStatus::Succeeded,
             Outcome::GuardTripped => JobStatus::GuardTripped,
             Outcome::Failed => JobStatus::Failed,
             Outcome::Cancelled => JobStatus::Cancelled,
@@ -180,7 +198,27 @@ impl Job {
             _ => report.error.clone(),
         };
         self.report = serde_json::to_value(report).ok();
-        self.finish(JobStatus::from_outcome(report.outcome), reason);
+        self.finish(JobStatus::of_report(report), reason);
+    }
+
+    /// Whether this job shows the table equalled upstream when it ended.
+    /// Jobs recorded before `drift_found` existed ended `succeeded` after a
+    /// dry run with drift too; their report tells them apart.
+    pub fn is_success(&self) -> bool {
+        if self.status != JobStatus::Succeeded {
+            return false;
+        }
+        if !self.dry_run {
+            return true;
+        }
+        let Some(report) = &self.report else {
+            return false;
+        };
+        let found = &report["found"];
+        report["outcome"] == "in_sync"
+            && ["missing", "stale", "extra"]
+                .iter()
+                .all(|kind| found[kind].as_u64() == Some(0))
     }
 }
 
@@ -195,4 +233,64 @@ pub struct JobFilter {
     pub resource: Option<String>,
     pub status: Option<JobStatus>,
     pub limit: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(outcome: &str, dry_run: bool, missing: u64) -> PassReport {
+        serde_json::from_value(serde_json::json!({
+            "resource": "users", "mode": "purge-only", "dry_run": dry_run, "forced": false,
+            "started_at": "2024-01-01T00:00:00Z", "duration_ms": 1, "outcome": outcome,
+            "local_rows": 1, "upstream_rows": 1, "upstream_pages": 1,
+            "found": {"missing": missing, "stale": 0, "extra": 0},
+            "actions": {"insert": 0, "update": 0, "purge": 0, "purge_kept": 0},
+            "keys": {"insert": [], "update": [], "purge": []},
+            "guard": null, "error": null,
+            "timings": {"scan_ms": 0, "list_ms": 0, "apply_ms": 0},
+        }))
+        .expect("a report")
+    }
+
+    #[test]
+    fn only_a_table_equal_to_upstream_is_a_success() {
+        for (outcome, dry_run, missing, want) in [
+            ("in_sync", false, 0, JobStatus::Succeeded),
+            ("repaired", false, 3, JobStatus::Succeeded),
+            ("in_sync", true, 0, JobStatus::Succeeded),
+            ("dry_run", true, 3, JobStatus::DriftFound),
+            // a purge-only dry run: nothing to purge, but rows are missing
+            ("in_sync", true, 3, JobStatus::DriftFound),
+            ("guard_tripped", false, 3, JobStatus::GuardTripped),
+            ("failed", false, 0, JobStatus::Failed),
+        ] {
+            let r = report(outcome, dry_run, missing);
+            assert_eq!(
+                JobStatus::of_report(&r),
+                want,
+                "{outcome} {dry_run} {missing}"
+            );
+            let mut job = Job::queued("users", Trigger::Http, Mode::PurgeOnly, dry_run, false);
+            job.finish_with(&r);
+            assert_eq!(job.status, want);
+            assert_eq!(job.is_success(), want == JobStatus::Succeeded);
+        }
+    }
+
+    #[test]
+    fn legacy_dry_runs_recorded_succeeded_are_not_successes() {
+        let mut job = Job::queued("users", Trigger::Http, Mode::Full, true, false);
+        job.finish_with(&report("dry_run", true, 3));
+        job.status = JobStatus::Succeeded;
+        assert!(!job.is_success());
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for st in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(st.as_str()), Some(st));
+            assert_eq!(serde_json::to_value(st).unwrap(), st.as_str());
+        }
+    }
 }

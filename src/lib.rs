@@ -6,7 +6,7 @@
 //! Module map: [`config`] (typed settings), [`upstream`] (HTTP client and
 //! pager), [`decode`] (pages to typed rows), [`store`] (SQLite and PostgreSQL), [`model`] (typed values),
 //! [`diff`] (pure plan), [`guard`] (judging plans), [`pass`] (one
-//! reconciliation), [`report`] (rendering), [`cli`] (commands),
+//! reconciliation), [`report`] (rendering), [`redact`] (secrets of store URLs), [`cli`] (commands),
 //! [`sample`] (bundled sample upstream), [`quickstart`].
 
 pub mod admin;
@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod model;
 pub mod pass;
 pub mod quickstart;
+pub mod redact;
 pub mod remote;
 pub mod report;
 pub mod runner;

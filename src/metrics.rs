@@ -8,7 +8,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::jobs::Trigger;
+use crate::jobs::{JobStatus, Trigger};
 use crate::pass::{Outcome, PassReport};
 
 /// All of driftd's metrics.
@@ -85,7 +85,7 @@ impl Metrics {
                 GaugeVec::new(
                     Opts::new(
                         "driftd_last_success_timestamp_seconds",
-                        "Unix time of the last pass that ended in sync or repaired.",
+                        "Unix time of the last pass that left the table equal to upstream (in sync or repaired; not a dry run that found drift).",
                     ),
                     &["resource"],
                 )
@@ -187,13 +187,22 @@ impl Metrics {
                 self.actions.with_label_values(&[r, action, dry]).inc_by(n);
             }
         }
-        if matches!(report.outcome, Outcome::InSync | Outcome::Repaired) {
+        if JobStatus::of_report(report) == JobStatus::Succeeded {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs_f64())
                 .unwrap_or(0.0);
             self.last_success.with_label_values(&[r]).set(now);
         }
+    }
+
+    /// Sets the last success of `resource` from the job history at start
+    /// (`0` = none on record), so the series exists, and the "no recent
+    /// success" alert can fire, before the next pass. A pass that ended
+    /// meanwhile is newer and is kept.
+    pub fn seed_last_success(&self, resource: &str, unix_secs: f64) {
+        let gauge = self.last_success.with_label_values(&[resource]);
+        gauge.set(gauge.get().max(unix_secs));
     }
 
     /// Records one upstream request.

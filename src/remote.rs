@@ -65,7 +65,8 @@ pub async fn reconcile(base: &str, resource: &str, body: Json, json: bool) -> an
         }
     }
     Ok(match job["status"].as_str() {
-        Some("succeeded") => report::exit::OK,
+        // A dry run exits 0 whether or not it found drift, as locally.
+        Some("succeeded" | "drift_found") => report::exit::OK,
         Some("guard_tripped") => report::exit::GUARD_TRIPPED,
         _ => report::exit::ERROR,
     })

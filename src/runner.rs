@@ -20,10 +20,13 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::Settings;
-use crate::jobs::{Job, JobId, JobStatus, Trigger};
+use crate::jobs::{Job, JobFilter, JobId, JobStatus, Trigger};
 use crate::metrics::Metrics;
 use crate::pass::{error_chain, run_pass, Hooks, Mode, PassOptions, PassReport, Progress};
 use crate::store::{AnyStore, Store, StoreError};
+
+/// `succeeded` jobs searched for the last success; see [`Runner::last_success`].
+const SUCCESS_LOOKBACK: u32 = 100;
 
 /// A request to run one pass.
 #[derive(Debug, Clone)]
@@ -131,6 +134,44 @@ impl Runner {
 
     fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<String, Active>> {
         self.inner.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The latest job of `resource` that left the table equal to upstream
+    /// (see [`Job::is_success`]). Looks through the last
+    /// [`SUCCESS_LOOKBACK`] `succeeded` jobs, which only jobs recorded before
+    /// `drift_found` existed can fail to qualify.
+    pub async fn last_success(&self, resource: &str) -> Result<Option<Job>, StoreError> {
+        let filter = JobFilter {
+            resource: Some(resource.to_string()),
+            status: Some(JobStatus::Succeeded),
+            limit: SUCCESS_LOOKBACK,
+        };
+        let jobs = self.inner.store.list_jobs(&filter).await?;
+        Ok(jobs.into_iter().find(Job::is_success))
+    }
+
+    /// Seeds each resource's last-success metric from the job history: the
+    /// end of its last success, or `0` if it has none on record.
+    pub async fn seed_last_success(&self) -> Result<(), StoreError> {
+        for resource in self.inner.settings.resources.keys() {
+            let finished = self
+                .last_success(resource)
+                .await?
+                .and_then(|j| j.finished_at);
+            let secs = match finished.as_deref().map(humantime::parse_rfc3339_weak) {
+                Some(Ok(at)) => at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs_f64())
+                    .unwrap_or(0.0),
+                Some(Err(e)) => {
+                    tracing::warn!(%resource, error = %e, "last success has a bad finished_at; counting none");
+                    0.0
+                }
+                None => 0.0,
+            };
+            self.inner.metrics.seed_last_success(resource, secs);
+        }
+        Ok(())
     }
 
     /// Marks jobs a crash left `queued` or `running` as failed, when nobody

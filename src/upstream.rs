@@ -11,9 +11,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, LINK, RETRY_AFTER};
 use reqwest::{StatusCode, Url};
 use secrecy::ExposeSecret;
 use serde_json::Value as Json;
@@ -115,6 +115,7 @@ impl Client {
             .connect_timeout(cfg.connect_timeout())
             .timeout(cfg.timeout())
             .user_agent(concat!("driftd/", env!("CARGO_PKG_VERSION")))
+            .redirect(same_origin_redirects())
             .build()
             .map_err(|e| UpstreamError::Config(e.to_string()))?;
         let root = cfg.base_url.trim_end_matches('/');
@@ -153,9 +154,19 @@ impl Client {
             let outcome = self.try_get(url).await;
             let retry = match &outcome {
                 Ok((status, _, _)) => is_transient_status(*status),
-                Err(_) => true,
+                // A refused redirect is refused again: not transient.
+                Err(e) => !e.is_redirect(),
             };
-            if !retry || attempt >= self.retries {
+            // The wait a response worth retrying asks for with `Retry-After`.
+            let asked = match &outcome {
+                Ok((_, headers, _)) if retry => retry_after(headers, SystemTime::now()),
+                _ => None,
+            };
+            let too_long = asked.is_some_and(|wait| wait > MAX_RETRY_AFTER);
+            if let Some(wait) = asked.filter(|_| too_long) {
+                tracing::warn!(%url, retry_after_secs = wait.as_secs(), limit_secs = MAX_RETRY_AFTER.as_secs(), "upstream asks to wait longer than driftd waits; not retrying");
+            }
+            if !retry || attempt >= self.retries || too_long {
                 return match outcome {
                     Ok((status, _, body)) if is_transient_status(status) => {
                         Err(UpstreamError::Status {
@@ -171,7 +182,13 @@ impl Client {
                     }),
                 };
             }
-            let delay = backoff_delay(self.backoff, attempt);
+            let backoff = backoff_delay(self.backoff, attempt);
+            // Never sooner than the upstream asked; a little jitter on top
+            // keeps replicas from returning at the same instant.
+            let delay = match asked {
+                Some(wait) => wait.max(backoff) + wait.mul_f64(0.1 * fastrand::f64()),
+                None => backoff,
+            };
             tracing::warn!(%url, attempt = attempt + 1, delay_ms = delay.as_millis() as u64, "transient upstream failure, retrying");
             tokio::time::sleep(delay).await;
             attempt += 1;
@@ -232,6 +249,53 @@ impl Client {
             }),
         }
     }
+}
+
+/// The longest `Retry-After` driftd waits for; asked for longer, it stops
+/// retrying and the request fails, rather than come back sooner than asked.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// How long a response's `Retry-After` asks to wait from `now`: delay
+/// seconds, or an HTTP date (zero once past). `None` without a readable one.
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let date = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let at = SystemTime::from(date.with_timezone(&chrono::Utc));
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Redirects followed in one request, at most.
+const MAX_REDIRECTS: usize = 10;
+
+/// Follows redirects within the origin (scheme, host and port) of the
+/// request that started the chain, and refuses any other with an error.
+/// The token and the configured headers are default headers, sent with
+/// every request of the chain; reqwest strips only `Authorization` and
+/// cookies on a cross-host hop, so a custom header like `X-Auth-Token`
+/// would reach another server. The refusal fails the request, and with it
+/// the pass: nothing is purged from a listing that went elsewhere.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.stop();
+        };
+        if attempt.url().origin() != first.origin() {
+            let problem = format!(
+                "redirect to `{}` leaves the upstream's origin `{}`; not following it, so credentials stay there",
+                attempt.url(),
+                first.origin().ascii_serialization()
+            );
+            return attempt.error(problem);
+        }
+        if attempt.previous().len() > MAX_REDIRECTS {
+            let problem = format!("more than {MAX_REDIRECTS} redirects");
+            return attempt.error(problem);
+        }
+        attempt.follow()
+    })
 }
 
 fn is_transient_status(status: StatusCode) -> bool {
@@ -763,6 +827,26 @@ mod tests {
     fn encodes_keys_for_paths() {
         assert_eq!(encode_path_segment("a b/c"), "a%20b%2Fc");
         assert_eq!(encode_path_segment("uuid-1_2.3~"), "uuid-1_2.3~");
+    }
+
+    #[test]
+    fn reads_retry_after_in_seconds_and_as_a_date() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480); // 2015-10-21 07:28:00 UTC
+        let with = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(value));
+            retry_after(&headers, now)
+        };
+        assert_eq!(with("3"), Some(Duration::from_secs(3)));
+        assert_eq!(with(" 0 "), Some(Duration::ZERO));
+        assert_eq!(
+            with("Wed, 21 Oct 2015 07:28:05 GMT"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(with("Wed, 21 Oct 2015 07:27:00 GMT"), Some(Duration::ZERO));
+        assert_eq!(with("soon"), None);
+        assert_eq!(with("-1"), None);
+        assert_eq!(retry_after(&HeaderMap::new(), now), None);
     }
 
     #[test]

@@ -10,4 +10,5 @@ mod guards;
 mod prometheus;
 mod repair;
 mod review;
+mod security;
 mod sqlite_file;
