@@ -132,12 +132,18 @@ impl JobStatus {
     /// only if it found no drift of any kind, including kinds its mode
     /// does not act on (a purge-only dry run that finds missing rows says
     /// `drift_found`, though its restricted plan is empty).
+    /// A real pass whose mode or policy left drift in place (a repair-only
+    /// pass over extra rows) is `drift_found` too: `succeeded` means the
+    /// owned columns equal upstream.
     pub fn of_report(report: &PassReport) -> JobStatus {
         let found = &report.found;
         let drift = found.missing + found.stale + found.extra > 0;
+        let left = &report.left;
+        let left_behind = left.missing + left.stale + left.extra > 0;
         match report.outcome {
             Outcome::DryRun => JobStatus::DriftFound,
             Outcome::InSync if report.dry_run && drift => JobStatus::DriftFound,
+            Outcome::InSync | Outcome::Repaired if left_behind => JobStatus::DriftFound,
             Outcome::InSync | Outcome::Repaired => JobStatus::Succeeded,
             Outcome::GuardTripped => JobStatus::GuardTripped,
             Outcome::Failed => JobStatus::Failed,

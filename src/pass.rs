@@ -154,6 +154,11 @@ pub struct PassReport {
     #[serde(default)]
     pub upstream_relists: u32,
     pub found: Counts,
+    /// Drift the pass left in place: kinds its mode or policy does not act
+    /// on (a repair-only pass leaves extra rows). Zero everywhere means the
+    /// owned columns now equal upstream.
+    #[serde(default)]
+    pub left: Counts,
     /// Applied actions (planned ones, in dry-run or when a guard tripped).
     pub actions: Actions,
     /// Keys per action; every key in dry-run, a sample otherwise.
@@ -266,6 +271,7 @@ pub async fn run_pass<S: Store>(
             upstream_pages: 0,
             upstream_relists: 0,
             found: Counts::default(),
+            left: Counts::default(),
             actions: Actions::default(),
             keys: Samples::default(),
             guard: None,
@@ -388,11 +394,21 @@ async fn execute<S: Store>(
     )
     .await?;
     report.timings.apply_ms = applying.elapsed().as_millis() as u64;
-    report.outcome = if drift {
-        Outcome::Repaired
-    } else {
+    report.left = left_behind(&report.found, &report.actions);
+    let found = &report.found;
+    report.outcome = if found.missing + found.stale + found.extra == 0 {
         Outcome::InSync
+    } else {
+        Outcome::Repaired
     };
+    if drift || report.left.missing + report.left.stale + report.left.extra > 0 {
+        tracing::info!(
+            left_missing = report.left.missing,
+            left_stale = report.left.stale,
+            left_extra = report.left.extra,
+            "drift left in place by the mode or policy"
+        );
+    }
     Ok(())
 }
 
@@ -531,6 +547,20 @@ fn relist_delay(cfg: &UpstreamConfig, attempt: u32) -> std::time::Duration {
     let base = std::time::Duration::from_millis(cfg.backoff_ms);
     base.saturating_mul(1 << attempt.min(6))
         .mul_f64(0.5 + fastrand::f64())
+}
+
+/// What `found` leaves once `done` is applied. Purge candidates that
+/// confirmation found still upstream are not drift: the listing missed
+/// them, upstream has them.
+fn left_behind(found: &Counts, done: &Actions) -> Counts {
+    Counts {
+        missing: found.missing.saturating_sub(done.insert),
+        stale: found.stale.saturating_sub(done.update),
+        extra: found
+            .extra
+            .saturating_sub(done.purge)
+            .saturating_sub(done.purge_kept),
+    }
 }
 
 /// Drops the actions the mode or the policy does not allow.

@@ -100,9 +100,6 @@ pub struct Entry {
     parsed: Cron,
 }
 
-/// How far back from the local time to look for wall-clock matches: a
-/// skipped time maps forward to the end of its gap, at most a few hours.
-const LOOKBACK_HOURS: i64 = 4;
 /// A schedule that does not fire within this many years never fires
 /// (`0 0 30 2 *`).
 const HORIZON_YEARS: i32 = 8;
@@ -125,8 +122,11 @@ impl Entry {
     /// The first fire strictly after `after`, or `None` if the expression
     /// never matches a date (within [`HORIZON_YEARS`]).
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        // Wall-clock times before `after`'s own map to instants before it
+        // (a skipped time maps to the end of its gap, a repeated one to its
+        // first occurrence), so the search starts there.
         let local = after.with_timezone(&self.timezone).naive_local();
-        let from = local - chrono::Duration::hours(LOOKBACK_HOURS);
+        let from = local;
         let horizon = local + chrono::Duration::days(366 * i64::from(HORIZON_YEARS));
         // The expression is matched against wall-clock times (evaluated as
         // if in UTC, which has no daylight saving), then each match is

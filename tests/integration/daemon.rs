@@ -344,7 +344,8 @@ async fn schedules_fire_and_abandoned_jobs_are_failed() {
     let job = loop {
         let (_, jobs) = api(
             "GET",
-            &format!("{base}/v1/jobs?status=succeeded"),
+            // repair-only leaves the ghost row: drift found, not succeeded
+            &format!("{base}/v1/jobs?status=drift_found"),
             None,
             None,
         )

@@ -1,6 +1,7 @@
 //! A pass finds and repairs drift, on both backends, under every pagination
 //! scheme, and changes nothing in dry-run.
 
+use driftd::jobs::JobStatus;
 use driftd::pass::{Mode, Outcome, PassOptions};
 use serde_json::json;
 
@@ -126,6 +127,9 @@ async fn modes_restrict_actions(backend: Backend) {
         (20, 13, 0)
     );
     assert_eq!(db.count("users").await, N as i64 + 10);
+    // The extra rows are still there: not a success (DESIGN.md rule 8).
+    assert_eq!((r.left.missing, r.left.stale, r.left.extra), (0, 0, 10));
+    assert_eq!(JobStatus::of_report(&r), JobStatus::DriftFound);
     let r = pass(
         &settings,
         PassOptions {
@@ -139,6 +143,8 @@ async fn modes_restrict_actions(backend: Backend) {
         (0, 0, 10)
     );
     assert_eq!(db.count("users").await, N as i64);
+    assert_eq!((r.left.missing, r.left.stale, r.left.extra), (0, 0, 0));
+    assert_eq!(JobStatus::of_report(&r), JobStatus::Succeeded);
 }
 
 async fn soft_delete_marks_and_revives(backend: Backend) {
