@@ -155,8 +155,18 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// How long `/readyz` waits for the database before answering 503.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
+
 async fn readyz(State(s): State<AppState>) -> Response {
-    match s.runner.store().ping().await {
+    let ping = tokio::time::timeout(READY_TIMEOUT, s.runner.store().ping()).await;
+    let ping = ping.unwrap_or_else(|_| {
+        Err(crate::store::StoreError::Gone(format!(
+            "no answer within {} ms",
+            READY_TIMEOUT.as_millis()
+        )))
+    });
+    match ping {
         Ok(()) => Json(json!({
             "status": "ready",
             "schedules": s.schedules.entries.len(),

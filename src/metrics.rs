@@ -230,6 +230,14 @@ impl Metrics {
         self.jobs_running.with_label_values(&[resource]).dec();
     }
 
+    /// A trigger that could not become a pass (its job could not be
+    /// recorded: the database is unreachable), counted as a failed pass.
+    pub fn pass_not_started(&self, resource: &str, trigger: Trigger) {
+        self.passes
+            .with_label_values(&[resource, trigger.as_str(), Outcome::Failed.as_str()])
+            .inc();
+    }
+
     pub fn skipped(&self, resource: &str, reason: &'static str) {
         self.skipped.with_label_values(&[resource, reason]).inc();
     }

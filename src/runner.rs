@@ -58,6 +58,10 @@ impl Submitted {
     }
 }
 
+/// How long the record of a job's end is retried while the database is
+/// unreachable.
+const FINAL_SAVE_FOR: Duration = Duration::from_secs(30);
+
 /// Why a request or a cancel was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -229,6 +233,11 @@ impl Runner {
             Ok(cancel) => {
                 if let Err(e) = self.inner.store.save_job(&job).await {
                     self.release(&req.resource, job.id);
+                    // The pass could not even start: a failed pass, so the
+                    // failing-pass alert sees a database outage.
+                    self.inner
+                        .metrics
+                        .pass_not_started(&req.resource, req.trigger);
                     return Err(e.into());
                 }
                 Ok(Ok((job, cancel)))
@@ -241,8 +250,8 @@ impl Runner {
                         "overlap: job {running} of this resource is running"
                     )),
                 );
-                self.inner.metrics.skipped(&req.resource, "overlap");
                 self.inner.store.save_job(&skipped).await?;
+                self.inner.metrics.skipped(&req.resource, "overlap");
                 tracing::info!(resource = %req.resource, running = %running, "trigger coalesced with the running pass");
                 Ok(Err(Submitted::Coalesced {
                     running,
@@ -307,8 +316,21 @@ impl Runner {
                 Ok(job)
             }
             (None, Some(job)) if job.status.is_final() => Err(RunnerError::AlreadyEnded(id)),
-            // Not ended but not ours: another replica runs it.
-            (None, Some(_)) => Err(RunnerError::ElsewhereRunning(id)),
+            // Not ended and not ours: another replica runs it if it holds
+            // the resource's lock; if the lock is free, nobody does.
+            (None, Some(mut job)) => match self.inner.store.try_lock(&job.resource).await? {
+                None => Err(RunnerError::ElsewhereRunning(id)),
+                Some(lock) => {
+                    job.finish(
+                        JobStatus::Failed,
+                        Some("abandoned: its driftd stopped before recording the end".into()),
+                    );
+                    let saved = self.inner.store.save_job(&job).await;
+                    lock.release().await;
+                    saved?;
+                    Err(RunnerError::AlreadyEnded(id))
+                }
+            },
             (_, None) => Err(RunnerError::NoSuchJob(id)),
         }
     }
@@ -369,6 +391,7 @@ impl Runner {
                 return None;
             }
         };
+        self.abandon_others(job).await;
         let Some(res) = self.inner.settings.resources.get(&job.resource) else {
             lock.release().await;
             job.finish(
@@ -394,9 +417,57 @@ impl Runner {
         Some(report)
     }
 
+    /// With the resource's lock held, no other job of it can be running
+    /// anywhere: any other `running` record is one whose driftd died (or
+    /// could not record its end). Marks those failed.
+    async fn abandon_others(&self, job: &Job) {
+        let unfinished = match self.inner.store.unfinished_jobs().await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not look for abandoned jobs");
+                return;
+            }
+        };
+        for mut other in unfinished {
+            if other.resource != job.resource
+                || other.id == job.id
+                || other.status != JobStatus::Running
+            {
+                continue;
+            }
+            other.finish(
+                JobStatus::Failed,
+                Some(
+                    "abandoned: its driftd stopped or lost the database before recording the end"
+                        .into(),
+                ),
+            );
+            if self.inner.store.save_job(&other).await.is_ok() {
+                tracing::warn!(abandoned = %other.id, "marked an abandoned job of this resource failed");
+            }
+        }
+    }
+
+    /// Records a job. The record of a job's end is retried (the database
+    /// may be briefly gone) for up to [`FINAL_SAVE_FOR`]; if it still
+    /// cannot be written, the next pass of the resource marks the job
+    /// abandoned.
     async fn save(&self, job: &Job) {
-        if let Err(e) = self.inner.store.save_job(job).await {
-            tracing::error!(error = %error_chain(&e), "could not record the job");
+        let deadline = tokio::time::Instant::now() + FINAL_SAVE_FOR;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.inner.store.save_job(job).await {
+                Ok(()) => return,
+                Err(e) if job.status.is_final() && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %error_chain(&e), retry_in_ms = delay.as_millis() as u64, "could not record the job's end; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "could not record the job");
+                    return;
+                }
+            }
         }
     }
 

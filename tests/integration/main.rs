@@ -7,6 +7,7 @@ mod common;
 mod daemon;
 mod equality;
 mod guards;
+mod outage;
 mod prometheus;
 mod repair;
 mod review;
