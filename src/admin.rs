@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -208,10 +209,13 @@ fn authorize(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "mutating endpoints need admin.token (DRIFTD_ADMIN__TOKEN), or admin.allow_unauthenticated = true for local use",
         ));
     };
+    // The scheme is case-insensitive (RFC 7235): `bearer` is `Bearer`.
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim_start())
         .unwrap_or("");
     if constant_time_eq(given.as_bytes(), token.expose_secret().as_bytes()) {
         Ok(())
@@ -245,10 +249,12 @@ struct ReconcileBody {
 
 async fn reconcile(
     State(s): State<AppState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(name) = name.map_err(path_rejected)?;
+    let body = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
     authorize(&s, &headers)?;
     if !s.runner.settings().resources.contains_key(&name) {
         return Err(ApiError::not_found(format!("unknown resource `{name}`")));
@@ -256,7 +262,14 @@ async fn reconcile(
     let body: ReconcileBody = if body.iter().all(u8::is_ascii_whitespace) {
         ReconcileBody::default()
     } else {
-        serde_json::from_slice(&body)
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?;
+        if !value.is_object() {
+            return Err(ApiError::bad_request(
+                "request body: must be a JSON object such as {\"mode\": \"full\"}",
+            ));
+        }
+        serde_json::from_value(value)
             .map_err(|e| ApiError::bad_request(format!("request body: {e}")))?
     };
     let submitted = s
@@ -280,8 +293,9 @@ async fn reconcile(
 
 async fn list_jobs(
     State(s): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    q: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
     let mut filter = JobFilter {
         limit: 50,
         ..JobFilter::default()
@@ -333,7 +347,16 @@ fn parse_id(raw: &str) -> Result<JobId, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("`{raw}` is not a job id (a UUID)")))
 }
 
-async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// A path that does not decode (`/v1/jobs/%ff`) is a JSON 400 too.
+fn path_rejected(e: PathRejection) -> ApiError {
+    ApiError::bad_request(format!("path: {}", e.body_text()))
+}
+
+async fn get_job(
+    State(s): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(path_rejected)?;
     let id = parse_id(&id)?;
     match s.runner.store().get_job(id).await.map_err(store_error)? {
         Some(job) => Ok(Json(job).into_response()),
@@ -343,9 +366,10 @@ async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Re
 
 async fn cancel_job(
     State(s): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(path_rejected)?;
     authorize(&s, &headers)?;
     let id = parse_id(&id)?;
     let job = s.runner.cancel(id).await?;

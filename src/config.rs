@@ -189,6 +189,10 @@ pub struct DaemonSettings {
     /// How long shutdown waits for running passes to reach a safe point.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_secs: f64,
+    /// Days a finished job stays in `driftd_jobs` (each resource's latest
+    /// success is kept regardless); 0 keeps every job.
+    #[serde(default = "default_job_retention_days")]
+    pub job_retention_days: u32,
 }
 
 impl Default for DaemonSettings {
@@ -197,6 +201,7 @@ impl Default for DaemonSettings {
             schedules_dir: None,
             startup: Vec::new(),
             shutdown_grace_secs: default_shutdown_grace(),
+            job_retention_days: default_job_retention_days(),
         }
     }
 }
@@ -206,6 +211,9 @@ fn default_schedules_dir() -> PathBuf {
 }
 fn default_shutdown_grace() -> f64 {
     30.0
+}
+fn default_job_retention_days() -> u32 {
+    30
 }
 
 impl DaemonSettings {

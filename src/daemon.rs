@@ -72,6 +72,7 @@ impl Daemon {
             tracing::warn!(%addr, "admin API on a non-loopback address without a token: mutating endpoints are refused");
         }
         let stop_http = CancellationToken::new();
+        spawn_pruner(runner.clone(), stop_http.clone());
         let app = router(AppState {
             runner: runner.clone(),
             schedules: schedules.clone(),
@@ -124,11 +125,36 @@ impl Daemon {
     }
 }
 
+/// How often the worker prunes old jobs (also once at start).
+const PRUNE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Prunes `driftd_jobs` at start and every [`PRUNE_EVERY`] until `stop`.
+fn spawn_pruner(runner: Runner, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            if let Err(e) = runner.prune_jobs(std::time::SystemTime::now()).await {
+                tracing::warn!(error = %crate::pass::error_chain(&e), "could not prune old jobs");
+            }
+        }
+    });
+}
+
 /// `driftd run` until SIGTERM or SIGINT.
 pub async fn run(settings: Arc<Settings>) -> anyhow::Result<i32> {
     let daemon = Daemon::start(settings).await?;
     wait_for_signal().await;
-    tracing::info!("shutting down");
+    tracing::info!("shutting down; a second SIGTERM or SIGINT exits at once");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        // Open write transactions roll back: the table stays consistent.
+        tracing::warn!("second signal: exiting now, without waiting for passes");
+        std::process::exit(130);
+    });
     let clean = daemon.stop().await;
     Ok(if clean { 0 } else { 1 })
 }

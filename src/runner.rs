@@ -178,6 +178,22 @@ impl Runner {
         Ok(())
     }
 
+    /// Deletes jobs older than `daemon.job_retention_days` (keeping each
+    /// resource's latest success); returns how many.
+    pub async fn prune_jobs(&self, now: std::time::SystemTime) -> Result<u64, StoreError> {
+        let days = self.inner.settings.daemon.job_retention_days;
+        if days == 0 {
+            return Ok(0);
+        }
+        let cutoff = now - Duration::from_secs(u64::from(days) * 86_400);
+        let before = humantime::format_rfc3339_millis(cutoff).to_string();
+        let pruned = self.inner.store.prune_jobs(&before).await?;
+        if pruned > 0 {
+            tracing::info!(pruned, days, "old jobs pruned");
+        }
+        Ok(pruned)
+    }
+
     /// Marks jobs a crash left `queued` or `running` as failed, when nobody
     /// holds their resource (another replica may be running them).
     pub async fn recover(&self) -> Result<u64, StoreError> {

@@ -56,6 +56,8 @@ pub enum Fault {
     /// Serve at most `max` items per page, whatever the limit asked (for
     /// every request).
     CapLimit { max: u64 },
+    /// Sleep before answering a get-by-key request.
+    SlowGet { ms: u64 },
     /// Serve the page at `from` instead (a repeated page).
     Repeat { offset: u64, from: u64 },
     /// Before serving, delete the first `count` items, but keep announcing
@@ -85,9 +87,11 @@ impl Fault {
             | Fault::Shift { offset, .. }
             | Fault::Reverse { offset }
             | Fault::Delay { offset, .. } => Some(*offset),
-            Fault::CursorLoop | Fault::Empty | Fault::CapLimit { .. } | Fault::Unlisted { .. } => {
-                None
-            }
+            Fault::CursorLoop
+            | Fault::Empty
+            | Fault::CapLimit { .. }
+            | Fault::SlowGet { .. }
+            | Fault::Unlisted { .. } => None,
         }
     }
 }
@@ -453,6 +457,18 @@ async fn get_one(
     State(up): State<Arc<SampleUpstream>>,
     Path((collection, key)): Path<(String, String)>,
 ) -> Response {
+    let slow = up
+        .faults
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find_map(|f| match f {
+            Fault::SlowGet { ms } => Some(*ms),
+            _ => None,
+        });
+    if let Some(ms) = slow {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let field = up
         .get_by
         .lock()

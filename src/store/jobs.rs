@@ -56,6 +56,13 @@ pub(crate) const LIST: &str = "SELECT id, resource, trigger, mode, dry_run, forc
      FROM driftd_jobs WHERE (CAST($1 AS TEXT) IS NULL OR resource = $1) AND (CAST($2 AS TEXT) IS NULL OR status = $2) \
      ORDER BY created_at DESC, id LIMIT $3";
 
+/// Deletes jobs that ended before `$1`, except each resource's latest
+/// success (the last-success metric is seeded from it).
+pub(crate) const PRUNE: &str =
+    "DELETE FROM driftd_jobs WHERE finished_at IS NOT NULL AND finished_at < $1 \
+     AND NOT (status = 'succeeded' AND finished_at = (SELECT MAX(j.finished_at) FROM driftd_jobs j \
+     WHERE j.resource = driftd_jobs.resource AND j.status = 'succeeded'))";
+
 pub(crate) const GET: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
      FROM driftd_jobs WHERE id = $1";
 

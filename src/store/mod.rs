@@ -173,6 +173,10 @@ pub trait Store: Send + Sync {
     /// Jobs still `queued` or `running`.
     fn unfinished_jobs(&self) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
 
+    /// Deletes jobs that ended before `before` (RFC 3339), keeping each
+    /// resource's latest success; returns how many.
+    fn prune_jobs(&self, before: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Takes the resource's lock if free; `None` if another process holds it.
     fn try_lock(
         &self,
@@ -343,6 +347,9 @@ impl Store for AnyStore {
     }
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         delegate!(self, unfinished_jobs())
+    }
+    async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
+        delegate!(self, prune_jobs(before))
     }
     async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
         delegate!(self, try_lock(resource))

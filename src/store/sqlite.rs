@@ -639,6 +639,16 @@ impl Store for SqliteStore {
         rows.into_iter().map(jobs::from_row).collect()
     }
 
+    async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
+        let sql = jobs::PRUNE.replace('$', "?");
+        Ok(sqlx::query(&sql)
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("prune jobs"))?
+            .rows_affected())
+    }
+
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)
             .fetch_all(&self.pool)

@@ -216,6 +216,10 @@ async fn bad_requests_get_json_4xx() {
     let d = Daemon::start(s.settings.clone()).await.unwrap();
     let base = format!("http://{}", d.addr);
     let reconcile = format!("{base}/v1/resources/users/reconcile");
+    let oversized = format!(
+        "{{\"mode\": \"full\", \"pad\": \"{}\"}}",
+        "x".repeat(3 << 20)
+    );
     for (method, url, token, body, want) in [
         ("POST", reconcile.as_str(), None, None, 401),
         ("POST", reconcile.as_str(), Some("wrong"), None, 401),
@@ -279,6 +283,24 @@ async fn bad_requests_get_json_4xx() {
         ),
         ("GET", &format!("{base}/nowhere"), None, None, 404),
         ("PUT", &format!("{base}/v1/jobs"), None, None, 405),
+        // a path that does not decode, a body that is not an object, an
+        // oversized body: JSON errors too
+        ("GET", &format!("{base}/v1/jobs/%ff"), None, None, 400),
+        (
+            "DELETE",
+            &format!("{base}/v1/jobs/%ff"),
+            Some(TOKEN),
+            None,
+            400,
+        ),
+        ("POST", reconcile.as_str(), Some(TOKEN), Some("[]"), 400),
+        (
+            "POST",
+            reconcile.as_str(),
+            Some(TOKEN),
+            Some(&oversized),
+            413,
+        ),
     ] {
         let (status, json) = api(method, url, token, body).await;
         assert_eq!(status, want, "{method} {url} {body:?}: {json}");
@@ -287,6 +309,14 @@ async fn bad_requests_get_json_4xx() {
             "{method} {url}: {json}"
         );
     }
+    // the bearer scheme is case-insensitive
+    let resp = reqwest::Client::new()
+        .post(&reconcile)
+        .header("Authorization", format!("bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
     // every documented route answers
     let (_, doc) = api("GET", &format!("{base}/openapi.json"), None, None).await;
     assert_eq!(doc["openapi"], "3.0.3");
@@ -524,6 +554,50 @@ async fn sigterm_mid_pass_exits_cleanly_with_the_table_consistent() {
     let job = store.get_job(id.parse().unwrap()).await.unwrap().unwrap();
     assert_eq!(job.status, JobStatus::Cancelled, "{job:?}");
     assert_eq!(s.db.keys("users").await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once() {
+    let s = setup(Backend::Sqlite, 300, 100).await;
+    // The pass confirms its purge candidate (the ghost) with a get-by-key
+    // request that hangs until its timeout: the graceful stop waits for it.
+    s.up.inject(Fault::SlowGet { ms: 30_000 });
+    let addr = s.settings.resources["users"]
+        .upstream
+        .base_url
+        .trim_start_matches("http://")
+        .parse()
+        .unwrap();
+    let cfg = ConfigBuilder {
+        tail: tail(s.schedules.path(), "127.0.0.1:0"),
+        ..ConfigBuilder::default()
+    }
+    .toml(&s.db, addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = spawn_run(&cfg, dir.path(), "a").await;
+    api(
+        "POST",
+        &format!("{}/v1/resources/users/reconcile", p.base),
+        Some(TOKEN),
+        None,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sigterm(&p);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = Instant::now();
+    sigterm(&p);
+    let status = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            stopping.elapsed() < Duration::from_secs(1),
+            "a second SIGTERM did not force the exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(130));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

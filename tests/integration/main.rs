@@ -10,6 +10,7 @@ mod guards;
 mod outage;
 mod prometheus;
 mod repair;
+mod retention;
 mod review;
 mod security;
 mod sqlite_file;
