@@ -259,3 +259,24 @@ async fn a_pass_killed_mid_apply_leaves_whole_batches_and_the_next_converges() {
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(report["outcome"], "in_sync");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_carry_no_colour_codes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(10)).await;
+    let config = ConfigBuilder::default().toml(&db, addr);
+    // stderr is a pipe here, as under systemd, in CI or `2> file`
+    let out = driftd(
+        &["reconcile", "users"],
+        &config,
+        &[("RUST_LOG", "driftd=debug")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("pass finished"),
+        "no log lines to check: {err}"
+    );
+    assert!(!err.contains('\x1b'), "escape codes on a pipe: {err:?}");
+}
