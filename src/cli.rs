@@ -212,6 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
+    use report::config_words;
     let settings = Settings::load(path)?;
     println!("{}: OK", path.display());
     println!(
@@ -221,9 +222,11 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
     for (name, r) in &settings.resources {
         let u = &r.upstream;
         println!("resource {name}");
+        println!("  upstream  {}{}", u.base_url, u.list_path);
         println!(
-            "  upstream  {}{} ({:?}, page size {})",
-            u.base_url, u.list_path, u.pagination, u.page_size
+            "  paging    {}, page size {}",
+            config_words(&u.pagination),
+            u.page_size
         );
         println!(
             "  token     {}",
@@ -234,22 +237,35 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
             }
         );
         println!(
-            "  key       {} -> {}.{}",
-            r.key.upstream, r.local.table, r.key.column
+            "  key       {} -> {}.{} ({})",
+            r.key.upstream,
+            r.local.table,
+            r.key.column,
+            config_words(&r.key.kind)
         );
         for (col, c) in &r.columns {
-            println!("  column    {} -> {col} ({:?})", c.from, c.kind);
+            println!(
+                "  column    {} -> {col} ({}{})",
+                c.from,
+                config_words(&c.kind),
+                if c.optional { ", optional" } else { "" }
+            );
         }
         let p = &r.policy;
         println!(
-            "  policy    insert {} repair {} purge {} ({:?}), max purge {:.0}% / {} rows, confirm {}",
+            "  policy    insert {} repair {} purge {} ({}), confirm {}",
             p.insert_missing,
             p.repair_stale,
             p.purge_extra,
-            p.purge,
+            config_words(&p.purge),
+            r.confirms_purges()
+        );
+        println!(
+            "  limits    purge {:.0}% / {} rows, update {:.0}% / {} rows",
             p.max_purge_fraction * 100.0,
             p.max_purge_count,
-            r.confirms_purges()
+            p.max_update_fraction * 100.0,
+            p.max_update_count
         );
     }
     Ok(check_tables(&settings).await)

@@ -41,7 +41,7 @@ async fn reconcile_json_and_exit_codes() {
     let real = driftd(&["reconcile", "users"], &config, &[]);
     assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
     let text = String::from_utf8_lossy(&real.stdout);
-    assert!(text.contains("REPAIRED"), "{text}");
+    assert!(text.contains("outcome repaired"), "{text}");
     assert_eq!(db.count("users").await, 200);
 
     // guard tripped: exit 3, nothing applied
@@ -184,14 +184,14 @@ fn quickstart_finds_and_repairs_drift_and_serves_metrics() {
         .join(" ");
     let steps: Vec<&str> = squeezed.split("== ").collect();
     assert!(
-        steps[1].contains("DRY_RUN") && steps[1].contains("missing 40"),
+        steps[1].contains("outcome dry_run") && steps[1].contains("missing 40"),
         "{text}"
     );
     assert!(
-        steps[2].contains("REPAIRED") && steps[2].contains("purge 60"),
+        steps[2].contains("outcome repaired") && steps[2].contains("purge 60"),
         "{text}"
     );
-    assert_eq!(steps[3].matches("IN_SYNC").count(), 2, "{text}");
+    assert_eq!(steps[3].matches("outcome in_sync").count(), 2, "{text}");
     assert!(
         steps[4].contains(
             r#"driftd_passes_total{outcome="repaired",resource="users",trigger="cli"} 1"#
@@ -279,4 +279,92 @@ async fn logs_to_a_pipe_carry_no_colour_codes() {
         "no log lines to check: {err}"
     );
     assert!(!err.contains('\x1b'), "escape codes on a pipe: {err:?}");
+}
+
+/// Rust's `Debug` spellings of the config's enums, which must never reach a
+/// person: the config, the JSON report and the metrics use other words.
+const DEBUG_NAMES: [&str; 14] = [
+    "Full",
+    "PurgeOnly",
+    "RepairOnly",
+    "DryRun",
+    "InSync",
+    "Repaired",
+    "Offset",
+    "Cursor {",
+    "Delete",
+    "SoftDelete",
+    "Text",
+    "Boolean",
+    "Integer",
+    "Some(",
+];
+
+fn assert_config_words(text: &str, words: &[&str]) {
+    for word in words {
+        assert!(text.contains(word), "`{word}` missing from:\n{text}");
+    }
+    for name in DEBUG_NAMES {
+        assert!(!text.contains(name), "Rust name `{name}` in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_reports_speak_the_configs_words() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(20);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (_up, addr) = upstream(users(20)).await;
+    let config = ConfigBuilder {
+        upstream:
+            r#"pagination = { kind = "offset", limit_param = "limit", offset_param = "offset" }"#
+                .into(),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+
+    let check = driftd(&["check"], &config, &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert_config_words(
+        &String::from_utf8_lossy(&check.stdout),
+        &[
+            r#"offset (limit_param = "limit", offset_param = "offset")"#,
+            "(boolean)",
+            "(integer)",
+            "(text)",
+            "(delete)",
+        ],
+    );
+
+    let soft = config.replace(
+        "[resources.users.policy]",
+        "[resources.users.policy]\npurge = { soft_delete = { column = \"deleted_at\" } }",
+    );
+    let check = driftd(&["check"], &soft, &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert_config_words(
+        &String::from_utf8_lossy(&check.stdout),
+        &[r#"soft_delete (column = "deleted_at")"#],
+    );
+
+    for (args, words) in [
+        (
+            &["reconcile", "users", "--dry-run"][..],
+            &["mode full", "outcome dry_run"][..],
+        ),
+        (
+            &["reconcile", "users", "--dry-run", "--mode", "purge-only"],
+            &["mode purge-only", "outcome dry_run"],
+        ),
+        (
+            &["reconcile", "users", "--mode", "repair-only"],
+            &["mode repair-only", "outcome "],
+        ),
+    ] {
+        let out = driftd(args, &config, &[]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_config_words(&String::from_utf8_lossy(&out.stdout), words);
+    }
 }
