@@ -368,3 +368,136 @@ async fn check_and_reports_speak_the_configs_words() {
         assert_config_words(&String::from_utf8_lossy(&out.stdout), words);
     }
 }
+
+/// Stops a child process on drop, so a failed assertion leaves no server
+/// behind.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_follow_ups_work_when_its_ports_are_taken() {
+    use std::io::BufRead;
+    use std::time::Duration;
+
+    // Hold the example's ports (if someone else already holds them, they
+    // are just as taken).
+    let _upstream_port = std::net::TcpListener::bind("127.0.0.1:8931");
+    let _admin_port = std::net::TcpListener::bind("127.0.0.1:9750");
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = Reap(
+        Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .args(["quickstart", "--serve"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("run driftd quickstart --serve"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut follow_ups = Vec::new();
+    let mut in_block = false;
+    while follow_ups.len() < 5 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no follow-up commands printed:\n{}\n{}",
+                    seen.join("\n"),
+                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+                )
+            });
+        if in_block {
+            follow_ups.push(line.trim().to_string());
+        }
+        in_block |= line.starts_with("try, from another terminal");
+        seen.push(line);
+    }
+    let printed = seen.join("\n");
+    assert!(
+        !printed.contains(":8931") && !printed.contains(":9750"),
+        "points at a port it could not use:\n{printed}"
+    );
+    assert!(
+        dir.path().join("driftd-quickstart.toml").exists(),
+        "{printed}"
+    );
+
+    let http = reqwest::Client::new();
+    let mut ran = 0;
+    for command in &follow_ups {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        match words.as_slice() {
+            // curl may be missing from a build machine: same request, in Rust
+            ["curl", "-X", "POST", url] => {
+                let resp = http.post(*url).send().await.expect(command);
+                assert_eq!(resp.status().as_u16(), 202, "{command}");
+                // as a person would, let the job end before the next
+                // command (which would otherwise find the resource locked)
+                let accepted: serde_json::Value =
+                    serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
+                let job_url = url.replace(
+                    "/resources/users/reconcile",
+                    &format!("/jobs/{}", accepted["job_id"].as_str().expect("job_id")),
+                );
+                let started = std::time::Instant::now();
+                loop {
+                    let body = http.get(&job_url).send().await.expect(&job_url);
+                    let job: serde_json::Value =
+                        serde_json::from_slice(&body.bytes().await.expect("body")).expect("JSON");
+                    if !matches!(job["status"].as_str(), Some("queued" | "running")) {
+                        break;
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(60), "{job}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            ["curl", url] => {
+                let resp = http.get(*url).send().await.expect(command);
+                assert_eq!(resp.status().as_u16(), 200, "{command}");
+            }
+            _ => {
+                // a driftd command, run by a shell exactly as printed, from
+                // another directory (the config it names must not depend
+                // on the current one)
+                let out = Command::new("sh")
+                    .args(["-c", command])
+                    .current_dir(std::env::temp_dir())
+                    .output()
+                    .expect("sh");
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "{command}\n{text}\n{}",
+                    stderr(&out)
+                );
+                assert!(text.contains("resource users"), "{command}\n{text}");
+            }
+        }
+        ran += 1;
+    }
+    assert_eq!(ran, 5, "{printed}");
+    assert!(
+        follow_ups
+            .iter()
+            .any(|c| c.contains("reconcile users --dry-run --config")),
+        "{printed}"
+    );
+}
