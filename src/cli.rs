@@ -113,11 +113,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Check => check(&cli.config).await,
         Command::Run => {
-            let settings = Arc::new(Settings::load(&cli.config)?);
+            let settings = Arc::new(load_settings(&cli.config)?);
             crate::daemon::run(settings).await
         }
         Command::Schedules => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load_settings(&cli.config)?;
             let schedules =
                 crate::scheduler::Schedules::load(&settings.schedules_dir(), &settings)?;
             println!("schedules from {}", schedules.dir.display());
@@ -159,7 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 });
                 return crate::remote::reconcile(&url, &resource, body, json).await;
             }
-            let settings = Arc::new(Settings::load(&cli.config)?);
+            let settings = Arc::new(load_settings(&cli.config)?);
             let opts = PassOptions {
                 mode,
                 dry_run,
@@ -174,7 +174,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(report::exit_code(&report))
         }
         Command::History { resource, limit } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load_settings(&cli.config)?;
             settings.resource(&resource)?;
             let store = open_store(&settings).await?;
             let filter = JobFilter {
@@ -213,7 +213,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
     use report::config_words;
-    let settings = Settings::load(path)?;
+    let settings = load_settings(path)?;
     println!("{}: OK", path.display());
     println!(
         "store: {}",
@@ -297,6 +297,18 @@ async fn check_tables(settings: &Settings) -> i32 {
         }
     }
     code
+}
+
+/// Loads the config, with a way forward when there is none: a newcomer's
+/// first `driftd check` runs where no `driftd.toml` exists yet.
+fn load_settings(path: &std::path::Path) -> anyhow::Result<Settings> {
+    if !path.exists() {
+        anyhow::bail!(
+            "{}: file not found (pass --config FILE or set DRIFTD_CONFIG; the repository's examples/quickstart/driftd.toml is a ready one)",
+            path.display()
+        );
+    }
+    Ok(Settings::load(path)?)
 }
 
 /// Opens the store. The error names the URL masked, and its text is

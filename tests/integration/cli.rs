@@ -117,6 +117,26 @@ async fn secrets_are_never_printed() {
 }
 
 #[test]
+fn a_missing_config_says_how_to_name_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .arg("check")
+        .current_dir(dir.path())
+        .env_remove("DRIFTD_CONFIG")
+        .output()
+        .expect("run driftd");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("driftd.toml: file not found")
+            && err.contains("--config")
+            && err.contains("DRIFTD_CONFIG"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_resource_names_the_known_ones() {
     let config = r#"
 [store]
