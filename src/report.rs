@@ -23,6 +23,9 @@ pub mod exit {
     pub const GUARD_TRIPPED: i32 = 3;
 }
 
+/// The exit code for a report. 0 is a claim that the owned columns match
+/// upstream (or that nothing was meant to change, in a dry run): promise 8,
+/// "success words are earned", in `docs/DESIGN.md`.
 pub fn exit_code(report: &PassReport) -> i32 {
     match report.outcome {
         Outcome::InSync | Outcome::Repaired | Outcome::DryRun => exit::OK,
