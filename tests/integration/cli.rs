@@ -521,3 +521,23 @@ async fn quickstart_follow_ups_work_when_its_ports_are_taken() {
         "{printed}"
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `| true` exits without reading, so by the time driftd (started a
+    // moment later) prints, nobody reads the pipe: what `| head -1` does to
+    // any output longer than a line.
+    let script = format!(
+        "(sleep 0.3; '{}' check --config examples/quickstart/driftd.toml; echo \"rc=$?\" >&2) | true",
+        env!("CARGO_BIN_EXE_driftd")
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("sh");
+    let err = stderr(&out);
+    assert!(err.contains("rc=0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
