@@ -1,6 +1,7 @@
 //! The command line: argument types and the subcommands they run. `main`
 //! only parses, starts telemetry and calls [`run`].
 
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -113,35 +114,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Check => check(&cli.config).await,
         Command::Run => {
-            let settings = Arc::new(Settings::load(&cli.config)?);
+            let settings = Arc::new(load_settings(&cli.config)?);
             crate::daemon::run(settings).await
         }
-        Command::Schedules => {
-            let settings = Settings::load(&cli.config)?;
-            let schedules =
-                crate::scheduler::Schedules::load(&settings.schedules_dir(), &settings)?;
-            println!("schedules from {}", schedules.dir.display());
-            if schedules.entries.is_empty() {
-                println!("  (none)");
-            }
-            let now = chrono::Utc::now();
-            for e in &schedules.entries {
-                println!(
-                    "{}  resource {}  mode {}  cron \"{}\" ({})  jitter {}s{}",
-                    e.name,
-                    e.resource,
-                    e.mode.as_str(),
-                    e.cron,
-                    e.timezone,
-                    e.jitter.as_secs(),
-                    if e.dry_run { "  dry run" } else { "" }
-                );
-                for t in e.next_fires(now, 3) {
-                    println!("    next {}", t.to_rfc3339());
-                }
-            }
-            Ok(report::exit::OK)
-        }
+        Command::Schedules => schedules(&cli.config),
         Command::Reconcile {
             resource,
             dry_run,
@@ -159,7 +135,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 });
                 return crate::remote::reconcile(&url, &resource, body, json).await;
             }
-            let settings = Arc::new(Settings::load(&cli.config)?);
+            let settings = Arc::new(load_settings(&cli.config)?);
             let opts = PassOptions {
                 mode,
                 dry_run,
@@ -167,14 +143,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             let report = reconcile(&settings, &resource, opts, !json).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                emit(&format!("{}\n", serde_json::to_string_pretty(&report)?))?;
             } else {
-                print!("{}", report::human(&report));
+                emit(&report::human(&report))?;
             }
             Ok(report::exit_code(&report))
         }
         Command::History { resource, limit } => {
-            let settings = Settings::load(&cli.config)?;
+            let settings = load_settings(&cli.config)?;
             settings.resource(&resource)?;
             let store = open_store(&settings).await?;
             let filter = JobFilter {
@@ -182,9 +158,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 status: None,
                 limit,
             };
+            let mut out = String::new();
             for job in store.list_jobs(&filter).await? {
-                println!("{}", serde_json::to_string(&job)?);
+                writeln!(out, "{}", serde_json::to_string(&job)?)?;
             }
+            emit(&out)?;
             Ok(report::exit::OK)
         }
         Command::Quickstart { serve } => crate::quickstart::run(serve).await,
@@ -212,75 +190,157 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 }
 
 async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
-    let settings = Settings::load(path)?;
-    println!("{}: OK", path.display());
-    println!(
+    use report::config_words;
+    let settings = load_settings(path)?;
+    let mut out = String::new();
+    writeln!(out, "{}: OK", path.display())?;
+    writeln!(
+        out,
         "store: {}",
         redact::mask_url(settings.store.url.expose_secret())
-    );
+    )?;
     for (name, r) in &settings.resources {
         let u = &r.upstream;
-        println!("resource {name}");
-        println!(
-            "  upstream  {}{} ({:?}, page size {})",
-            u.base_url, u.list_path, u.pagination, u.page_size
-        );
-        println!(
+        writeln!(out, "resource {name}")?;
+        writeln!(out, "  upstream  {}{}", u.base_url, u.list_path)?;
+        writeln!(
+            out,
+            "  paging    {}, page size {}",
+            config_words(&u.pagination),
+            u.page_size
+        )?;
+        writeln!(
+            out,
             "  token     {}",
             if u.resolved_token.is_some() {
                 "set (hidden)"
             } else {
                 "none"
             }
-        );
-        println!(
-            "  key       {} -> {}.{}",
-            r.key.upstream, r.local.table, r.key.column
-        );
+        )?;
+        writeln!(
+            out,
+            "  key       {} -> {}.{} ({})",
+            r.key.upstream,
+            r.local.table,
+            r.key.column,
+            config_words(&r.key.kind)
+        )?;
         for (col, c) in &r.columns {
-            println!("  column    {} -> {col} ({:?})", c.from, c.kind);
+            writeln!(
+                out,
+                "  column    {} -> {col} ({}{})",
+                c.from,
+                config_words(&c.kind),
+                if c.optional { ", optional" } else { "" }
+            )?;
         }
         let p = &r.policy;
-        println!(
-            "  policy    insert {} repair {} purge {} ({:?}), max purge {:.0}% / {} rows, confirm {}",
+        writeln!(
+            out,
+            "  policy    insert {} repair {} purge {} ({}), confirm {}",
             p.insert_missing,
             p.repair_stale,
             p.purge_extra,
-            p.purge,
+            config_words(&p.purge),
+            r.confirms_purges()
+        )?;
+        writeln!(
+            out,
+            "  limits    purge {:.0}% / {} rows, update {:.0}% / {} rows",
             p.max_purge_fraction * 100.0,
             p.max_purge_count,
-            r.confirms_purges()
-        );
+            p.max_update_fraction * 100.0,
+            p.max_update_count
+        )?;
     }
-    Ok(check_tables(&settings).await)
+    let code = check_tables(&settings, &mut out).await?;
+    emit(&out)?;
+    Ok(code)
 }
 
 /// Checks, when the database can be opened, that each mirrored table can
 /// mirror its resource faithfully (column types, key collation). An
 /// unreachable database is reported, not an error: the config itself is
 /// valid. Creates and migrates nothing.
-async fn check_tables(settings: &Settings) -> i32 {
+async fn check_tables(settings: &Settings, out: &mut String) -> anyhow::Result<i32> {
     let store = match AnyStore::open_existing(&settings.store.url).await {
         Ok(store) => store,
         Err(e) => {
-            println!(
+            writeln!(
+                out,
                 "tables: not checked, cannot open the database: {}",
                 crate::pass::error_chain(&e)
-            );
-            return report::exit::OK;
+            )?;
+            return Ok(report::exit::OK);
         }
     };
     let mut code = report::exit::OK;
     for (name, r) in &settings.resources {
         match store.prepare(&r.table_spec()).await {
-            Ok(_) => println!("table {}: OK for resource {name}", r.local.table),
+            Ok(_) => writeln!(out, "table {}: OK for resource {name}", r.local.table)?,
             Err(e) => {
                 eprintln!("error: resource `{name}`: {}", crate::pass::error_chain(&e));
                 code = report::exit::ERROR;
             }
         }
     }
-    code
+    Ok(code)
+}
+
+fn schedules(path: &std::path::Path) -> anyhow::Result<i32> {
+    let settings = load_settings(path)?;
+    let schedules = crate::scheduler::Schedules::load(&settings.schedules_dir(), &settings)?;
+    let mut out = String::new();
+    writeln!(out, "schedules from {}", schedules.dir.display())?;
+    if schedules.entries.is_empty() {
+        writeln!(out, "  (none)")?;
+    }
+    let now = chrono::Utc::now();
+    for e in &schedules.entries {
+        writeln!(
+            out,
+            "{}  resource {}  mode {}  cron \"{}\" ({})  jitter {}s{}",
+            e.name,
+            e.resource,
+            e.mode.as_str(),
+            e.cron,
+            e.timezone,
+            e.jitter.as_secs(),
+            if e.dry_run { "  dry run" } else { "" }
+        )?;
+        for t in e.next_fires(now, 3) {
+            writeln!(out, "    next {}", t.to_rfc3339())?;
+        }
+    }
+    emit(&out)?;
+    Ok(report::exit::OK)
+}
+
+/// Writes a command's output to stdout. A reader that went away early
+/// (`driftd history users | head -1`) ends the output quietly; Rust's
+/// `println!` would panic with a backtrace instead.
+fn emit(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("writing to stdout")?),
+    }
+}
+
+/// Loads the config, with a way forward when there is none: a newcomer's
+/// first `driftd check` runs where no `driftd.toml` exists yet.
+fn load_settings(path: &std::path::Path) -> anyhow::Result<Settings> {
+    if !path.exists() {
+        anyhow::bail!(
+            "{}: file not found (pass --config FILE or set DRIFTD_CONFIG; the repository's examples/quickstart/driftd.toml is a ready one)",
+            path.display()
+        );
+    }
+    Ok(Settings::load(path)?)
 }
 
 /// Opens the store. The error names the URL masked, and its text is

@@ -1,4 +1,6 @@
 //! The `driftd` binary: parse the command line, start telemetry, run.
+//! Everything else is the library; its design, the promises it keeps and
+//! its layers are in `docs/DESIGN.md`.
 
 use clap::Parser;
 

@@ -41,7 +41,7 @@ async fn reconcile_json_and_exit_codes() {
     let real = driftd(&["reconcile", "users"], &config, &[]);
     assert_eq!(real.status.code(), Some(0), "{}", stderr(&real));
     let text = String::from_utf8_lossy(&real.stdout);
-    assert!(text.contains("REPAIRED"), "{text}");
+    assert!(text.contains("outcome repaired"), "{text}");
     assert_eq!(db.count("users").await, 200);
 
     // guard tripped: exit 3, nothing applied
@@ -117,6 +117,26 @@ async fn secrets_are_never_printed() {
 }
 
 #[test]
+fn a_missing_config_says_how_to_name_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .arg("check")
+        .current_dir(dir.path())
+        .env_remove("DRIFTD_CONFIG")
+        .output()
+        .expect("run driftd");
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("driftd.toml: file not found")
+            && err.contains("--config")
+            && err.contains("DRIFTD_CONFIG"),
+        "{err}"
+    );
+}
+
+#[test]
 fn unknown_resource_names_the_known_ones() {
     let config = r#"
 [store]
@@ -184,14 +204,14 @@ fn quickstart_finds_and_repairs_drift_and_serves_metrics() {
         .join(" ");
     let steps: Vec<&str> = squeezed.split("== ").collect();
     assert!(
-        steps[1].contains("DRY_RUN") && steps[1].contains("missing 40"),
+        steps[1].contains("outcome dry_run") && steps[1].contains("missing 40"),
         "{text}"
     );
     assert!(
-        steps[2].contains("REPAIRED") && steps[2].contains("purge 60"),
+        steps[2].contains("outcome repaired") && steps[2].contains("purge 60"),
         "{text}"
     );
-    assert_eq!(steps[3].matches("IN_SYNC").count(), 2, "{text}");
+    assert_eq!(steps[3].matches("outcome in_sync").count(), 2, "{text}");
     assert!(
         steps[4].contains(
             r#"driftd_passes_total{outcome="repaired",resource="users",trigger="cli"} 1"#
@@ -258,4 +278,266 @@ async fn a_pass_killed_mid_apply_leaves_whole_batches_and_the_next_converges() {
     let again = driftd(&["reconcile", "users", "--json"], &config, &[]);
     let report: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
     assert_eq!(report["outcome"], "in_sync");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_carry_no_colour_codes() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(10)).await;
+    let config = ConfigBuilder::default().toml(&db, addr);
+    // stderr is a pipe here, as under systemd, in CI or `2> file`
+    let out = driftd(
+        &["reconcile", "users"],
+        &config,
+        &[("RUST_LOG", "driftd=debug")],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("pass finished"),
+        "no log lines to check: {err}"
+    );
+    assert!(!err.contains('\x1b'), "escape codes on a pipe: {err:?}");
+}
+
+/// Rust's `Debug` spellings of the config's enums, which must never reach a
+/// person: the config, the JSON report and the metrics use other words.
+const DEBUG_NAMES: [&str; 14] = [
+    "Full",
+    "PurgeOnly",
+    "RepairOnly",
+    "DryRun",
+    "InSync",
+    "Repaired",
+    "Offset",
+    "Cursor {",
+    "Delete",
+    "SoftDelete",
+    "Text",
+    "Boolean",
+    "Integer",
+    "Some(",
+];
+
+fn assert_config_words(text: &str, words: &[&str]) {
+    for word in words {
+        assert!(text.contains(word), "`{word}` missing from:\n{text}");
+    }
+    for name in DEBUG_NAMES {
+        assert!(!text.contains(name), "Rust name `{name}` in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_reports_speak_the_configs_words() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let mut local = users(20);
+    local.push(ghost(1));
+    db.insert_users(&local).await;
+    let (_up, addr) = upstream(users(20)).await;
+    let config = ConfigBuilder {
+        upstream:
+            r#"pagination = { kind = "offset", limit_param = "limit", offset_param = "offset" }"#
+                .into(),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+
+    let check = driftd(&["check"], &config, &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert_config_words(
+        &String::from_utf8_lossy(&check.stdout),
+        &[
+            r#"offset (limit_param = "limit", offset_param = "offset")"#,
+            "(boolean)",
+            "(integer)",
+            "(text)",
+            "(delete)",
+        ],
+    );
+
+    let soft = config.replace(
+        "[resources.users.policy]",
+        "[resources.users.policy]\npurge = { soft_delete = { column = \"deleted_at\" } }",
+    );
+    let check = driftd(&["check"], &soft, &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    assert_config_words(
+        &String::from_utf8_lossy(&check.stdout),
+        &[r#"soft_delete (column = "deleted_at")"#],
+    );
+
+    for (args, words) in [
+        (
+            &["reconcile", "users", "--dry-run"][..],
+            &["mode full", "outcome dry_run"][..],
+        ),
+        (
+            &["reconcile", "users", "--dry-run", "--mode", "purge-only"],
+            &["mode purge-only", "outcome dry_run"],
+        ),
+        (
+            &["reconcile", "users", "--mode", "repair-only"],
+            &["mode repair-only", "outcome "],
+        ),
+    ] {
+        let out = driftd(args, &config, &[]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_config_words(&String::from_utf8_lossy(&out.stdout), words);
+    }
+}
+
+/// Stops a child process on drop, so a failed assertion leaves no server
+/// behind.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quickstart_follow_ups_work_when_its_ports_are_taken() {
+    use std::io::BufRead;
+    use std::time::Duration;
+
+    // Hold the example's ports (if someone else already holds them, they
+    // are just as taken).
+    let _upstream_port = std::net::TcpListener::bind("127.0.0.1:8931");
+    let _admin_port = std::net::TcpListener::bind("127.0.0.1:9750");
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+    let mut child = Reap(
+        Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .args(["quickstart", "--serve"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("run driftd quickstart --serve"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut follow_ups = Vec::new();
+    let mut in_block = false;
+    while follow_ups.len() < 5 {
+        let line = rx
+            .recv_timeout(Duration::from_secs(120))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "no follow-up commands printed:\n{}\n{}",
+                    seen.join("\n"),
+                    std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default()
+                )
+            });
+        if in_block {
+            follow_ups.push(line.trim().to_string());
+        }
+        in_block |= line.starts_with("try, from another terminal");
+        seen.push(line);
+    }
+    let printed = seen.join("\n");
+    assert!(
+        !printed.contains(":8931") && !printed.contains(":9750"),
+        "points at a port it could not use:\n{printed}"
+    );
+    assert!(
+        dir.path().join("driftd-quickstart.toml").exists(),
+        "{printed}"
+    );
+
+    let http = reqwest::Client::new();
+    let mut ran = 0;
+    for command in &follow_ups {
+        let words: Vec<&str> = command.split_whitespace().collect();
+        match words.as_slice() {
+            // curl may be missing from a build machine: same request, in Rust
+            ["curl", "-X", "POST", url] => {
+                let resp = http.post(*url).send().await.expect(command);
+                assert_eq!(resp.status().as_u16(), 202, "{command}");
+                // as a person would, let the job end before the next
+                // command (which would otherwise find the resource locked)
+                let accepted: serde_json::Value =
+                    serde_json::from_slice(&resp.bytes().await.expect("body")).expect("JSON");
+                let job_url = url.replace(
+                    "/resources/users/reconcile",
+                    &format!("/jobs/{}", accepted["job_id"].as_str().expect("job_id")),
+                );
+                let started = std::time::Instant::now();
+                loop {
+                    let body = http.get(&job_url).send().await.expect(&job_url);
+                    let job: serde_json::Value =
+                        serde_json::from_slice(&body.bytes().await.expect("body")).expect("JSON");
+                    if !matches!(job["status"].as_str(), Some("queued" | "running")) {
+                        break;
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(60), "{job}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            ["curl", url] => {
+                let resp = http.get(*url).send().await.expect(command);
+                assert_eq!(resp.status().as_u16(), 200, "{command}");
+            }
+            _ => {
+                // a driftd command, run by a shell exactly as printed, from
+                // another directory (the config it names must not depend
+                // on the current one)
+                let out = Command::new("sh")
+                    .args(["-c", command])
+                    .current_dir(std::env::temp_dir())
+                    .output()
+                    .expect("sh");
+                let text = String::from_utf8_lossy(&out.stdout);
+                assert_eq!(
+                    out.status.code(),
+                    Some(0),
+                    "{command}\n{text}\n{}",
+                    stderr(&out)
+                );
+                assert!(text.contains("resource users"), "{command}\n{text}");
+            }
+        }
+        ran += 1;
+    }
+    assert_eq!(ran, 5, "{printed}");
+    assert!(
+        follow_ups
+            .iter()
+            .any(|c| c.contains("reconcile users --dry-run --config")),
+        "{printed}"
+    );
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    // `| true` exits without reading, so by the time driftd (started a
+    // moment later) prints, nobody reads the pipe: what `| head -1` does to
+    // any output longer than a line.
+    let script = format!(
+        "(sleep 0.3; '{}' check --config examples/quickstart/driftd.toml; echo \"rc=$?\" >&2) | true",
+        env!("CARGO_BIN_EXE_driftd")
+    );
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("sh");
+    let err = stderr(&out);
+    assert!(err.contains("rc=0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
