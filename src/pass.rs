@@ -253,8 +253,7 @@ pub async fn run_pass<S: Store>(
     opts: PassOptions,
     hooks: &Hooks<'_>,
 ) -> PassReport {
-    let span =
-        tracing::info_span!("pass", resource = %name, mode = ?opts.mode, dry_run = opts.dry_run);
+    let span = tracing::info_span!("pass", resource = %name, mode = opts.mode.as_str(), dry_run = opts.dry_run);
     async move {
         let started = Instant::now();
         let started_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
@@ -508,7 +507,12 @@ async fn list_upstream(
         let mut pager = Pager::new(client.clone(), cfg.clone());
         match list_once(&mut pager, &decoder, &tx).await {
             Ok(()) => {
-                tracing::debug!(rows = pager.rows(), total = ?pager.total(), elapsed_ms = pager.elapsed().as_millis() as u64, "listing complete");
+                tracing::debug!(
+                    rows = pager.rows(),
+                    total = pager.total().unwrap_or(0),
+                    elapsed_ms = pager.elapsed().as_millis() as u64,
+                    "listing complete"
+                );
                 return Ok(());
             }
             Err(e @ (UpstreamError::Moved(_) | UpstreamError::Incomplete(_)))

@@ -61,6 +61,13 @@ pub fn human(r: &PassReport) -> String {
         "  drift    missing {:>7}   stale {:>12}   extra {:>6}",
         r.found.missing, r.found.stale, r.found.extra
     );
+    if r.left.missing + r.left.stale + r.left.extra > 0 {
+        let _ = writeln!(
+            out,
+            "  left     missing {:>7}   stale {:>12}   extra {:>6}   (the mode or policy does not act on these: not in sync)",
+            r.left.missing, r.left.stale, r.left.extra
+        );
+    }
     let _ = writeln!(
         out,
         "  {verb:<7}  insert {:>8}   update {:>11}   purge {:>6}{}",

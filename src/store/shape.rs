@@ -125,6 +125,18 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// SQLite's name for the affinity this kind stands for.
+    pub fn affinity_name(self) -> &'static str {
+        match self {
+            Kind::Integer => "INTEGER",
+            Kind::Text => "TEXT",
+            Kind::FoldedText => "TEXT, with a non-binary collation,",
+            Kind::Untyped => "BLOB (none)",
+            Kind::Numeric => "NUMERIC",
+            _ => "REAL",
+        }
+    }
+
     /// The config type that mirrors this column, for hints.
     fn suggestion(self) -> Option<&'static str> {
         Some(match self {

@@ -456,7 +456,10 @@ impl Store for SqliteStore {
             key_kind = Kind::FoldedText;
         }
         if !shape::key_fits(spec.key_type, key_kind) {
-            let what = format!("`{key_declared}` (SQLite {key_kind:?} affinity)");
+            let what = format!(
+                "`{key_declared}` (SQLite {} affinity)",
+                key_kind.affinity_name()
+            );
             return Err(refuse(shape::key_refusal(
                 spec.key_type,
                 key,
@@ -468,7 +471,7 @@ impl Store for SqliteStore {
             let text = declared(column.as_str());
             let found = affinity(&text);
             if !shape::column_fits(*kind, found) {
-                let what = format!("`{text}` (SQLite {found:?} affinity)");
+                let what = format!("`{text}` (SQLite {} affinity)", found.affinity_name());
                 return Err(refuse(shape::column_refusal(
                     *kind,
                     column.as_str(),

@@ -1,4 +1,4 @@
-//! driftd's equality is the database's (DESIGN.md rule 7): keys and values
+//! driftd's equality is the database's (docs/DESIGN.md rule 7): keys and values
 //! the column would store, compare or sort differently are canonicalised
 //! where the type defines how, and refused with an error naming the column
 //! or the row otherwise. Each test here broke on a version that compared

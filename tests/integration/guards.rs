@@ -1,4 +1,4 @@
-//! Each guard of DESIGN.md "What must never happen", attacked. Every test
+//! Each guard of docs/DESIGN.md "What must never happen", attacked. Every test
 //! here fails if its guard is removed: the upstream misbehaves so that a
 //! pass without the guard would purge rows upstream still has (or apply a
 //! purge that should need --force), and the test checks the local table.

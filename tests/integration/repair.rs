@@ -127,7 +127,7 @@ async fn modes_restrict_actions(backend: Backend) {
         (20, 13, 0)
     );
     assert_eq!(db.count("users").await, N as i64 + 10);
-    // The extra rows are still there: not a success (DESIGN.md rule 8).
+    // The extra rows are still there: not a success (docs/DESIGN.md rule 8).
     assert_eq!((r.left.missing, r.left.stale, r.left.extra), (0, 0, 10));
     assert_eq!(JobStatus::of_report(&r), JobStatus::DriftFound);
     let r = pass(
