@@ -67,6 +67,14 @@ pub enum Trigger {
 }
 
 impl Trigger {
+    /// Every trigger, for metric series that exist from the start.
+    pub const ALL: [Trigger; 4] = [
+        Trigger::Schedule,
+        Trigger::Http,
+        Trigger::Cli,
+        Trigger::Startup,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Trigger::Schedule => "schedule",

@@ -147,6 +147,11 @@ impl Metrics {
         for guard in crate::guard::GUARD_NAMES {
             self.guard_trips.with_label_values(&[resource, guard]);
         }
+        // Failed passes from zero, so `increase()` sees the first one.
+        for trigger in Trigger::ALL {
+            self.passes
+                .with_label_values(&[resource, trigger.as_str(), Outcome::Failed.as_str()]);
+        }
     }
 
     /// Records a finished pass.

@@ -1,7 +1,8 @@
 //! The worker tells the truth under database faults: a real PostgreSQL
 //! behind a TCP proxy the test can cut. During an outage `/readyz` answers
-//! 503 within a second and every trigger that cannot become a pass counts
-//! as a failed one; afterwards passes resume and no job stays `running`. A
+//! 503 within a second, every trigger that cannot become a pass counts as
+//! a failed one and a real Prometheus fires `DriftdPassFailing`;
+//! afterwards passes resume and no job stays `running`. A
 //! job a dead driftd left `running` is abandoned by the next pass of its
 //! resource, and cancelling it answers that it ended.
 
@@ -124,6 +125,15 @@ async fn a_database_outage_shows_in_readyz_and_metrics_and_jobs_end() {
         .expect("daemon starts");
     let base = format!("http://{}", d.addr);
 
+    // Failed passes are a series from the start, so the first one counts.
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    assert!(
+        metrics.contains(
+            r#"driftd_passes_total{outcome="failed",resource="users",trigger="schedule"} 0"#
+        ),
+        "{metrics}"
+    );
+    let prometheus = crate::prometheus::with_alert_rules(&format!("{base}/metrics")).await;
     let until = Instant::now() + Duration::from_secs(15);
     while jobs(&base, "succeeded").await.is_empty() {
         assert!(Instant::now() < until, "no scheduled pass succeeded");
@@ -147,6 +157,12 @@ async fn a_database_outage_shows_in_readyz_and_metrics_and_jobs_end() {
         failed_passes(&metrics) > failed_before,
         "ticks during the outage must count as failed passes:\n{metrics}"
     );
+    if let Err(alerts) = prometheus
+        .wait_firing("DriftdPassFailing", Duration::from_secs(20))
+        .await
+    {
+        panic!("DriftdPassFailing did not fire during the outage: {alerts}");
+    }
 
     proxy.restore();
     let restored = chrono::Utc::now().to_rfc3339();

@@ -483,7 +483,7 @@ async fn check_exposition(
 // The private Prometheus.
 
 /// A running Prometheus; killed on drop, before its data directory goes.
-struct Prometheus {
+pub struct Prometheus {
     child: Child,
     base: String,
     log: PathBuf,
@@ -507,7 +507,38 @@ fn yaml_str(s: &str) -> String {
     serde_json::to_string(s).expect("string")
 }
 
+/// A Prometheus scraping `metrics_url` every second with the shipped
+/// alert rules, evaluated every second.
+pub async fn with_alert_rules(metrics_url: &str) -> Prometheus {
+    Prometheus::start(metrics_url, &dashboards_dir().join("alerts.yml")).await
+}
+
 impl Prometheus {
+    /// Waits up to `within` for alert `name` to be firing; returns the
+    /// alerts Prometheus reports if it is not.
+    pub async fn wait_firing(&self, name: &str, within: Duration) -> Result<(), Json> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + within;
+        loop {
+            let data = self
+                .api(&client, "/api/v1/alerts", &[])
+                .await
+                .unwrap_or_else(|e| panic!("GET /api/v1/alerts: {e}"));
+            let firing = data["alerts"].as_array().is_some_and(|alerts| {
+                alerts
+                    .iter()
+                    .any(|a| a["labels"]["alertname"] == name && a["state"] == "firing")
+            });
+            if firing {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(data);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Starts Prometheus scraping `metrics_url` every second with `rules`
     /// loaded, and waits until it is ready.
     async fn start(metrics_url: &str, rules: &Path) -> Prometheus {
