@@ -24,10 +24,10 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::jobs::{JobFilter, JobId, JobStatus, Trigger};
-use crate::pass::Mode;
 use crate::runner::{JobRequest, Runner, RunnerError, Submitted};
 use crate::scheduler::Schedules;
 use crate::store::Store;
+use crate::vocab::Mode;
 
 /// The OpenAPI document, kept in the repository.
 pub const OPENAPI: &str = include_str!("../openapi.json");

@@ -21,9 +21,9 @@ use crate::admin::{router, AppState};
 use crate::config::Settings;
 use crate::jobs::Trigger;
 use crate::metrics::Metrics;
-use crate::pass::Mode;
 use crate::runner::{JobRequest, Runner};
 use crate::scheduler::Schedules;
+use crate::vocab::Mode;
 
 /// A started worker.
 pub struct Daemon {

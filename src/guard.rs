@@ -6,60 +6,10 @@
 //! pass only builds a plan (and so reaches these guards) from a listing the
 //! pager and the differ declared complete.
 
-use serde::Serialize;
-
 use crate::config::PolicyConfig;
 use crate::diff::Plan;
 
-/// Why a plan was stopped.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, thiserror::Error)]
-#[serde(tag = "guard", rename_all = "snake_case")]
-pub enum GuardTrip {
-    #[error(
-        "upstream listed no rows while the local table has {local}; refusing to purge everything"
-    )]
-    EmptyUpstream { local: u64 },
-    #[error("purge of {purge} rows is {percent:.1}% of {local} local rows, above the {max_percent:.1}% limit")]
-    PurgeFraction {
-        purge: u64,
-        local: u64,
-        percent: f64,
-        max_percent: f64,
-    },
-    #[error("purge of {purge} rows is above the limit of {max}")]
-    PurgeCount { purge: u64, max: u64 },
-    #[error("update of {update} rows is {percent:.1}% of {local} local rows, above the {max_percent:.1}% limit (did upstream rename or drop a mapped field?)")]
-    UpdateFraction {
-        update: u64,
-        local: u64,
-        percent: f64,
-        max_percent: f64,
-    },
-    #[error("update of {update} rows is above the limit of {max} (did upstream rename or drop a mapped field?)")]
-    UpdateCount { update: u64, max: u64 },
-}
-
-/// Every guard's name, for metric series that exist from the start.
-pub const GUARD_NAMES: [&str; 5] = [
-    "purge_fraction",
-    "purge_count",
-    "empty_upstream",
-    "update_fraction",
-    "update_count",
-];
-
-impl GuardTrip {
-    /// A closed-set name for reports and metric labels.
-    pub fn name(&self) -> &'static str {
-        match self {
-            GuardTrip::EmptyUpstream { .. } => "empty_upstream",
-            GuardTrip::PurgeFraction { .. } => "purge_fraction",
-            GuardTrip::PurgeCount { .. } => "purge_count",
-            GuardTrip::UpdateFraction { .. } => "update_fraction",
-            GuardTrip::UpdateCount { .. } => "update_count",
-        }
-    }
-}
+pub use crate::vocab::{GuardTrip, GUARD_NAMES};
 
 /// Judges `plan` under `policy`. `None` means go ahead. Purges are judged
 /// first, then updates: a mass update is how a renamed upstream field

@@ -24,7 +24,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::pass::{Mode, Outcome, PassReport};
+use crate::vocab::{Mode, Outcome, PassReport};
 
 /// A job's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

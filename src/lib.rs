@@ -31,3 +31,4 @@ pub mod scheduler;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;
+pub mod vocab;

@@ -9,7 +9,7 @@ use prometheus::{
 };
 
 use crate::jobs::{JobStatus, Trigger};
-use crate::pass::{Outcome, PassReport};
+use crate::vocab::{Outcome, PassReport};
 
 /// All of driftd's metrics.
 pub struct Metrics {

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use futures_util::{stream, StreamExt};
-use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -28,7 +27,7 @@ use tracing::Instrument;
 use crate::config::{KeyType, ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
-use crate::guard::{self, GuardTrip};
+use crate::guard;
 use crate::metrics::Metrics;
 use crate::model::{Key, Row};
 use crate::store::{Store, StoreError};
@@ -41,34 +40,7 @@ const SAMPLE: usize = 10;
 /// Get-by-key confirmations in flight at once.
 const CONFIRM_CONCURRENCY: usize = 8;
 
-/// Which actions a pass may take.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Insert, repair and purge (each as the policy allows).
-    #[default]
-    Full,
-    /// Only purge extra rows.
-    PurgeOnly,
-    /// Only insert missing and repair stale rows.
-    RepairOnly,
-}
-
-impl Mode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Full => "full",
-            Mode::PurgeOnly => "purge-only",
-            Mode::RepairOnly => "repair-only",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Mode> {
-        [Mode::Full, Mode::PurgeOnly, Mode::RepairOnly]
-            .into_iter()
-            .find(|m| m.as_str() == s)
-    }
-}
+pub use crate::vocab::{Actions, Counts, Mode, Outcome, PassReport, Samples, Timings};
 
 /// How a pass is run.
 #[derive(Debug, Clone, Copy, Default)]
@@ -78,106 +50,6 @@ pub struct PassOptions {
     pub dry_run: bool,
     /// Apply even when a guard trips.
     pub force: bool,
-}
-
-/// How a pass ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// No drift found.
-    InSync,
-    /// Drift found and applied.
-    Repaired,
-    /// Drift found, nothing applied (dry-run).
-    DryRun,
-    /// A guard stopped the pass before any write.
-    GuardTripped,
-    /// An error stopped the pass; see `error`.
-    Failed,
-    /// Cancelled at a safe point (between pages or between write batches).
-    Cancelled,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::InSync => "in_sync",
-            Outcome::Repaired => "repaired",
-            Outcome::DryRun => "dry_run",
-            Outcome::GuardTripped => "guard_tripped",
-            Outcome::Failed => "failed",
-            Outcome::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// Rows found per kind of drift.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct Counts {
-    pub missing: u64,
-    pub stale: u64,
-    pub extra: u64,
-}
-
-/// Rows changed (or that would be, in dry-run) per action.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct Actions {
-    pub insert: u64,
-    pub update: u64,
-    pub purge: u64,
-    /// Purge candidates the get-by-key check found still present upstream.
-    pub purge_kept: u64,
-}
-
-/// Keys affected, per kind.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct Samples {
-    pub insert: Vec<String>,
-    pub update: Vec<String>,
-    pub purge: Vec<String>,
-}
-
-/// What one pass found and did.
-#[derive(Debug, Clone, Serialize, serde::Deserialize)]
-pub struct PassReport {
-    pub resource: String,
-    pub mode: Mode,
-    pub dry_run: bool,
-    pub forced: bool,
-    pub started_at: String,
-    pub duration_ms: u64,
-    pub outcome: Outcome,
-    pub local_rows: u64,
-    pub upstream_rows: u64,
-    pub upstream_pages: u64,
-    /// Times the listing started over because the list moved while paged.
-    #[serde(default)]
-    pub upstream_relists: u32,
-    pub found: Counts,
-    /// Drift the pass left in place: kinds its mode or policy does not act
-    /// on (a repair-only pass leaves extra rows). Zero everywhere means the
-    /// owned columns now equal upstream.
-    #[serde(default)]
-    pub left: Counts,
-    /// Applied actions (planned ones, in dry-run or when a guard tripped).
-    pub actions: Actions,
-    /// Keys per action; every key in dry-run, a sample otherwise.
-    pub keys: Samples,
-    pub guard: Option<GuardTrip>,
-    pub error: Option<String>,
-    /// Where the time went.
-    pub timings: Timings,
-}
-
-/// Milliseconds per phase of a pass.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
-pub struct Timings {
-    /// Reading the local table into the index.
-    pub scan_ms: u64,
-    /// From the start until the listing was complete and diffed.
-    pub list_ms: u64,
-    /// Confirming candidates and writing.
-    pub apply_ms: u64,
 }
 
 /// Why a pass failed.

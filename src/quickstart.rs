@@ -19,11 +19,11 @@ use std::sync::Arc;
 use crate::config::Settings;
 use crate::daemon::Daemon;
 use crate::jobs::Trigger;
-use crate::pass::Mode;
 use crate::report;
 use crate::runner::JobRequest;
 use crate::sample::{populate, sample_uuid, tenant, user, SampleUpstream};
 use crate::store::SqliteStore;
+use crate::vocab::Mode;
 
 /// The quickstart configuration, shipped as an example too.
 pub const CONFIG: &str = include_str!("../examples/quickstart/driftd.toml");

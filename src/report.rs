@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
-use crate::pass::{Outcome, PassReport};
+use crate::vocab::{Outcome, PassReport};
 
 /// Exit codes of `driftd reconcile`.
 pub mod exit {
@@ -170,7 +170,7 @@ fn field_list(fields: &Map<String, Json>) -> String {
 mod tests {
     use super::config_words;
     use crate::config::{ColumnType, Pagination, PurgeMode};
-    use crate::pass::{Mode, Outcome};
+    use crate::vocab::{Mode, Outcome};
 
     #[derive(serde::Serialize)]
     #[serde(tag = "kind", rename_all = "snake_case")]

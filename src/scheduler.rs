@@ -38,8 +38,8 @@ use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 
 use crate::config::Settings;
 use crate::jobs::Trigger;
-use crate::pass::Mode;
 use crate::runner::{JobRequest, Runner};
+use crate::vocab::Mode;
 
 /// A schedule problem, naming the file, the entry and the field.
 #[derive(Debug, thiserror::Error)]

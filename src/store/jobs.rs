@@ -4,7 +4,7 @@
 
 use super::StoreError;
 use crate::jobs::{Job, JobId, JobStatus, Trigger};
-use crate::pass::Mode;
+use crate::vocab::Mode;
 
 /// driftd's own tables, by version; the same DDL works on both backends.
 pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
