@@ -355,6 +355,11 @@ enum Cursor {
         at: u64,
         anchor: Option<Box<str>>,
     },
+    /// The first offset page held a single row where more were asked:
+    /// either the whole list, or an upstream serving one row per page,
+    /// where repeating the last row would make no progress. The page at
+    /// offset 1 must be empty.
+    OffsetAfterOne,
     /// Page-number paging. `short` remembers a page that held fewer rows
     /// than asked for: a later page with rows means the upstream caps
     /// `per_page` and numbers pages by its own size.
@@ -484,6 +489,17 @@ impl Pager {
                     .append_pair(offset_param, &at.to_string());
             }
             (
+                Cursor::OffsetAfterOne,
+                Pagination::Offset {
+                    limit_param,
+                    offset_param,
+                },
+            ) => {
+                url.query_pairs_mut()
+                    .append_pair(limit_param, &size)
+                    .append_pair(offset_param, "1");
+            }
+            (
                 Cursor::PageNo { page, .. },
                 Pagination::Page {
                     page_param,
@@ -594,12 +610,19 @@ impl Pager {
                 }
                 match items.last() {
                     None => Cursor::Done,
+                    Some(_) if at == 0 && served == 1 && asked > 1 => Cursor::OffsetAfterOne,
                     Some(last) => Cursor::Offset {
                         // Ask again from the last row listed: it must come back first.
                         at: at + served - 1,
                         anchor: Some(D::key_of(last).into()),
                     },
                 }
+            }
+            Cursor::OffsetAfterOne if items.is_empty() => Cursor::Done,
+            Cursor::OffsetAfterOne => {
+                return Err(UpstreamError::Incomplete(format!(
+                    "the first page held one row where {asked} were asked, yet more rows follow: the upstream serves one row per page, which offset paging cannot check for a moving list"
+                )))
             }
             Cursor::PageNo { page, short } => {
                 let n = items.len() as u64;

@@ -194,6 +194,34 @@ async fn short_page_does_not_end_the_listing(backend: Backend) {
     }
 }
 
+async fn one_row_per_page_aborts(backend: Backend) {
+    // Repeating the last row of a one-row page would make no progress and
+    // end the listing after its first row.
+    attack(
+        backend,
+        Fault::CapLimit { max: 1 },
+        ConfigBuilder {
+            total: false,
+            ..ConfigBuilder::default()
+        },
+        "one row per page",
+    )
+    .await;
+    // A list of one row is still listed whole.
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(1)).await;
+    db.insert_users(&[ghost(1)]).await;
+    let (_up, addr) = upstream(users(1)).await;
+    let r = pass(
+        &unconfirmed(ConfigBuilder::default()).settings(&db, addr),
+        PassOptions::default(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!((r.upstream_rows, r.actions.purge), (1, 1), "{r:?}");
+}
+
 async fn capped_page_numbers_abort(backend: Backend) {
     // Page-number paging against an upstream that serves 30 rows where 100
     // were asked: its page 2 starts at row 100, so rows 30..100 were never
@@ -589,6 +617,7 @@ both_backends!(
     hidden_rows_abort,
     short_page_does_not_end_the_listing,
     capped_page_numbers_abort,
+    one_row_per_page_aborts,
     repeated_page_aborts,
     shifting_offsets_relist_or_abort,
     busy_upstream_under_offset_paging_never_skips,
