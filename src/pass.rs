@@ -229,6 +229,7 @@ async fn execute<S: Store>(
             );
             report.guard = Some(trip);
             report.outcome = Outcome::GuardTripped;
+            report.left = report.found.clone();
             fill_planned(report, &plan, true);
             return Ok(());
         }
@@ -246,6 +247,8 @@ async fn execute<S: Store>(
 
     let drift = !plan.insert.is_empty() || !plan.update.is_empty() || !plan.purge.is_empty();
     if opts.dry_run {
+        // Nothing applied: everything found is still there.
+        report.left = report.found.clone();
         fill_planned(report, &plan, true);
         report.outcome = if drift {
             Outcome::DryRun

@@ -66,6 +66,7 @@ pub async fn reconcile(base: &str, resource: &str, body: Json, json: bool) -> an
     }
     Ok(match job["status"].as_str() {
         // A dry run exits 0 whether or not it found drift, as locally.
+        Some("drift_found") if job["dry_run"] == false => report::exit::DRIFT_LEFT,
         Some("succeeded" | "drift_found") => report::exit::OK,
         Some("guard_tripped") => report::exit::GUARD_TRIPPED,
         _ => report::exit::ERROR,

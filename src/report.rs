@@ -21,13 +21,22 @@ pub mod exit {
     pub const ERROR: i32 = 1;
     /// A guard tripped; nothing was applied.
     pub const GUARD_TRIPPED: i32 = 3;
+    /// The pass applied what its mode and policy allow, but drift of other
+    /// kinds is left in place (a `repair-only` pass over extra rows): the
+    /// table does not equal upstream.
+    pub const DRIFT_LEFT: i32 = 4;
 }
 
 /// The exit code for a report. 0 is a claim that the owned columns match
 /// upstream (or that nothing was meant to change, in a dry run): promise 8,
 /// "success words are earned", in `docs/DESIGN.md`.
 pub fn exit_code(report: &PassReport) -> i32 {
+    let left = &report.left;
+    let left_behind = left.missing + left.stale + left.extra > 0;
     match report.outcome {
+        Outcome::InSync | Outcome::Repaired if left_behind && !report.dry_run => {
+            exit::DRIFT_LEFT
+        }
         Outcome::InSync | Outcome::Repaired | Outcome::DryRun => exit::OK,
         Outcome::GuardTripped => exit::GUARD_TRIPPED,
         Outcome::Failed | Outcome::Cancelled => exit::ERROR,
