@@ -396,10 +396,21 @@ async fn resources(State(s): State<AppState>) -> Result<Response, ApiError> {
             .await
             .map_err(store_error)?;
         let last_success = s.runner.last_success(name).await.map_err(store_error)?;
+        let mut running = s.runner.running(name);
+        if running.is_none() {
+            // Another process (a CLI pass, a replica) may run it: its job
+            // is the latest running one, if the resource's lock is held.
+            if let Some(j) = last_job.first().filter(|j| j.status == JobStatus::Running) {
+                match s.runner.store().try_lock(name).await.map_err(store_error)? {
+                    None => running = Some(j.id),
+                    Some(lock) => lock.release().await,
+                }
+            }
+        }
         out.push(json!({
             "name": name,
             "table": res.local.table,
-            "running_job": s.runner.running(name),
+            "running_job": running,
             "last_job": last_job.first().map(|j| json!({
                 "id": j.id, "status": j.status, "trigger": j.trigger,
                 "created_at": j.created_at, "finished_at": j.finished_at,

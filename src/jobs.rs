@@ -151,6 +151,7 @@ impl JobStatus {
         match report.outcome {
             Outcome::DryRun => JobStatus::DriftFound,
             Outcome::InSync if report.dry_run && drift => JobStatus::DriftFound,
+            Outcome::DriftLeft => JobStatus::DriftFound,
             Outcome::InSync | Outcome::Repaired if left_behind => JobStatus::DriftFound,
             Outcome::InSync | Outcome::Repaired => JobStatus::Succeeded,
             Outcome::GuardTripped => JobStatus::GuardTripped,

@@ -270,12 +270,15 @@ async fn execute<S: Store>(
     report.timings.apply_ms = applying.elapsed().as_millis() as u64;
     report.left = left_behind(&report.found, &report.actions);
     let found = &report.found;
-    report.outcome = if found.missing + found.stale + found.extra == 0 {
+    let left = &report.left;
+    report.outcome = if left.missing + left.stale + left.extra > 0 {
+        Outcome::DriftLeft
+    } else if found.missing + found.stale + found.extra == 0 {
         Outcome::InSync
     } else {
         Outcome::Repaired
     };
-    if drift || report.left.missing + report.left.stale + report.left.extra > 0 {
+    if report.outcome == Outcome::DriftLeft {
         tracing::info!(
             left_missing = report.left.missing,
             left_stale = report.left.stale,

@@ -35,7 +35,8 @@ pub async fn reconcile(base: &str, resource: &str, body: Json, json: bool) -> an
         .as_str()
         .context("the reply has no job_id")?
         .to_string();
-    if accepted["coalesced"] == Json::Bool(true) {
+    let coalesced = accepted["coalesced"] == Json::Bool(true);
+    if coalesced {
         eprintln!("a pass of {resource} was already running: following job {id}");
     }
     let job = loop {
@@ -63,6 +64,18 @@ pub async fn reconcile(base: &str, resource: &str, body: Json, json: bool) -> an
                 job["reason"].as_str().unwrap_or("")
             ),
         }
+    }
+    // Following another pass: its end only stands for ours if it was the
+    // same kind of pass (a dry run changes nothing, a restricted mode less).
+    let asked_dry = body["dry_run"] == Json::Bool(true);
+    let asked_mode = body["mode"].as_str().unwrap_or("full");
+    if coalesced && (job["dry_run"] != Json::Bool(asked_dry) || job["mode"] != asked_mode) {
+        eprintln!(
+            "error: the pass asked for did not run: job {id} (mode {}, dry run {}) was running and was followed instead; try again when it ends",
+            job["mode"].as_str().unwrap_or("?"),
+            job["dry_run"]
+        );
+        return Ok(report::exit::ERROR);
     }
     Ok(match job["status"].as_str() {
         // A dry run exits 0 whether or not it found drift, as locally.

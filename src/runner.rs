@@ -207,11 +207,12 @@ impl Runner {
                 JobStatus::Failed,
                 Some("abandoned: driftd stopped while this job ran".into()),
             );
-            let saved = store.save_job(&job).await;
+            let saved = store.abandon_job(&job).await;
             lock.release().await;
-            saved?;
-            tracing::warn!(job = %job.id, resource = %job.resource, "marked an abandoned job failed");
-            fixed += 1;
+            if saved? {
+                tracing::warn!(job = %job.id, resource = %job.resource, "marked an abandoned job failed");
+                fixed += 1;
+            }
         }
         Ok(fixed)
     }
@@ -341,7 +342,7 @@ impl Runner {
                         JobStatus::Failed,
                         Some("abandoned: its driftd stopped before recording the end".into()),
                     );
-                    let saved = self.inner.store.save_job(&job).await;
+                    let saved = self.inner.store.abandon_job(&job).await;
                     lock.release().await;
                     saved?;
                     Err(RunnerError::AlreadyEnded(id))
@@ -403,6 +404,9 @@ impl Runner {
             }
             Err(e) => {
                 tracing::error!(error = %error_chain(&e), "could not take the resource lock");
+                self.inner
+                    .metrics
+                    .pass_not_started(&job.resource, job.trigger);
                 job.finish(JobStatus::Failed, Some(error_chain(&e)));
                 return None;
             }
@@ -458,7 +462,7 @@ impl Runner {
                         .into(),
                 ),
             );
-            if self.inner.store.save_job(&other).await.is_ok() {
+            if let Ok(true) = self.inner.store.abandon_job(&other).await {
                 tracing::warn!(abandoned = %other.id, "marked an abandoned job of this resource failed");
             }
         }

@@ -41,8 +41,12 @@ impl Mode {
 pub enum Outcome {
     /// No drift found.
     InSync,
-    /// Drift found and applied.
+    /// Drift found and applied: the owned columns now equal upstream.
     Repaired,
+    /// Drift found; what the mode and policy allow was applied, but drift
+    /// of other kinds is left in place (a `repair-only` pass over extra
+    /// rows): the table does not equal upstream.
+    DriftLeft,
     /// Drift found, nothing applied (dry-run).
     DryRun,
     /// A guard stopped the pass before any write.
@@ -58,6 +62,7 @@ impl Outcome {
         match self {
             Outcome::InSync => "in_sync",
             Outcome::Repaired => "repaired",
+            Outcome::DriftLeft => "drift_left",
             Outcome::DryRun => "dry_run",
             Outcome::GuardTripped => "guard_tripped",
             Outcome::Failed => "failed",

@@ -61,7 +61,16 @@ pub(crate) const LIST: &str = "SELECT id, resource, trigger, mode, dry_run, forc
 pub(crate) const PRUNE: &str =
     "DELETE FROM driftd_jobs WHERE finished_at IS NOT NULL AND finished_at < $1 \
      AND NOT (status = 'succeeded' AND finished_at = (SELECT MAX(j.finished_at) FROM driftd_jobs j \
-     WHERE j.resource = driftd_jobs.resource AND j.status = 'succeeded'))";
+     WHERE j.resource = driftd_jobs.resource AND j.status = 'succeeded')) \
+     AND NOT (status = 'succeeded' AND finished_at = (SELECT MAX(j.finished_at) FROM driftd_jobs j \
+     WHERE j.resource = driftd_jobs.resource AND j.status = 'succeeded' AND NOT j.dry_run))";
+
+/// Ends a job as abandoned only while it has not ended: `$1` id, `$2`
+/// status, `$3` reason, `$4` finished_at. A job that recorded its own end
+/// meanwhile keeps it.
+pub(crate) const ABANDON: &str =
+    "UPDATE driftd_jobs SET status = $2, reason = $3, finished_at = $4 \
+     WHERE id = $1 AND status IN ('queued', 'running')";
 
 pub(crate) const GET: &str = "SELECT id, resource, trigger, mode, dry_run, force, status, reason, created_at, started_at, finished_at, report \
      FROM driftd_jobs WHERE id = $1";

@@ -88,9 +88,11 @@ pub enum ResourceLock {
     /// Held while the file stays open; closing it releases the lock, also
     /// when the process dies.
     File(std::fs::File),
-    /// A session-level advisory lock, held by this pooled connection.
+    /// A session-level advisory lock, held by a connection of its own
+    /// outside the pool: passes holding locks never starve each other of
+    /// pooled connections, and a dropped lock closes its session.
     Advisory {
-        conn: sqlx::pool::PoolConnection<sqlx::Postgres>,
+        conn: sqlx::PgConnection,
         key: i64,
     },
 }
@@ -102,12 +104,13 @@ impl ResourceLock {
         if let ResourceLock::Advisory { mut conn, key } = self {
             if let Err(e) = sqlx::query("SELECT pg_advisory_unlock($1)")
                 .bind(key)
-                .execute(&mut *conn)
+                .execute(&mut conn)
                 .await
             {
                 tracing::warn!(error = %e, "could not release a resource lock; closing its connection");
-                let _ = conn.detach();
             }
+            // Closing the session releases the lock in any case.
+            let _ = sqlx::Connection::close(conn).await;
         }
     }
 }
@@ -172,6 +175,10 @@ pub trait Store: Send + Sync {
 
     /// Jobs still `queued` or `running`.
     fn unfinished_jobs(&self) -> impl Future<Output = Result<Vec<Job>, StoreError>> + Send;
+
+    /// Ends `job` (already `finish`ed as abandoned in memory) in the
+    /// database only if its record has not ended; returns whether it did.
+    fn abandon_job(&self, job: &Job) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Deletes jobs that ended before `before` (RFC 3339), keeping each
     /// resource's latest success; returns how many.
@@ -350,6 +357,9 @@ impl Store for AnyStore {
     }
     async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
         delegate!(self, prune_jobs(before))
+    }
+    async fn abandon_job(&self, job: &Job) -> Result<bool, StoreError> {
+        delegate!(self, abandon_job(job))
     }
     async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
         delegate!(self, try_lock(resource))

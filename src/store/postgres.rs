@@ -26,12 +26,28 @@ const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
 
 pub struct PgStore {
     pool: PgPool,
+    /// For the resource locks' own connections (never logged).
+    url: String,
     /// Column → catalog description, per table, filled by `prepare`.
     types: Mutex<HashMap<String, HashMap<String, PgColumn>>>,
 }
 
 impl PgStore {
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        // One direct connection first: its error names the cause
+        // (connection refused, authentication) where the pool would only
+        // say it timed out.
+        {
+            use sqlx::Connection as _;
+            let probe =
+                tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(url))
+                    .await
+                    .map_err(|_| {
+                        StoreError::Gone("the database did not answer within 10 s".into())
+                    })?
+                    .map_err(StoreError::Connect)?;
+            let _ = probe.close().await;
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(Duration::from_secs(10))
@@ -40,6 +56,7 @@ impl PgStore {
             .map_err(StoreError::Connect)?;
         Ok(Self {
             pool,
+            url: url.to_string(),
             types: Mutex::new(HashMap::new()),
         })
     }
@@ -423,6 +440,20 @@ impl Store for PgStore {
         rows.into_iter().map(jobs::from_row).collect()
     }
 
+    async fn abandon_job(&self, job: &Job) -> Result<bool, StoreError> {
+        let sql = jobs::ABANDON.to_string();
+        Ok(sqlx::query(&sql)
+            .bind(job.id.to_string())
+            .bind(job.status.as_str())
+            .bind(job.reason.as_deref())
+            .bind(job.finished_at.as_deref())
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("abandon job"))?
+            .rows_affected()
+            == 1)
+    }
+
     async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
         let sql = jobs::PRUNE.to_string();
         Ok(sqlx::query(&sql)
@@ -442,18 +473,26 @@ impl Store for PgStore {
     }
 
     async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
+        use sqlx::Connection as _;
         let key = lock_key(resource);
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(query_err("lock connection"))?;
+        let mut conn = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::PgConnection::connect(&self.url),
+        )
+        .await
+        .map_err(|_| StoreError::Gone("lock connection: no answer within 10 s".into()))?
+        .map_err(query_err("lock connection"))?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)
-            .fetch_one(&mut *conn)
+            .fetch_one(&mut conn)
             .await
             .map_err(query_err(format!("lock resource {resource}")))?;
-        Ok(got.then_some(ResourceLock::Advisory { conn, key }))
+        if got {
+            Ok(Some(ResourceLock::Advisory { conn, key }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

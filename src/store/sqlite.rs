@@ -102,6 +102,9 @@ impl SqliteStore {
             .connect_with(options)
             .await
             .map_err(StoreError::Connect)?;
+        // One name per file, however the config spells it (symlinks,
+        // `..`): the lock files beside it must be the same for everyone.
+        let path = path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
         let file_id = match &path {
             Some(p) => Some(
                 file_id(p)
@@ -640,6 +643,20 @@ impl Store for SqliteStore {
             .await
             .map_err(query_err("list jobs"))?;
         rows.into_iter().map(jobs::from_row).collect()
+    }
+
+    async fn abandon_job(&self, job: &Job) -> Result<bool, StoreError> {
+        let sql = jobs::ABANDON.replace('$', "?");
+        Ok(sqlx::query(&sql)
+            .bind(job.id.to_string())
+            .bind(job.status.as_str())
+            .bind(job.reason.as_deref())
+            .bind(job.finished_at.as_deref())
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("abandon job"))?
+            .rows_affected()
+            == 1)
     }
 
     async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {

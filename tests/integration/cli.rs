@@ -369,22 +369,26 @@ async fn check_and_reports_speak_the_configs_words() {
         &[r#"soft_delete (column = "deleted_at")"#],
     );
 
-    for (args, words) in [
+    for (args, words, code) in [
         (
             &["reconcile", "users", "--dry-run"][..],
             &["mode full", "outcome dry_run"][..],
+            0,
         ),
         (
             &["reconcile", "users", "--dry-run", "--mode", "purge-only"],
             &["mode purge-only", "outcome dry_run"],
+            0,
         ),
+        // the extra row is left in place: not in sync, exit 4
         (
             &["reconcile", "users", "--mode", "repair-only"],
-            &["mode repair-only", "outcome "],
+            &["mode repair-only", "outcome drift_left"],
+            4,
         ),
     ] {
         let out = driftd(args, &config, &[]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        assert_eq!(out.status.code(), Some(code), "{}", stderr(&out));
         assert_config_words(&String::from_utf8_lossy(&out.stdout), words);
     }
 }

@@ -12,5 +12,6 @@ mod prometheus;
 mod repair;
 mod retention;
 mod review;
+mod review2;
 mod security;
 mod sqlite_file;

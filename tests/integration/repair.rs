@@ -129,6 +129,15 @@ async fn modes_restrict_actions(backend: Backend) {
     assert_eq!(db.count("users").await, N as i64 + 10);
     // The extra rows are still there: not a success (docs/DESIGN.md rule 8).
     assert_eq!((r.left.missing, r.left.stale, r.left.extra), (0, 0, 10));
+    assert_eq!(
+        r.outcome,
+        Outcome::DriftLeft,
+        "never `repaired` over extra rows"
+    );
+    assert_eq!(
+        driftd::report::exit_code(&r),
+        driftd::report::exit::DRIFT_LEFT
+    );
     assert_eq!(JobStatus::of_report(&r), JobStatus::DriftFound);
     let r = pass(
         &settings,
