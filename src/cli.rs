@@ -269,8 +269,11 @@ async fn check_tables(settings: &Settings, out: &mut String) -> anyhow::Result<i
         Err(e) => {
             writeln!(
                 out,
-                "tables: not checked, cannot open the database: {}",
-                crate::pass::error_chain(&e)
+                "tables: not checked, {}",
+                crate::redact::scrub(
+                    &crate::pass::error_chain(&e),
+                    settings.store.url.expose_secret()
+                )
             )?;
             return Ok(report::exit::OK);
         }

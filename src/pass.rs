@@ -225,7 +225,7 @@ async fn execute<S: Store>(
         if !opts.force {
             tracing::warn!(
                 guard = trip.name(),
-                "{trip}; nothing applied (use --force to apply)"
+                "{trip}; nothing applied (force to apply: --force, or \"force\": true in the API request)"
             );
             report.guard = Some(trip);
             report.outcome = Outcome::GuardTripped;

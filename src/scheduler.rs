@@ -126,7 +126,8 @@ impl Entry {
         // (a skipped time maps to the end of its gap, a repeated one to its
         // first occurrence), so the search starts there.
         let local = after.with_timezone(&self.timezone).naive_local();
-        let from = local;
+        // whole seconds: fire times are on the second, as the cron says
+        let from = local.with_nanosecond(0).unwrap_or(local);
         let horizon = local + chrono::Duration::days(366 * i64::from(HORIZON_YEARS));
         // The expression is matched against wall-clock times (evaluated as
         // if in UTC, which has no daylight saving), then each match is
@@ -594,6 +595,9 @@ mod tests {
         assert!(due.poll(&entry, from + chrono::Duration::minutes(10)));
         assert!(!due.poll(&entry, from + chrono::Duration::minutes(10)));
         assert_eq!(due.next(), Some(utc(2027, 1, 1, 0, 11)));
+        // fire times are whole seconds whatever the clock's fraction
+        let odd = from + chrono::Duration::milliseconds(808);
+        assert_eq!(entry.next_after(odd), Some(utc(2027, 1, 1, 0, 1)));
     }
 
     fn settings(schedules_dir: Option<&Path>) -> Settings {
