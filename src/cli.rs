@@ -382,7 +382,6 @@ pub async fn reconcile(
             &progress,
         )
         .await?;
-    progress.finish();
     match report {
         Some(report) => Ok(report),
         None => anyhow::bail!(
@@ -409,13 +408,6 @@ impl TerminalProgress {
             last: Mutex::new(None),
         }
     }
-
-    fn finish(&self) {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if self.enabled && last.is_some() {
-            eprint!("\r\x1b[2K");
-        }
-    }
 }
 
 impl Progress for TerminalProgress {
@@ -424,13 +416,15 @@ impl Progress for TerminalProgress {
             return;
         }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if last.is_some_and(|t| t.elapsed().as_millis() < 200) {
+        if last.is_some_and(|t| t.elapsed().as_millis() < 2000) {
             return;
         }
         *last = Some(Instant::now());
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
-        eprint!(
-            "\r\x1b[2Klisted {rows} rows in {pages} pages, {:.0} rows/s",
+        // Ends with a newline, so a log line never lands glued to it.
+        eprintln!(
+            "listed {rows} rows in {pages} page{}, {:.0} rows/s",
+            if pages == 1 { "" } else { "s" },
             rows as f64 / secs
         );
         let _ = std::io::stderr().flush();
