@@ -24,13 +24,11 @@ use serde::{Deserialize, Serialize};
 /// the field.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file could not be read or parsed, or a field had the wrong type.
-    #[error("{file}: {source}")]
-    Parse {
-        file: String,
-        #[source]
-        source: Box<figment::Error>,
-    },
+    /// The file could not be read or parsed, or a field had the wrong
+    /// type. `file` names where the bad value came from: the file, or the
+    /// `DRIFTD_*` variable.
+    #[error("{file}: {problem}")]
+    Parse { file: String, problem: String },
     /// A field parsed but its value is not acceptable.
     #[error("{file}: resource `{resource}`, field `{field}`: {problem}")]
     Invalid {
@@ -691,12 +689,11 @@ impl Settings {
     }
 
     fn from_figment(figment: Figment, file: &str, path: &Path) -> Result<Settings, ConfigError> {
-        let mut settings: Settings = figment.extract().map_err(|source| ConfigError::Parse {
-            file: file.to_string(),
-            source: Box::new(source),
-        })?;
+        let mut settings: Settings = figment.extract().map_err(|e| parse_error(e, file))?;
         settings.source = path.to_path_buf();
-        settings.validate(file)?;
+        settings
+            .validate(file)
+            .map_err(|e| blame_env(e, &figment))?;
         Ok(settings)
     }
 
@@ -816,6 +813,89 @@ fn is_setting(key: &str) -> bool {
     let section = levels.next().unwrap_or_default();
     let mut rest = levels.peekable();
     SECTIONS.contains(&section) && rest.peek().is_some() && rest.all(|level| !level.is_empty())
+}
+
+/// The `DRIFTD_*` variable that sets `key` (a dotted config path).
+fn env_name(key: &str) -> String {
+    format!("DRIFTD_{}", key.replace('.', "__").to_ascii_uppercase())
+}
+
+/// Whether the value at `key` came from the environment, not the file.
+fn from_env(figment: &Figment, key: &str) -> bool {
+    figment
+        .find_metadata(key)
+        .is_some_and(|m| m.name.contains("environment"))
+}
+
+/// One line per figment error, naming where the value came from (the file
+/// or the variable) and the field, without repeating figment's own text.
+fn parse_error(errors: figment::Error, file: &str) -> ConfigError {
+    let mut origin = file.to_string();
+    let problems: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".");
+            if e.metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"))
+                && !key.is_empty()
+            {
+                origin = format!("environment variable {}", env_name(&key));
+            }
+            if key.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("field `{key}`: {}", e.kind)
+            }
+        })
+        .collect();
+    ConfigError::Parse {
+        file: origin,
+        problem: problems.join("; "),
+    }
+}
+
+/// Names the variable, not the file, when the refused value came from the
+/// environment.
+fn blame_env(e: ConfigError, figment: &Figment) -> ConfigError {
+    match e {
+        ConfigError::Invalid {
+            resource,
+            field,
+            problem,
+            file,
+        } => {
+            let key = format!("resources.{resource}.{field}");
+            let file = if from_env(figment, &key) {
+                format!("environment variable {}", env_name(&key))
+            } else {
+                file
+            };
+            ConfigError::Invalid {
+                file,
+                resource,
+                field,
+                problem,
+            }
+        }
+        ConfigError::InvalidGlobal {
+            file,
+            field,
+            problem,
+        } => {
+            let file = if from_env(figment, &field) {
+                format!("environment variable {}", env_name(&field))
+            } else {
+                file
+            };
+            ConfigError::InvalidGlobal {
+                file,
+                field,
+                problem,
+            }
+        }
+        other => other,
+    }
 }
 
 type FieldProblem = (String, String);

@@ -545,3 +545,36 @@ fn output_into_a_closed_pipe_ends_quietly() {
     assert!(err.contains("rc=0"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_value_from_the_environment_names_the_variable() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let (_up, addr) = upstream(users(1)).await;
+    let config = ConfigBuilder::default().toml(&db, addr);
+    let out = driftd(
+        &["check"],
+        &config,
+        &[(
+            "DRIFTD_RESOURCES__USERS__LOCAL__TABLE",
+            "users; DROP TABLE users",
+        )],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("environment variable DRIFTD_RESOURCES__USERS__LOCAL__TABLE")
+            && !err.contains("driftd.toml"),
+        "{err}"
+    );
+    let out = driftd(
+        &["check"],
+        &config,
+        &[("DRIFTD_RESOURCES__USERS__UPSTREAM__PAGESIZE", "3")],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("pagesize"), "{err}");
+    assert_eq!(err.matches("unknown field").count(), 1, "said twice: {err}");
+}
