@@ -162,7 +162,7 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800)
 async fn readyz(State(s): State<AppState>) -> Response {
     let ping = tokio::time::timeout(READY_TIMEOUT, s.runner.store().ping()).await;
     let ping = ping.unwrap_or_else(|_| {
-        Err(crate::store::StoreError::Gone(format!(
+        Err(crate::store::StoreError::Unavailable(format!(
             "no answer within {} ms",
             READY_TIMEOUT.as_millis()
         )))

@@ -857,45 +857,21 @@ fn parse_error(errors: figment::Error, file: &str) -> ConfigError {
 
 /// Names the variable, not the file, when the refused value came from the
 /// environment.
-fn blame_env(e: ConfigError, figment: &Figment) -> ConfigError {
-    match e {
+fn blame_env(mut e: ConfigError, figment: &Figment) -> ConfigError {
+    let (file, key) = match &mut e {
         ConfigError::Invalid {
+            file,
             resource,
             field,
-            problem,
-            file,
-        } => {
-            let key = format!("resources.{resource}.{field}");
-            let file = if from_env(figment, &key) {
-                format!("environment variable {}", env_name(&key))
-            } else {
-                file
-            };
-            ConfigError::Invalid {
-                file,
-                resource,
-                field,
-                problem,
-            }
-        }
-        ConfigError::InvalidGlobal {
-            file,
-            field,
-            problem,
-        } => {
-            let file = if from_env(figment, &field) {
-                format!("environment variable {}", env_name(&field))
-            } else {
-                file
-            };
-            ConfigError::InvalidGlobal {
-                file,
-                field,
-                problem,
-            }
-        }
-        other => other,
+            ..
+        } => (file, format!("resources.{resource}.{field}")),
+        ConfigError::InvalidGlobal { file, field, .. } => (file, field.clone()),
+        ConfigError::Parse { .. } => return e,
+    };
+    if from_env(figment, &key) {
+        *file = format!("environment variable {}", env_name(&key));
     }
+    e
 }
 
 type FieldProblem = (String, String);

@@ -146,13 +146,10 @@ impl JobStatus {
     pub fn of_report(report: &PassReport) -> JobStatus {
         let found = &report.found;
         let drift = found.missing + found.stale + found.extra > 0;
-        let left = &report.left;
-        let left_behind = left.missing + left.stale + left.extra > 0;
         match report.outcome {
             Outcome::DryRun => JobStatus::DriftFound,
             Outcome::InSync if report.dry_run && drift => JobStatus::DriftFound,
             Outcome::DriftLeft => JobStatus::DriftFound,
-            Outcome::InSync | Outcome::Repaired if left_behind => JobStatus::DriftFound,
             Outcome::InSync | Outcome::Repaired => JobStatus::Succeeded,
             Outcome::GuardTripped => JobStatus::GuardTripped,
             Outcome::Failed => JobStatus::Failed,

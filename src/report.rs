@@ -31,11 +31,8 @@ pub mod exit {
 /// upstream (or that nothing was meant to change, in a dry run): promise 8,
 /// "success words are earned", in `docs/DESIGN.md`.
 pub fn exit_code(report: &PassReport) -> i32 {
-    let left = &report.left;
-    let left_behind = left.missing + left.stale + left.extra > 0;
     match report.outcome {
         Outcome::DriftLeft => exit::DRIFT_LEFT,
-        Outcome::InSync | Outcome::Repaired if left_behind && !report.dry_run => exit::DRIFT_LEFT,
         Outcome::InSync | Outcome::Repaired | Outcome::DryRun => exit::OK,
         Outcome::GuardTripped => exit::GUARD_TRIPPED,
         Outcome::Failed | Outcome::Cancelled => exit::ERROR,

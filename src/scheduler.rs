@@ -189,19 +189,15 @@ impl Due {
     /// Called on every tick: whether the entry fires now. Ticks missed
     /// (a stalled process) fire once, not once per missed time.
     pub fn poll(&mut self, entry: &Entry, now: DateTime<Utc>) -> bool {
-        // A clock stepped back (NTP) makes an earlier time the next one:
-        // keep the promise `next_run_at` makes from the clock as it is now.
         let fresh = entry.next_after(now);
-        if fresh < self.next && fresh.is_some() {
+        let due = self.next.is_some_and(|next| now >= next);
+        // After a fire, and when a clock stepped back (NTP) makes an earlier
+        // time the next one, keep the promise `next_run_at` makes from the
+        // clock as it is now.
+        if due || (fresh.is_some() && fresh < self.next) {
             self.next = fresh;
         }
-        match self.next {
-            Some(next) if now >= next => {
-                self.next = entry.next_after(now);
-                true
-            }
-            _ => false,
-        }
+        due
     }
 }
 

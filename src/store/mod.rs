@@ -36,9 +36,11 @@ use crate::model::{fingerprint_signature, is_canonical_key, Key, Row};
 pub enum StoreError {
     #[error("cannot open the database: {0}")]
     Connect(#[source] sqlx::Error),
-    /// The SQLite file is missing, or not the one opened.
+    /// The database cannot be used right now: the SQLite file is missing
+    /// or not the one opened, a lock file cannot be taken, or no answer
+    /// came in time.
     #[error("{0}")]
-    Gone(String),
+    Unavailable(String),
     #[error("table `{table}`: {problem}")]
     Schema { table: String, problem: String },
     #[error("table `{table}`: {source}")]

@@ -43,7 +43,7 @@ impl PgStore {
                 tokio::time::timeout(Duration::from_secs(10), sqlx::PgConnection::connect(url))
                     .await
                     .map_err(|_| {
-                        StoreError::Gone("the database did not answer within 10 s".into())
+                        StoreError::Unavailable("the database did not answer within 10 s".into())
                     })?
                     .map_err(StoreError::Connect)?;
             let _ = probe.close().await;
@@ -480,7 +480,7 @@ impl Store for PgStore {
             sqlx::PgConnection::connect(&self.url),
         )
         .await
-        .map_err(|_| StoreError::Gone("lock connection: no answer within 10 s".into()))?
+        .map_err(|_| StoreError::Unavailable("lock connection: no answer within 10 s".into()))?
         .map_err(query_err("lock connection"))?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(key)

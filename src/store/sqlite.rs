@@ -32,6 +32,15 @@ pub struct SqliteStore {
     file_id: Option<(u64, u64)>,
 }
 
+/// The schema (`main` unless the config says `schema.table`) and table
+/// name, for SQLite's pragma functions.
+fn schema_and_table(spec: &TableSpec) -> (&str, &str) {
+    spec.table
+        .as_str()
+        .split_once('.')
+        .unwrap_or(("main", spec.table.as_str()))
+}
+
 /// A file's identity on disk.
 fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -54,8 +63,9 @@ impl SqliteStore {
         let (Some(path), Some(opened)) = (&self.path, self.file_id) else {
             return Ok(());
         };
-        let gone =
-            |what: &str| StoreError::Gone(format!("database file {} {what}", path.display()));
+        let gone = |what: &str| {
+            StoreError::Unavailable(format!("database file {} {what}", path.display()))
+        };
         match file_id(path) {
             Ok(now) if now == opened => Ok(()),
             Ok(_) => Err(gone("was replaced by another file since driftd opened it")),
@@ -80,7 +90,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10));
         let path = (!in_memory).then(|| options.get_filename().to_path_buf());
         if let Some(path) = path.as_ref().filter(|p| !create && !p.exists()) {
-            return Err(StoreError::Gone(format!(
+            return Err(StoreError::Unavailable(format!(
                 "database file {} does not exist; driftd never creates one (only `driftd quickstart` does): create it with the mirrored tables first",
                 path.display()
             )));
@@ -106,10 +116,9 @@ impl SqliteStore {
         // `..`): the lock files beside it must be the same for everyone.
         let path = path.map(|p| std::fs::canonicalize(&p).unwrap_or(p));
         let file_id = match &path {
-            Some(p) => Some(
-                file_id(p)
-                    .map_err(|e| StoreError::Gone(format!("database file {}: {e}", p.display())))?,
-            ),
+            Some(p) => Some(file_id(p).map_err(|e| {
+                StoreError::Unavailable(format!("database file {}: {e}", p.display()))
+            })?),
             None => None,
         };
         Ok(Self {
@@ -423,10 +432,7 @@ impl Store for SqliteStore {
 
     async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         self.check_file()?;
-        let (schema, table) = match spec.table.as_str().split_once('.') {
-            Some((s, t)) => (s, t),
-            None => ("main", spec.table.as_str()),
-        };
+        let (schema, table) = schema_and_table(spec);
         let context = format!("inspect table {}", spec.table);
         let columns: Vec<(String, String)> =
             sqlx::query_as("SELECT name, type FROM pragma_table_info(?1, ?2)")
@@ -493,10 +499,7 @@ impl Store for SqliteStore {
             .await
             .map_err(query_err(format!("count {}", spec.table)))?;
         let mut index = LocalIndex::with_capacity(count.max(0) as usize);
-        let (schema, table) = match spec.table.as_str().split_once('.') {
-            Some((s, t)) => (s, t),
-            None => ("main", spec.table.as_str()),
-        };
+        let (schema, table) = schema_and_table(spec);
         // A user column called `rowid` hides the real one: page on nothing.
         let shadowed: bool = sqlx::query_scalar(
             "SELECT COUNT(*) > 0 FROM pragma_table_info(?1, ?2) \
@@ -684,9 +687,11 @@ impl Store for SqliteStore {
         let mut name = db.as_os_str().to_owned();
         name.push(format!(".driftd-{resource}.lock"));
         let path = std::path::PathBuf::from(name);
-        let lock_err = |e: std::io::Error| StoreError::Schema {
-            table: resource.to_string(),
-            problem: format!("cannot take the lock file {}: {e}", path.display()),
+        let lock_err = |e: std::io::Error| {
+            StoreError::Unavailable(format!(
+                "resource `{resource}`: cannot take the lock file {}: {e}",
+                path.display()
+            ))
         };
         let file = std::fs::OpenOptions::new()
             .create(true)

@@ -181,8 +181,18 @@ pub fn ghost(i: u64) -> Json {
 
 /// Starts the sample upstream with `users` as the users collection.
 pub async fn upstream(users: Vec<Json>) -> (Arc<SampleUpstream>, SocketAddr) {
+    serve_collection("users", "uuid", users).await
+}
+
+/// Starts the sample upstream serving `items` as `collection`, ordered
+/// (and got by key) by the field `key_field`.
+pub async fn serve_collection(
+    collection: &str,
+    key_field: &str,
+    items: Vec<Json>,
+) -> (Arc<SampleUpstream>, SocketAddr) {
     let up = SampleUpstream::new();
-    up.set("users", "uuid", users);
+    up.set(collection, key_field, items);
     let addr = up.spawn("127.0.0.1:0").await.expect("bind sample upstream");
     (up, addr)
 }
@@ -280,13 +290,33 @@ extension = {{ from = "/extension", type = "integer" }}
     }
 }
 
+/// `[admin]` and `[daemon]` for a test worker: any free port, no token
+/// (loopback only), schedules from `schedules_dir`.
+pub fn open_worker_tail(schedules_dir: &std::path::Path) -> String {
+    format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
+        schedules_dir.display()
+    )
+}
+
 /// Runs one pass of `users`.
 pub async fn pass(settings: &Settings, opts: PassOptions) -> PassReport {
+    pass_resource(settings, "users", opts).await
+}
+
+/// Runs one pass of the resource `items` (the equality and review tests'
+/// generic table).
+pub async fn pass_items(settings: &Settings) -> PassReport {
+    pass_resource(settings, "items", PassOptions::default()).await
+}
+
+/// Runs one pass of `name`.
+pub async fn pass_resource(settings: &Settings, name: &str, opts: PassOptions) -> PassReport {
     let store = AnyStore::open(&settings.store.url, 4)
         .await
         .expect("open store");
-    let res = settings.resource("users").expect("users resource");
-    run_pass(&store, "users", res, opts, &Hooks::default()).await
+    let res = settings.resource(name).expect("configured resource");
+    run_pass(&store, name, res, opts, &Hooks::default()).await
 }
 
 /// Generates one `#[tokio::test]` per backend from an `async fn(Backend)`.

@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 
 use driftd::config::Settings;
-use driftd::pass::{Outcome, PassOptions};
+use driftd::pass::Outcome;
 use driftd::sample::SampleUpstream;
 use serde_json::{json, Value as Json};
 
@@ -46,25 +46,7 @@ purge_extra = false
 }
 
 async fn items_upstream(items: Vec<Json>) -> (std::sync::Arc<SampleUpstream>, SocketAddr) {
-    let up = SampleUpstream::new();
-    up.set("items", "id", items);
-    let addr = up.spawn("127.0.0.1:0").await.expect("bind sample upstream");
-    (up, addr)
-}
-
-async fn pass_items(settings: &Settings) -> driftd::pass::PassReport {
-    let store = driftd::store::AnyStore::open(&settings.store.url, 4)
-        .await
-        .expect("open store");
-    let res = settings.resource("items").expect("items resource");
-    driftd::pass::run_pass(
-        &store,
-        "items",
-        res,
-        PassOptions::default(),
-        &driftd::pass::Hooks::default(),
-    )
-    .await
+    serve_collection("items", "id", items).await
 }
 
 fn failed_with(r: &driftd::pass::PassReport, needles: &[&str]) {

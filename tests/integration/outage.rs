@@ -110,10 +110,7 @@ async fn a_database_outage_shows_in_readyz_and_metrics_and_jobs_end() {
     )
     .unwrap();
     let cfg = ConfigBuilder {
-        tail: format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
-            schedules.path().display()
-        ),
+        tail: open_worker_tail(schedules.path()),
         ..ConfigBuilder::default()
     };
     let toml = cfg
@@ -201,10 +198,7 @@ async fn a_job_a_dead_driftd_left_running_is_abandoned_by_the_next_pass() {
     let (_up, addr) = upstream(users(5)).await;
     let schedules = tempfile::tempdir().unwrap();
     let cfg = ConfigBuilder {
-        tail: format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
-            schedules.path().display()
-        ),
+        tail: open_worker_tail(schedules.path()),
         ..ConfigBuilder::default()
     };
     let settings = Arc::new(cfg.settings(&db, addr));

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use driftd::config::Settings;
-use driftd::pass::{Outcome, PassOptions, PassReport};
+use driftd::pass::Outcome;
 use driftd::sample::{Fault, SampleUpstream};
 use serde_json::{json, Value as Json};
 
@@ -72,25 +72,7 @@ async fn serve(
     items: Vec<Json>,
     order_field: &str,
 ) -> (std::sync::Arc<SampleUpstream>, SocketAddr) {
-    let up = SampleUpstream::new();
-    up.set("items", order_field, items);
-    let addr = up.spawn("127.0.0.1:0").await.expect("bind sample upstream");
-    (up, addr)
-}
-
-async fn pass_items(settings: &Settings) -> PassReport {
-    let store = driftd::store::AnyStore::open(&settings.store.url, 4)
-        .await
-        .expect("open store");
-    let res = settings.resource("items").expect("items resource");
-    driftd::pass::run_pass(
-        &store,
-        "items",
-        res,
-        PassOptions::default(),
-        &driftd::pass::Hooks::default(),
-    )
-    .await
+    serve_collection("items", order_field, items).await
 }
 
 async fn ids(db: &TestDb) -> Vec<String> {

@@ -399,10 +399,7 @@ async fn a_remote_reconcile_coalesced_with_a_dry_run_does_not_exit_0() {
     });
     let schedules = tempfile::tempdir().unwrap();
     let cfg = ConfigBuilder {
-        tail: format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
-            schedules.path().display()
-        ),
+        tail: open_worker_tail(schedules.path()),
         ..ConfigBuilder::default()
     };
     let d = Daemon::start(Arc::new(cfg.settings(&db, addr)))
@@ -555,10 +552,7 @@ async fn resources_show_a_pass_running_in_another_process() {
     });
     let schedules = tempfile::tempdir().unwrap();
     let cfg = ConfigBuilder {
-        tail: format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
-            schedules.path().display()
-        ),
+        tail: open_worker_tail(schedules.path()),
         ..ConfigBuilder::default()
     };
     let d = Daemon::start(Arc::new(cfg.settings(&db, addr)))

@@ -88,10 +88,7 @@ async fn a_vanished_database_file_is_noticed() {
     let (_up, addr) = upstream(users(10)).await;
     let schedules = tempfile::tempdir().unwrap();
     let cfg = ConfigBuilder {
-        tail: format!(
-            "[admin]\nlisten = \"127.0.0.1:0\"\nallow_unauthenticated = true\n[daemon]\nschedules_dir = \"{}\"\n",
-            schedules.path().display()
-        ),
+        tail: open_worker_tail(schedules.path()),
         ..ConfigBuilder::default()
     };
     let settings = Arc::new(cfg.settings(&db, addr));
