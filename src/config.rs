@@ -934,6 +934,12 @@ impl ResourceConfig {
         }
         if let PurgeMode::SoftDelete { column } = &p.purge {
             check_ident("policy.purge.soft_delete.column", column)?;
+            if self.columns.contains_key(column) || *column == self.key.column {
+                return Err(problem(
+                    "policy.purge.soft_delete.column",
+                    format!("`{column}` is also mapped from upstream; the soft-delete column must be driftd's own"),
+                ));
+            }
         }
         if p.confirm_purge == Some(true) && self.upstream.get_path.is_none() {
             return Err(problem(

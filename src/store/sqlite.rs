@@ -306,14 +306,15 @@ impl SqliteStore {
         let sql = format!(
             "SELECT group_concat(COALESCE(length(CAST(k AS BLOB)) || ':' || k, 'X') || length(CAST(s AS BLOB)) || ':' || s, ''), \
              max(r), count(*) FROM (SELECT {key} AS k, {sig} AS s, rowid AS r FROM {table} \
-             WHERE rowid > ?1{live} ORDER BY rowid LIMIT {SCAN_CHUNK})",
+             WHERE (?1 IS NULL OR rowid > ?1){live} ORDER BY rowid LIMIT {SCAN_CHUNK})",
             key = q.key,
             sig = q.signature,
             table = q.table,
         );
         let context = format!("scan {}", spec.table);
         let mut tx = self.pool.begin().await.map_err(query_err("begin scan"))?;
-        let mut after = i64::MIN;
+        // None: from the first row (a rowid may be i64::MIN itself)
+        let mut after: Option<i64> = None;
         loop {
             let (packed, last, n): (Option<String>, Option<i64>, i64) = sqlx::query_as(&sql)
                 .bind(after)
@@ -334,7 +335,7 @@ impl SqliteStore {
                 Unpack::Row(e) => e,
             })?;
             match last {
-                Some(last) => after = last,
+                Some(last) => after = Some(last),
                 None => break,
             }
         }

@@ -13,5 +13,6 @@ mod repair;
 mod retention;
 mod review;
 mod review2;
+mod review3;
 mod security;
 mod sqlite_file;
