@@ -19,7 +19,7 @@ use crate::redact;
 use crate::report;
 use crate::runner::{JobRequest, Runner};
 use crate::store::AnyStore;
-use crate::store::Store;
+use crate::store::{Ledger, Mirror};
 
 #[derive(Debug, Parser)]
 #[command(

@@ -1,12 +1,14 @@
 //! `driftd run`: the long-running worker. Start-up order: open the store,
 //! fail abandoned jobs, seed the last-success metric from the job history,
-//! load schedules, serve the admin API, start the scheduler, submit
-//! start-up passes.
+//! load schedules, start the event sources, serve the admin API, start the
+//! scheduler, submit start-up passes.
 //!
 //! Shutdown protocol (SIGTERM or SIGINT): stop the scheduler (no new
 //! ticks), close the runner (no new jobs; running passes are cancelled and
 //! stop at their next safe point, leaving the table consistent), wait for
-//! them up to `daemon.shutdown_grace_secs`, then stop the HTTP server.
+//! them up to `daemon.shutdown_grace_secs`, stop the event sources (a batch
+//! being applied finishes and is acknowledged; the rest stays in the
+//! broker), then stop the HTTP server.
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -19,10 +21,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{router, AppState};
 use crate::config::Settings;
+use crate::engine::events::Events;
 use crate::jobs::Trigger;
 use crate::metrics::Metrics;
 use crate::runner::{JobRequest, Runner};
 use crate::scheduler::Schedules;
+use crate::sources::Sources;
 use crate::vocab::Mode;
 
 /// A started worker.
@@ -31,6 +35,10 @@ pub struct Daemon {
     /// Where the admin API listens.
     pub addr: SocketAddr,
     pub schedules: Arc<Schedules>,
+    pub events: Arc<Events>,
+    pub sources: Sources,
+    source_tasks: Vec<JoinHandle<()>>,
+    stop_sources: CancellationToken,
     scheduler: JobScheduler,
     stop_http: CancellationToken,
     server: JoinHandle<std::io::Result<()>>,
@@ -44,11 +52,17 @@ impl Daemon {
         let store = Arc::new(crate::cli::open_store(&settings).await?);
         // Refuse to start over a table driftd cannot mirror faithfully.
         for (name, res) in &settings.resources {
-            crate::store::Store::prepare(store.as_ref(), &res.table_spec())
+            crate::store::Mirror::prepare(store.as_ref(), &res.table_spec())
                 .await
                 .with_context(|| format!("resource `{name}`"))?;
         }
-        let runner = Runner::new(settings.clone(), store, Arc::new(Metrics::new()));
+        let metrics = Arc::new(Metrics::new());
+        let events = Arc::new(Events::new(
+            settings.clone(),
+            store.clone(),
+            metrics.clone(),
+        )?);
+        let runner = Runner::new(settings.clone(), store, metrics);
         let abandoned = runner
             .recover()
             .await
@@ -73,9 +87,14 @@ impl Daemon {
         }
         let stop_http = CancellationToken::new();
         spawn_pruner(runner.clone(), stop_http.clone());
+        events.refresh_dead_letters().await;
+        let stop_sources = CancellationToken::new();
+        let (sources, source_tasks) = crate::sources::start_all(events.clone(), &stop_sources);
         let app = router(AppState {
             runner: runner.clone(),
             schedules: schedules.clone(),
+            events: events.clone(),
+            sources: sources.clone(),
         });
         let server = tokio::spawn(
             axum::serve(listener, app)
@@ -103,6 +122,10 @@ impl Daemon {
             runner,
             addr,
             schedules,
+            events,
+            sources,
+            source_tasks,
+            stop_sources,
             scheduler,
             stop_http,
             server,
@@ -118,6 +141,12 @@ impl Daemon {
         let clean = self.runner.shutdown(grace).await;
         if !clean {
             tracing::warn!(?grace, "passes still running at the deadline; exiting anyway (their open transaction rolls back)");
+        }
+        self.stop_sources.cancel();
+        for task in self.source_tasks.drain(..) {
+            if tokio::time::timeout(grace, task).await.is_err() {
+                tracing::warn!("an event source did not stop in time");
+            }
         }
         self.stop_http.cancel();
         let _ = self.server.await;

@@ -65,7 +65,7 @@ struct Mapped {
 /// Follows `pointer` (a JSON pointer, `""` for `root` itself) into `root`.
 /// `None` when a field or index is absent; a `null` met on the way is the
 /// value (`/address/city` of `{"address": null}` is null, not absent).
-fn resolve<'a>(root: &'a Json, pointer: &str) -> Option<&'a Json> {
+pub(crate) fn resolve<'a>(root: &'a Json, pointer: &str) -> Option<&'a Json> {
     if pointer.is_empty() {
         return Some(root);
     }
@@ -211,6 +211,19 @@ impl RowDecoder {
             row.values.push(v);
         }
         Ok(row)
+    }
+
+    /// One item (an event's payload, a get-by-key answer) as a row.
+    pub fn item(&self, item: &Json) -> Result<Row, String> {
+        self.row(0, |i| {
+            let pointer = if i == 0 {
+                &self.key_pointer
+            } else {
+                &self.columns[i - 1].pointer
+            };
+            resolve(item, pointer).cloned()
+        })
+        .map_err(|e| e.trim_start_matches("item 0").trim_start().to_string())
     }
 
     fn decode_document(&self, body: &[u8]) -> Result<Decoded<Row>, String> {

@@ -9,13 +9,15 @@
 //! reconciliation), [`report`] (rendering), [`redact`] (secrets of store URLs), [`cli`] (commands),
 //! [`sample`] (bundled sample upstream), [`quickstart`].
 
-pub mod admin;
+pub mod api;
+pub use api as admin;
 pub mod canonical;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod decode;
 pub mod diff;
+pub mod engine;
 pub mod guard;
 pub mod jobs;
 pub mod metrics;
@@ -28,6 +30,7 @@ pub mod report;
 pub mod runner;
 pub mod sample;
 pub mod scheduler;
+pub mod sources;
 pub mod store;
 pub mod telemetry;
 pub mod upstream;

@@ -26,6 +26,10 @@ pub struct Metrics {
     guard_trips: IntCounterVec,
     jobs_running: IntGaugeVec,
     skipped: IntCounterVec,
+    events: IntCounterVec,
+    event_lag: HistogramVec,
+    dead_letters: IntGaugeVec,
+    source_connected: IntGaugeVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -126,6 +130,33 @@ impl Metrics {
                 "Triggers not run: overlap (a pass of the resource was running), locked (another replica holds it).",
                 &["resource", "reason"],
             ),
+            events: counter(
+                "driftd_events_total",
+                "Events received, by source, resource (empty when unknown) and outcome: applied, stale (older than what was applied), ignored (unmapped name), dead_lettered.",
+                &["source", "resource", "outcome"],
+            ),
+            event_lag: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "driftd_event_lag_seconds",
+                        "Now minus the event's own time, when applied (events that carry a time).",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 3600.0]),
+                    &["source"],
+                )
+                .expect("valid metric"),
+            ),
+            dead_letters: gauge(
+                "driftd_dead_letters",
+                "Dead letters waiting (for replay or deletion), by source.",
+                &["source"],
+            ),
+            source_connected: gauge(
+                "driftd_source_connected",
+                "1 while the source is connected and consuming (a webhook always is).",
+                &["source"],
+            ),
             registry: r,
         };
         let build = IntGaugeVec::new(
@@ -152,6 +183,43 @@ impl Metrics {
             self.passes
                 .with_label_values(&[resource, trigger.as_str(), Outcome::Failed.as_str()]);
         }
+    }
+
+    /// Makes a source's series exist from the start.
+    pub fn register_source(&self, source: &str, resources: &[&str]) {
+        self.source_connected.with_label_values(&[source]).set(0);
+        self.dead_letters.with_label_values(&[source]);
+        for r in resources {
+            for outcome in ["applied", "stale", "dead_lettered"] {
+                self.events.with_label_values(&[source, r, outcome]);
+            }
+        }
+        self.events
+            .with_label_values(&[source, "", "dead_lettered"]);
+        self.events.with_label_values(&[source, "", "ignored"]);
+    }
+
+    /// Counts one event's outcome.
+    pub fn event(&self, source: &str, resource: &str, outcome: &str) {
+        self.events
+            .with_label_values(&[source, resource, outcome])
+            .inc();
+    }
+
+    pub fn event_lag(&self, source: &str, seconds: f64) {
+        self.event_lag
+            .with_label_values(&[source])
+            .observe(seconds.max(0.0));
+    }
+
+    pub fn dead_letters(&self, source: &str, waiting: i64) {
+        self.dead_letters.with_label_values(&[source]).set(waiting);
+    }
+
+    pub fn source_connected(&self, source: &str, connected: bool) {
+        self.source_connected
+            .with_label_values(&[source])
+            .set(i64::from(connected));
     }
 
     /// Records a finished pass.

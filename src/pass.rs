@@ -30,7 +30,7 @@ use crate::diff::{Differ, ListingError, Plan};
 use crate::guard;
 use crate::metrics::Metrics;
 use crate::model::{Key, Row};
-use crate::store::{Store, StoreError};
+use crate::store::{PassWrite, Store, StoreError};
 use crate::upstream::{Client, Pager, Presence, UpstreamError};
 
 /// Pages buffered between the upstream task and the differ.
@@ -207,6 +207,9 @@ async fn execute<S: Store>(
         client = client.observed(name, m.clone());
     }
     let client = Arc::new(client);
+    // The journal mark before anything is listed: keys an event writes
+    // from now on are newer than this listing, and the pass leaves them.
+    let since = store.journal_mark(name).await?;
     let plan = list_and_diff(store, res, &spec, client.clone(), hooks, report).await?;
 
     report.local_rows = plan.local_rows;
@@ -258,9 +261,15 @@ async fn execute<S: Store>(
         return Ok(());
     }
     fill_planned(report, &plan, false);
-    apply(
+    let writer = Writer {
+        spec: &spec,
+        resource: name,
+        since,
+        children: &res.children,
+    };
+    let yielded = apply(
         store,
-        &spec,
+        &writer,
         &plan,
         res.policy.batch_size,
         &hooks.cancel,
@@ -268,7 +277,7 @@ async fn execute<S: Store>(
     )
     .await?;
     report.timings.apply_ms = applying.elapsed().as_millis() as u64;
-    report.left = left_behind(&report.found, &report.actions);
+    report.left = left_behind(&report.found, &report.actions, &yielded);
     let found = &report.found;
     let left = &report.left;
     report.outcome = if left.missing + left.stale + left.extra > 0 {
@@ -433,15 +442,22 @@ fn relist_delay(cfg: &UpstreamConfig, attempt: u32) -> std::time::Duration {
 
 /// What `found` leaves once `done` is applied. Purge candidates that
 /// confirmation found still upstream are not drift: the listing missed
-/// them, upstream has them.
-fn left_behind(found: &Counts, done: &Actions) -> Counts {
+/// them, upstream has them. Nor are keys yielded to newer events.
+fn left_behind(found: &Counts, done: &Actions, yielded: &Yielded) -> Counts {
     Counts {
-        missing: found.missing.saturating_sub(done.insert),
-        stale: found.stale.saturating_sub(done.update),
+        missing: found
+            .missing
+            .saturating_sub(done.insert)
+            .saturating_sub(yielded.insert),
+        stale: found
+            .stale
+            .saturating_sub(done.update)
+            .saturating_sub(yielded.update),
         extra: found
             .extra
             .saturating_sub(done.purge)
-            .saturating_sub(done.purge_kept),
+            .saturating_sub(done.purge_kept)
+            .saturating_sub(yielded.purge),
     }
 }
 
@@ -533,12 +549,12 @@ async fn confirm(
 
 async fn apply<S: Store>(
     store: &S,
-    spec: &TableSpec,
+    w: &Writer<'_>,
     plan: &Plan,
     batch: usize,
     cancel: &CancellationToken,
     report: &mut PassReport,
-) -> Result<(), PassError> {
+) -> Result<Yielded, PassError> {
     let stop = || {
         if cancel.is_cancelled() {
             Err(PassError::Cancelled)
@@ -552,21 +568,61 @@ async fn apply<S: Store>(
     done.insert = 0;
     done.update = 0;
     done.purge = 0;
+    let mut yielded = Yielded::default();
     for chunk in plan.insert.chunks(batch) {
         stop()?;
-        if spec.soft_delete.is_some() {
-            // A soft-deleted row with this key exists: revive it first.
-            done.insert += store.update(spec, chunk).await?;
-        }
-        done.insert += store.insert(spec, chunk).await?;
+        let written = w.write(store, PassWrite::Insert(chunk)).await?;
+        done.insert += written.done;
+        yielded.insert += written.yielded.len() as u64;
     }
     for chunk in plan.update.chunks(batch) {
         stop()?;
-        done.update += store.update(spec, chunk).await?;
+        let written = w.write(store, PassWrite::Update(chunk)).await?;
+        done.update += written.done;
+        yielded.update += written.yielded.len() as u64;
     }
     for chunk in plan.purge.chunks(batch) {
         stop()?;
-        done.purge += store.purge(spec, chunk).await?;
+        let written = w.write(store, PassWrite::Purge(chunk)).await?;
+        done.purge += written.done;
+        yielded.purge += written.yielded.len() as u64;
+        let purged: Vec<Key> = chunk
+            .iter()
+            .filter(|k| !written.yielded.contains(k))
+            .cloned()
+            .collect();
+        for (child, n) in crate::engine::cascade(store, w.children, w.resource, &purged).await? {
+            *done.cascaded.entry(child).or_default() += n;
+        }
     }
-    Ok(())
+    done.yielded = yielded.insert + yielded.update + yielded.purge;
+    Ok(yielded)
+}
+
+/// Keys each kind of write left to events.
+#[derive(Debug, Default)]
+struct Yielded {
+    insert: u64,
+    update: u64,
+    purge: u64,
+}
+
+/// A pass's writes: fenced by the journal mark taken before listing.
+struct Writer<'a> {
+    spec: &'a TableSpec,
+    resource: &'a str,
+    since: i64,
+    children: &'a [crate::config::ChildLink],
+}
+
+impl Writer<'_> {
+    async fn write<S: Store>(
+        &self,
+        store: &S,
+        write: PassWrite<'_>,
+    ) -> Result<crate::store::Written, StoreError> {
+        store
+            .write_pass(self.spec, self.resource, self.since, write)
+            .await
+    }
 }

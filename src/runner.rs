@@ -23,7 +23,7 @@ use crate::config::Settings;
 use crate::jobs::{Job, JobFilter, JobId, JobStatus, Trigger};
 use crate::metrics::Metrics;
 use crate::pass::{error_chain, run_pass, Hooks, Mode, PassOptions, PassReport, Progress};
-use crate::store::{AnyStore, Store, StoreError};
+use crate::store::{AnyStore, Ledger, StoreError};
 
 /// `succeeded` jobs searched for the last success; see [`Runner::last_success`].
 const SUCCESS_LOOKBACK: u32 = 100;

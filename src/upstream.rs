@@ -76,7 +76,17 @@ pub struct Client {
     observer: Option<(String, Arc<Metrics>)>,
 }
 
-/// The result of a get-by-key confirmation.
+/// What the get-by-key endpoint answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    Gone,
+    /// 2xx, with the body.
+    Present(bytes::Bytes),
+    /// The key does not survive as a URL path segment.
+    Unverifiable,
+}
+
+/// What the get-by-key endpoint says of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Presence {
     /// 404: the row is gone upstream.
@@ -222,6 +232,15 @@ impl Client {
     /// Checks one key with the get-by-key endpoint: 404 is gone, 2xx is
     /// present, anything else is an error (and the candidate is kept).
     pub async fn confirm(&self, key: &str) -> Result<Presence, UpstreamError> {
+        Ok(match self.fetch_key(key).await? {
+            Fetched::Gone => Presence::Gone,
+            Fetched::Present(_) => Presence::Present,
+            Fetched::Unverifiable => Presence::Unverifiable,
+        })
+    }
+
+    /// GETs one item by key from `get_path`.
+    pub async fn fetch_key(&self, key: &str) -> Result<Fetched, UpstreamError> {
         let template = self
             .get_template
             .as_ref()
@@ -236,12 +255,12 @@ impl Client {
             .map(|u| u.path().replace(PLACEHOLDER, &encoded))
             .map_err(|e| UpstreamError::Config(format!("get url: {e}")))?;
         if url.path() != expected {
-            return Ok(Presence::Unverifiable);
+            return Ok(Fetched::Unverifiable);
         }
         let (status, _, body) = self.get(&url).await?;
         match status {
-            StatusCode::NOT_FOUND => Ok(Presence::Gone),
-            s if s.is_success() => Ok(Presence::Present),
+            StatusCode::NOT_FOUND => Ok(Fetched::Gone),
+            s if s.is_success() => Ok(Fetched::Present(body)),
             s => Err(UpstreamError::Status {
                 url: url.to_string(),
                 status: s.as_u16(),

@@ -87,6 +87,14 @@ pub struct Actions {
     pub purge: u64,
     /// Purge candidates the get-by-key check found still present upstream.
     pub purge_kept: u64,
+    /// Keys the pass left alone because an event wrote them after its
+    /// listing began (the event is newer than what the pass listed).
+    #[serde(default)]
+    pub yielded: u64,
+    /// Children purged with parents the pass purged (cascade), by child
+    /// resource.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub cascaded: std::collections::BTreeMap<String, u64>,
 }
 
 /// Keys affected, per kind.

@@ -7,10 +7,11 @@ use crate::jobs::{Job, JobId, JobStatus, Trigger};
 use crate::vocab::Mode;
 
 /// driftd's own tables, by version; the same DDL works on both backends.
-pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE driftd_jobs (
+pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE driftd_jobs (
             id TEXT PRIMARY KEY,
             resource TEXT NOT NULL,
             trigger TEXT NOT NULL,
@@ -24,10 +25,74 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[(
             finished_at TEXT,
             report TEXT
         )",
-        "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
-        "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
-    ],
-)];
+            "CREATE INDEX driftd_jobs_resource ON driftd_jobs (resource, created_at)",
+            "CREATE INDEX driftd_jobs_status ON driftd_jobs (status)",
+        ],
+    ),
+    (
+        2,
+        &[
+            // One row per resource, locked by every writer of the resource
+            // (its `seq` is the journal's last mark).
+            "CREATE TABLE driftd_write_fence (
+            resource TEXT PRIMARY KEY,
+            seq BIGINT NOT NULL
+        )",
+            // The keys events wrote, with the mark of the batch that wrote
+            // them last and the newest version applied.
+            "CREATE TABLE driftd_key_journal (
+            resource TEXT NOT NULL,
+            key TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            version TEXT,
+            touched_at TEXT NOT NULL,
+            PRIMARY KEY (resource, key)
+        )",
+            "CREATE INDEX driftd_key_journal_seq ON driftd_key_journal (resource, seq)",
+            "CREATE TABLE driftd_dead_letters (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            event TEXT,
+            error TEXT NOT NULL,
+            headers TEXT NOT NULL,
+            body BYTEA NOT NULL,
+            received_at TEXT NOT NULL,
+            failed_at TEXT NOT NULL
+        )",
+            "CREATE INDEX driftd_dead_letters_source ON driftd_dead_letters (source, failed_at)",
+        ],
+    ),
+];
+
+/// Locks the resource's write fence without moving its mark: `$1` resource.
+pub(crate) const FENCE_LOCK: &str =
+    "INSERT INTO driftd_write_fence (resource, seq) VALUES ($1, 0) \
+     ON CONFLICT (resource) DO UPDATE SET seq = driftd_write_fence.seq RETURNING seq";
+
+/// Locks the resource's write fence and takes the next mark: `$1` resource.
+pub(crate) const FENCE_NEXT: &str =
+    "INSERT INTO driftd_write_fence (resource, seq) VALUES ($1, 1) \
+     ON CONFLICT (resource) DO UPDATE SET seq = driftd_write_fence.seq + 1 RETURNING seq";
+
+/// The resource's last mark (no row: 0).
+pub(crate) const FENCE_MARK: &str =
+    "SELECT COALESCE(MAX(seq), 0) FROM driftd_write_fence WHERE resource = $1";
+
+/// Keys journaled after a mark: `$1` resource, `$2` mark.
+pub(crate) const JOURNALED_SINCE: &str =
+    "SELECT key FROM driftd_key_journal WHERE resource = $1 AND seq > $2";
+
+/// Forgets journal entries older than `$1`.
+pub(crate) const PRUNE_JOURNAL: &str = "DELETE FROM driftd_key_journal WHERE touched_at < $1";
+
+pub(crate) const DEAD_LETTER_INSERT: &str = "INSERT INTO driftd_dead_letters \
+     (id, source, event, error, headers, body, received_at, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+
+pub(crate) const DEAD_LETTER_COLUMNS: &str =
+    "SELECT id, source, event, error, headers, body, received_at, failed_at FROM driftd_dead_letters";
+
+pub(crate) const DEAD_LETTER_COUNT: &str =
+    "SELECT source, COUNT(*) FROM driftd_dead_letters GROUP BY source";
 
 /// The columns of a job row, in table order.
 pub(crate) type JobRow = (

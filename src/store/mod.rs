@@ -18,6 +18,7 @@ pub mod shape;
 mod sqlite;
 mod sqlite_schema;
 
+use std::borrow::Cow;
 use std::future::Future;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -128,11 +129,57 @@ pub fn lock_key(resource: &str) -> i64 {
     h as i64
 }
 
-/// The storage contract a pass needs.
-pub trait Store: Send + Sync {
-    /// Creates or upgrades driftd's own tables.
-    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+/// One batch of a pass's writes to the mirrored table.
+#[derive(Clone, Copy)]
+pub enum PassWrite<'a> {
+    /// Rows missing locally: revives a soft-deleted row with the key, else
+    /// inserts.
+    Insert(&'a [Row]),
+    /// Stale rows: overwrites the owned columns (and clears the
+    /// soft-delete column).
+    Update(&'a [Row]),
+    /// Rows gone upstream: deletes or soft-deletes them.
+    Purge(&'a [Key]),
+}
 
+/// What a fenced pass write did.
+#[derive(Debug, Default)]
+pub struct Written {
+    /// Rows inserted, updated or purged.
+    pub done: u64,
+    /// Keys left alone because an event wrote them after the pass's mark:
+    /// the event is newer than the pass's listing.
+    pub yielded: Vec<Key>,
+}
+
+/// One change an event makes to one key.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub key: Key,
+    /// The row upstream has now; `None`: upstream deleted the key.
+    pub row: Option<Row>,
+    /// The event's version of the key, in a form that sorts as text (see
+    /// [`crate::config::VersionKind::sortable`]); an event older than the
+    /// last one applied to the key is stale.
+    pub version: Option<String>,
+}
+
+/// What became of a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeResult {
+    Applied,
+    /// An event with a newer version of the key was applied before.
+    Stale,
+}
+
+/// The mirrored table: the user's rows that driftd reads and writes. Every
+/// write goes through the key journal in driftd's own tables, in the same
+/// transaction, behind a per-resource write fence (a row in
+/// `driftd_write_fence`, locked by every writer of the resource, on every
+/// replica): events record the keys they touch with a new mark; a pass
+/// that listed upstream from mark `since` leaves alone every key recorded
+/// after it (design rule 3).
+pub trait Mirror: Send + Sync {
     /// Checks that the mirrored table and every column in `spec` exist and
     /// can mirror the configured types faithfully; returns the limits the
     /// columns put on values.
@@ -142,27 +189,55 @@ pub trait Store: Send + Sync {
     fn scan(&self, spec: &TableSpec)
         -> impl Future<Output = Result<LocalIndex, StoreError>> + Send;
 
-    /// Inserts rows whose key is not present yet; returns rows inserted.
-    fn insert(
-        &self,
-        spec: &TableSpec,
-        rows: &[Row],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The resource's current journal mark: take it before listing
+    /// upstream, hand it to [`Mirror::write_pass`].
+    fn journal_mark(&self, resource: &str) -> impl Future<Output = Result<i64, StoreError>> + Send;
 
-    /// Overwrites the owned columns of existing rows (and clears the
-    /// soft-delete column); returns rows updated.
-    fn update(
+    /// Applies one batch of a pass in one transaction, except for the keys
+    /// an event journaled after `since`.
+    fn write_pass(
         &self,
         spec: &TableSpec,
-        rows: &[Row],
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+        resource: &str,
+        since: i64,
+        write: PassWrite<'_>,
+    ) -> impl Future<Output = Result<Written, StoreError>> + Send;
 
-    /// Deletes (or soft-deletes) rows by key; returns rows purged.
-    fn purge(
+    /// Applies events' changes (one per key) in one transaction and
+    /// journals their keys; a change older than the key's journaled version
+    /// is skipped as stale.
+    fn apply_changes(
         &self,
         spec: &TableSpec,
-        keys: &[Key],
+        resource: &str,
+        changes: &[Change],
+    ) -> impl Future<Output = Result<Vec<ChangeResult>, StoreError>> + Send;
+
+    /// Purges (or soft-deletes) the rows whose `column` holds one of
+    /// `parents`, journaling their keys like events do; returns the purged
+    /// keys.
+    fn purge_children(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        column: &Ident,
+        parents: &[Key],
+    ) -> impl Future<Output = Result<Vec<Key>, StoreError>> + Send;
+
+    /// Counts the live rows whose `column` holds one of `parents`.
+    fn count_children(
+        &self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// driftd's own ledger: migrations, jobs, dead letters, journal upkeep,
+/// locks.
+pub trait Ledger: Send + Sync {
+    /// Creates or upgrades driftd's own tables.
+    fn migrate(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Inserts or updates a job.
     fn save_job(&self, job: &Job) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -183,8 +258,36 @@ pub trait Store: Send + Sync {
     fn abandon_job(&self, job: &Job) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Deletes jobs that ended before `before` (RFC 3339), keeping each
-    /// resource's latest success; returns how many.
+    /// resource's latest success, and journal entries older than `before`;
+    /// returns how many jobs.
     fn prune_jobs(&self, before: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Stores a dead letter.
+    fn add_dead_letter(
+        &self,
+        letter: &DeadLetter,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Dead letters, oldest first, at most `limit`.
+    fn list_dead_letters(
+        &self,
+        source: Option<&str>,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
+
+    fn get_dead_letter(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<DeadLetter>, StoreError>> + Send;
+
+    /// Deletes a dead letter; returns whether it existed.
+    fn delete_dead_letter(&self, id: &str)
+        -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// How many dead letters wait, by source.
+    fn count_dead_letters(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
 
     /// Takes the resource's lock if free; `None` if another process holds it.
     fn try_lock(
@@ -195,6 +298,59 @@ pub trait Store: Send + Sync {
     /// Checks that the database answers.
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
+
+/// Both halves, which every backend provides.
+pub trait Store: Mirror + Ledger {}
+
+impl<T: Mirror + Ledger> Store for T {}
+
+/// An event that could not be applied, kept with its raw message.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: String,
+    pub source: String,
+    /// The event name, when it could be read.
+    pub event: Option<String>,
+    pub error: String,
+    /// The message's headers, as a JSON object of strings.
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// The raw body as text (bytes that are not UTF-8 read as U+FFFD;
+    /// replay uses the stored bytes).
+    pub body: String,
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+    pub received_at: String,
+    pub failed_at: String,
+}
+
+impl DeadLetter {
+    pub(crate) fn from_parts(
+        (id, source, event, error, headers, raw, received_at, failed_at): DeadLetterRow,
+    ) -> DeadLetter {
+        DeadLetter {
+            id,
+            source,
+            event,
+            error,
+            headers: serde_json::from_str(&headers).unwrap_or_default(),
+            body: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
+            received_at,
+            failed_at,
+        }
+    }
+}
+
+pub(crate) type DeadLetterRow = (
+    String,
+    String,
+    Option<String>,
+    String,
+    String,
+    Vec<u8>,
+    String,
+    String,
+);
 
 /// The backend chosen by the store URL.
 pub enum AnyStore {
@@ -326,24 +482,55 @@ macro_rules! delegate {
     };
 }
 
-impl Store for AnyStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        delegate!(self, migrate())
-    }
+impl Mirror for AnyStore {
     async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         delegate!(self, prepare(spec))
     }
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
         delegate!(self, scan(spec))
     }
-    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        delegate!(self, insert(spec, rows))
+    async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
+        delegate!(self, journal_mark(resource))
     }
-    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        delegate!(self, update(spec, rows))
+    async fn write_pass(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        since: i64,
+        write: PassWrite<'_>,
+    ) -> Result<Written, StoreError> {
+        delegate!(self, write_pass(spec, resource, since, write))
     }
-    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
-        delegate!(self, purge(spec, keys))
+    async fn apply_changes(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        changes: &[Change],
+    ) -> Result<Vec<ChangeResult>, StoreError> {
+        delegate!(self, apply_changes(spec, resource, changes))
+    }
+    async fn purge_children(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<Vec<Key>, StoreError> {
+        delegate!(self, purge_children(spec, resource, column, parents))
+    }
+    async fn count_children(
+        &self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<u64, StoreError> {
+        delegate!(self, count_children(spec, column, parents))
+    }
+}
+
+impl Ledger for AnyStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        delegate!(self, migrate())
     }
     async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
         delegate!(self, save_job(job))
@@ -363,12 +550,136 @@ impl Store for AnyStore {
     async fn abandon_job(&self, job: &Job) -> Result<bool, StoreError> {
         delegate!(self, abandon_job(job))
     }
+    async fn add_dead_letter(&self, letter: &DeadLetter) -> Result<(), StoreError> {
+        delegate!(self, add_dead_letter(letter))
+    }
+    async fn list_dead_letters(
+        &self,
+        source: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        delegate!(self, list_dead_letters(source, limit))
+    }
+    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        delegate!(self, get_dead_letter(id))
+    }
+    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
+        delegate!(self, delete_dead_letter(id))
+    }
+    async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        delegate!(self, count_dead_letters())
+    }
     async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
         delegate!(self, try_lock(resource))
     }
     async fn ping(&self) -> Result<(), StoreError> {
         delegate!(self, ping())
     }
+}
+
+/// Keeps the changes an event batch may apply: those whose version is not
+/// older than the key's journaled one. `stored` maps keys to versions.
+pub(crate) fn judge_versions(
+    changes: &[Change],
+    stored: &std::collections::HashMap<String, String>,
+) -> Vec<ChangeResult> {
+    changes
+        .iter()
+        .map(|c| match (&c.version, stored.get(c.key.as_str())) {
+            (Some(new), Some(old)) if new < old => ChangeResult::Stale,
+            _ => ChangeResult::Applied,
+        })
+        .collect()
+}
+
+/// A pass batch without the keys journaled since its mark.
+pub(crate) enum Owned<'a> {
+    Insert(Cow<'a, [Row]>),
+    Update(Cow<'a, [Row]>),
+    Purge(Cow<'a, [Key]>),
+}
+
+/// Splits `write` into what the pass may still write and the keys it
+/// yields to events (`touched`: keys journaled after the pass's mark).
+pub(crate) fn unfenced<'a>(write: PassWrite<'a>, touched: &[String]) -> (Owned<'a>, Vec<Key>) {
+    if touched.is_empty() {
+        let owned = match write {
+            PassWrite::Insert(r) => Owned::Insert(Cow::Borrowed(r)),
+            PassWrite::Update(r) => Owned::Update(Cow::Borrowed(r)),
+            PassWrite::Purge(k) => Owned::Purge(Cow::Borrowed(k)),
+        };
+        return (owned, Vec::new());
+    }
+    let touched: std::collections::HashSet<&str> = touched.iter().map(String::as_str).collect();
+    let mut yielded = Vec::new();
+    let mut keep_row = |r: &Row| {
+        if touched.contains(r.key.as_str()) {
+            yielded.push(r.key.clone());
+            false
+        } else {
+            true
+        }
+    };
+    let owned = match write {
+        PassWrite::Insert(r) => Owned::Insert(Cow::Owned(
+            r.iter().filter(|x| keep_row(x)).cloned().collect(),
+        )),
+        PassWrite::Update(r) => Owned::Update(Cow::Owned(
+            r.iter().filter(|x| keep_row(x)).cloned().collect(),
+        )),
+        PassWrite::Purge(keys) => {
+            let mut kept = Vec::with_capacity(keys.len());
+            for k in keys {
+                if touched.contains(k.as_str()) {
+                    yielded.push(k.clone());
+                } else {
+                    kept.push(k.clone());
+                }
+            }
+            Owned::Purge(Cow::Owned(kept))
+        }
+    };
+    if !yielded.is_empty() {
+        tracing::info!(
+            keys = yielded.len(),
+            "pass leaves keys an event wrote after its listing began"
+        );
+    }
+    (owned, yielded)
+}
+
+/// The applicable changes of an event batch, split by kind, and what the
+/// journal records for them.
+pub(crate) struct ChangeBatch<'a> {
+    pub upserts: Vec<Row>,
+    pub deletes: Vec<Key>,
+    pub journal: Vec<(&'a str, Option<&'a str>)>,
+}
+
+impl<'a> ChangeBatch<'a> {
+    pub(crate) fn new(changes: &'a [Change], results: &[ChangeResult]) -> Self {
+        let mut batch = ChangeBatch {
+            upserts: Vec::new(),
+            deletes: Vec::new(),
+            journal: Vec::new(),
+        };
+        for (c, r) in changes.iter().zip(results) {
+            if *r != ChangeResult::Applied {
+                continue;
+            }
+            match &c.row {
+                Some(row) => batch.upserts.push(row.clone()),
+                None => batch.deletes.push(c.key.clone()),
+            }
+            batch.journal.push((c.key.as_str(), c.version.as_deref()));
+        }
+        batch
+    }
+}
+
+/// Now, RFC 3339 UTC with milliseconds, as driftd's tables store times.
+pub(crate) fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
 
 /// Fails naming the first configured column the table lacks.

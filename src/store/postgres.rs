@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Row as _};
+use sqlx::{PgConnection, PgPool, Row as _};
 
 use super::pg_schema::{self, PgColumn};
 use super::shape::{self, Shape};
 use super::{
-    check_columns, index_row, jobs, lock_key, query_err, ResourceLock, ScanQuery, Store, StoreError,
+    check_columns, index_row, jobs, lock_key, query_err, Change, ChangeResult, DeadLetter,
+    DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError, Written,
 };
-use crate::config::{ColumnType, TableSpec};
+use crate::config::{ColumnType, Ident, TableSpec};
 use crate::diff::LocalIndex;
 use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
@@ -174,48 +175,186 @@ impl ColumnArray {
     }
 }
 
-impl Store for PgStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_err("begin migrations"))?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(MIGRATION_LOCK)
+impl PgStore {
+    async fn insert_rows(
+        &self,
+        tx: &mut PgConnection,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> Result<u64, StoreError> {
+        let (keys, cols) = Self::arrays(spec, rows);
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let mut names = vec![spec.key_column.quoted()];
+        let mut unnest = vec!["$1::text[]".to_string()];
+        let mut aliases = vec!["k".to_string()];
+        let mut picks = vec![format!("u.k::{kt}")];
+        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+            names.push(col.quoted());
+            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
+            aliases.push(format!("c{i}"));
+            picks.push(format!(
+                "u.c{i}::{}",
+                self.cast_of(spec, col.as_str(), *kind)
+            ));
+        }
+        let sql = format!(
+            "INSERT INTO {t} ({names}) SELECT {picks} FROM UNNEST({unnest}) AS u({aliases}) \
+             WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = u.k::{kt})",
+            t = spec.table.quoted(),
+            names = names.join(", "),
+            picks = picks.join(", "),
+            unnest = unnest.join(", "),
+            aliases = aliases.join(", "),
+            k = spec.key_column.quoted(),
+        );
+        let mut q = sqlx::query(&sql).bind(keys);
+        for arr in cols {
+            q = arr.bind(q);
+        }
+        let done = q
             .execute(&mut *tx)
             .await
-            .map_err(query_err("lock migrations"))?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("create driftd_schema_migrations"))?;
-        let done: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(query_err("read driftd_schema_migrations"))?;
-        for (version, statements) in jobs::MIGRATIONS {
-            if done.is_some_and(|d| d >= *version) {
-                continue;
-            }
-            for sql in *statements {
-                sqlx::query(sql)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_err(format!("migration {version}")))?;
-            }
-            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES ($1)")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("record migration"))?;
-        }
-        tx.commit().await.map_err(query_err("commit migrations"))
+            .map_err(query_err(format!("insert into {}", spec.table)))?
+            .rows_affected();
+        Ok(done)
     }
 
+    async fn update_rows(
+        &self,
+        tx: &mut PgConnection,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> Result<u64, StoreError> {
+        let (keys, cols) = Self::arrays(spec, rows);
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let mut unnest = vec!["$1::text[]".to_string()];
+        let mut aliases = vec!["k".to_string()];
+        let mut sets = Vec::new();
+        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
+            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
+            aliases.push(format!("c{i}"));
+            sets.push(format!(
+                "{} = u.c{i}::{}",
+                col.quoted(),
+                self.cast_of(spec, col.as_str(), *kind)
+            ));
+        }
+        if let Some(soft) = &spec.soft_delete {
+            sets.push(format!("{} = NULL", soft.quoted()));
+        }
+        if sets.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE {t} SET {sets} FROM UNNEST({unnest}) AS u({aliases}) WHERE {t}.{k} = u.k::{kt}",
+            t = spec.table.quoted(),
+            sets = sets.join(", "),
+            unnest = unnest.join(", "),
+            aliases = aliases.join(", "),
+            k = spec.key_column.quoted(),
+        );
+        let mut q = sqlx::query(&sql).bind(keys);
+        for arr in cols {
+            q = arr.bind(q);
+        }
+        let done = q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("update {}", spec.table)))?
+            .rows_affected();
+        Ok(done)
+    }
+
+    async fn purge_keys(
+        &self,
+        tx: &mut PgConnection,
+        spec: &TableSpec,
+        keys: &[Key],
+    ) -> Result<u64, StoreError> {
+        let kt = self.type_of(spec, spec.key_column.as_str());
+        let keys: Vec<&str> = keys.iter().map(Key::as_str).collect();
+        let sql = match &spec.soft_delete {
+            None => format!(
+                "DELETE FROM {} WHERE {} = ANY($1::text[]::{kt}[])",
+                spec.table.quoted(),
+                spec.key_column.quoted()
+            ),
+            Some(soft) => format!(
+                "UPDATE {} SET {s} = now() WHERE {} = ANY($1::text[]::{kt}[]) AND {s} IS NULL",
+                spec.table.quoted(),
+                spec.key_column.quoted(),
+                s = soft.quoted()
+            ),
+        };
+        let done = sqlx::query(&sql)
+            .bind(keys)
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("purge from {}", spec.table)))?
+            .rows_affected();
+        Ok(done)
+    }
+}
+
+/// Locks the resource's write fence; with `next`, takes a new mark.
+async fn fence(tx: &mut PgConnection, resource: &str, next: bool) -> Result<i64, StoreError> {
+    let sql = if next {
+        jobs::FENCE_NEXT
+    } else {
+        jobs::FENCE_LOCK
+    };
+    sqlx::query_scalar(sql)
+        .bind(resource)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query_err("lock the write fence"))
+}
+
+/// Records that `entries` (key, version) were written at mark `seq`.
+async fn journal(
+    tx: &mut PgConnection,
+    resource: &str,
+    seq: i64,
+    entries: &[(&str, Option<&str>)],
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<&str> = entries.iter().map(|e| e.0).collect();
+    let versions: Vec<Option<&str>> = entries.iter().map(|e| e.1).collect();
+    sqlx::query(
+        "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
+         SELECT $1, u.k, $2, u.v, $3 FROM UNNEST($4::text[], $5::text[]) AS u(k, v) \
+         ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
+         version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
+    )
+    .bind(resource)
+    .bind(seq)
+    .bind(super::now_rfc3339())
+    .bind(keys)
+    .bind(versions)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("write the key journal"))?;
+    Ok(())
+}
+
+/// `SELECT what FROM child WHERE column::text = ANY($1) [AND live]`; `{k}`
+/// in `what` stands for the key column.
+fn children_query(spec: &TableSpec, column: &Ident, what: &str) -> String {
+    let mut sql = format!(
+        "SELECT {} FROM {} WHERE CAST({} AS text) = ANY($1::text[])",
+        what.replace("{k}", &spec.key_column.quoted()),
+        spec.table.quoted(),
+        column.quoted()
+    );
+    if let Some(soft) = &spec.soft_delete {
+        sql.push_str(&format!(" AND {} IS NULL", soft.quoted()));
+    }
+    sql
+}
+
+impl Mirror for PgStore {
     async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         let rows: Vec<(String, String, String, i32, bool)> = sqlx::query_as(pg_schema::COLUMNS)
             .bind(spec.table.quoted())
@@ -302,114 +441,172 @@ impl Store for PgStore {
         Ok(index)
     }
 
-    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        let (keys, cols) = Self::arrays(spec, rows);
-        let kt = self.type_of(spec, spec.key_column.as_str());
-        let mut names = vec![spec.key_column.quoted()];
-        let mut unnest = vec!["$1::text[]".to_string()];
-        let mut aliases = vec!["k".to_string()];
-        let mut picks = vec![format!("u.k::{kt}")];
-        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
-            names.push(col.quoted());
-            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
-            aliases.push(format!("c{i}"));
-            picks.push(format!(
-                "u.c{i}::{}",
-                self.cast_of(spec, col.as_str(), *kind)
-            ));
-        }
-        let sql = format!(
-            "INSERT INTO {t} ({names}) SELECT {picks} FROM UNNEST({unnest}) AS u({aliases}) \
-             WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = u.k::{kt})",
-            t = spec.table.quoted(),
-            names = names.join(", "),
-            picks = picks.join(", "),
-            unnest = unnest.join(", "),
-            aliases = aliases.join(", "),
-            k = spec.key_column.quoted(),
-        );
-        let mut q = sqlx::query(&sql).bind(keys);
-        for arr in cols {
-            q = arr.bind(q);
-        }
-        let mut tx = self.pool.begin().await.map_err(query_err("begin insert"))?;
-        let done = q
-            .execute(&mut *tx)
+    async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
+        sqlx::query_scalar(jobs::FENCE_MARK)
+            .bind(resource)
+            .fetch_one(&self.pool)
             .await
-            .map_err(query_err(format!("insert into {}", spec.table)))?
-            .rows_affected();
-        tx.commit().await.map_err(query_err("commit insert"))?;
-        Ok(done)
+            .map_err(query_err("read the journal mark"))
     }
 
-    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        let (keys, cols) = Self::arrays(spec, rows);
-        let kt = self.type_of(spec, spec.key_column.as_str());
-        let mut unnest = vec!["$1::text[]".to_string()];
-        let mut aliases = vec!["k".to_string()];
-        let mut sets = Vec::new();
-        for (i, ((col, kind), arr)) in spec.columns.iter().zip(&cols).enumerate() {
-            unnest.push(format!("${}::{}", i + 2, arr.sql_type()));
-            aliases.push(format!("c{i}"));
-            sets.push(format!(
-                "{} = u.c{i}::{}",
-                col.quoted(),
-                self.cast_of(spec, col.as_str(), *kind)
-            ));
-        }
-        if let Some(soft) = &spec.soft_delete {
-            sets.push(format!("{} = NULL", soft.quoted()));
-        }
-        if sets.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "UPDATE {t} SET {sets} FROM UNNEST({unnest}) AS u({aliases}) WHERE {t}.{k} = u.k::{kt}",
-            t = spec.table.quoted(),
-            sets = sets.join(", "),
-            unnest = unnest.join(", "),
-            aliases = aliases.join(", "),
-            k = spec.key_column.quoted(),
-        );
-        let mut q = sqlx::query(&sql).bind(keys);
-        for arr in cols {
-            q = arr.bind(q);
-        }
-        let mut tx = self.pool.begin().await.map_err(query_err("begin update"))?;
-        let done = q
-            .execute(&mut *tx)
+    async fn write_pass(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        since: i64,
+        write: PassWrite<'_>,
+    ) -> Result<Written, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
             .await
-            .map_err(query_err(format!("update {}", spec.table)))?
-            .rows_affected();
-        tx.commit().await.map_err(query_err("commit update"))?;
-        Ok(done)
-    }
-
-    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
-        let kt = self.type_of(spec, spec.key_column.as_str());
-        let keys: Vec<&str> = keys.iter().map(Key::as_str).collect();
-        let sql = match &spec.soft_delete {
-            None => format!(
-                "DELETE FROM {} WHERE {} = ANY($1::text[]::{kt}[])",
-                spec.table.quoted(),
-                spec.key_column.quoted()
-            ),
-            Some(soft) => format!(
-                "UPDATE {} SET {s} = now() WHERE {} = ANY($1::text[]::{kt}[]) AND {s} IS NULL",
-                spec.table.quoted(),
-                spec.key_column.quoted(),
-                s = soft.quoted()
-            ),
+            .map_err(query_err("begin pass write"))?;
+        fence(&mut tx, resource, false).await?;
+        let touched: Vec<String> = sqlx::query_scalar(jobs::JOURNALED_SINCE)
+            .bind(resource)
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err("read the key journal"))?;
+        let (write, yielded) = super::unfenced(write, &touched);
+        let done = match &write {
+            super::Owned::Insert(rows) => {
+                let mut done = 0;
+                if spec.soft_delete.is_some() {
+                    done += self.update_rows(&mut tx, spec, rows).await?;
+                }
+                done + self.insert_rows(&mut tx, spec, rows).await?
+            }
+            super::Owned::Update(rows) => self.update_rows(&mut tx, spec, rows).await?,
+            super::Owned::Purge(keys) => self.purge_keys(&mut tx, spec, keys).await?,
         };
-        let mut tx = self.pool.begin().await.map_err(query_err("begin purge"))?;
-        let done = sqlx::query(&sql)
-            .bind(keys)
+        tx.commit().await.map_err(query_err("commit pass write"))?;
+        Ok(Written { done, yielded })
+    }
+
+    async fn apply_changes(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        changes: &[Change],
+    ) -> Result<Vec<ChangeResult>, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(query_err("begin events"))?;
+        let seq = fence(&mut tx, resource, true).await?;
+        let versioned: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.version.is_some())
+            .map(|c| c.key.as_str())
+            .collect();
+        let stored: std::collections::HashMap<String, String> = if versioned.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_as(
+                "SELECT key, version FROM driftd_key_journal WHERE resource = $1 AND version IS NOT NULL \
+                 AND key = ANY($2::text[])",
+            )
+            .bind(resource)
+            .bind(versioned)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err("read journaled versions"))?
+            .into_iter()
+            .collect()
+        };
+        let results = super::judge_versions(changes, &stored);
+        let batch = super::ChangeBatch::new(changes, &results);
+        self.update_rows(&mut tx, spec, &batch.upserts).await?;
+        self.insert_rows(&mut tx, spec, &batch.upserts).await?;
+        self.purge_keys(&mut tx, spec, &batch.deletes).await?;
+        journal(&mut tx, resource, seq, &batch.journal).await?;
+        tx.commit().await.map_err(query_err("commit events"))?;
+        Ok(results)
+    }
+
+    async fn purge_children(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<Vec<Key>, StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_err("begin cascade"))?;
+        let seq = fence(&mut tx, resource, true).await?;
+        let sql = children_query(spec, column, "CAST({k} AS text)");
+        let parents: Vec<&str> = parents.iter().map(Key::as_str).collect();
+        let keys: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(parents)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err(format!("find children in {}", spec.table)))?;
+        let keys: Vec<Key> = keys.into_iter().map(|k| Key(k.into())).collect();
+        self.purge_keys(&mut tx, spec, &keys).await?;
+        let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
+        journal(&mut tx, resource, seq, &entries).await?;
+        tx.commit().await.map_err(query_err("commit cascade"))?;
+        Ok(keys)
+    }
+
+    async fn count_children(
+        &self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<u64, StoreError> {
+        let sql = children_query(spec, column, "COUNT(*)");
+        let parents: Vec<&str> = parents.iter().map(Key::as_str).collect();
+        let n: i64 = sqlx::query_scalar(&sql)
+            .bind(parents)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("count children in {}", spec.table)))?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+impl Ledger for PgStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(query_err("begin migrations"))?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(MIGRATION_LOCK)
             .execute(&mut *tx)
             .await
-            .map_err(query_err(format!("purge from {}", spec.table)))?
-            .rows_affected();
-        tx.commit().await.map_err(query_err("commit purge"))?;
-        Ok(done)
+            .map_err(query_err("lock migrations"))?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create driftd_schema_migrations"))?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(query_err("read driftd_schema_migrations"))?;
+        for (version, statements) in jobs::MIGRATIONS {
+            if done.is_some_and(|d| d >= *version) {
+                continue;
+            }
+            for sql in *statements {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(format!("migration {version}")))?;
+            }
+            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES ($1)")
+                .bind(version)
+                .execute(&mut *tx)
+                .await
+                .map_err(query_err("record migration"))?;
+        }
+        tx.commit().await.map_err(query_err("commit migrations"))
     }
 
     async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
@@ -455,13 +652,78 @@ impl Store for PgStore {
     }
 
     async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
-        let sql = jobs::PRUNE.to_string();
-        Ok(sqlx::query(&sql)
+        sqlx::query(jobs::PRUNE_JOURNAL)
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("prune the key journal"))?;
+        Ok(sqlx::query(jobs::PRUNE)
             .bind(before)
             .execute(&self.pool)
             .await
             .map_err(query_err("prune jobs"))?
             .rows_affected())
+    }
+
+    async fn add_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
+        sqlx::query(jobs::DEAD_LETTER_INSERT)
+            .bind(&d.id)
+            .bind(&d.source)
+            .bind(&d.event)
+            .bind(&d.error)
+            .bind(serde_json::to_string(&d.headers).unwrap_or_default())
+            .bind(&d.raw)
+            .bind(&d.received_at)
+            .bind(&d.failed_at)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("store a dead letter"))?;
+        Ok(())
+    }
+
+    async fn list_dead_letters(
+        &self,
+        source: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let sql = format!(
+            "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY failed_at, id LIMIT $2",
+            jobs::DEAD_LETTER_COLUMNS
+        );
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(&sql)
+            .bind(source)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list dead letters"))?;
+        Ok(rows.into_iter().map(DeadLetter::from_parts).collect())
+    }
+
+    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let sql = format!("{} WHERE id = $1", jobs::DEAD_LETTER_COLUMNS);
+        let row: Option<DeadLetterRow> = sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read a dead letter"))?;
+        Ok(row.map(DeadLetter::from_parts))
+    }
+
+    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query("DELETE FROM driftd_dead_letters WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("delete a dead letter"))?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(jobs::DEAD_LETTER_COUNT)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("count dead letters"))
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {

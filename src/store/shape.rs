@@ -4,7 +4,7 @@
 //! column puts on values (`varchar(n)`, `numeric(p,s)`, `int4`).
 //!
 //! A column that would store, compare or sort values differently from
-//! driftd is refused by [`crate::store::Store::prepare`] with an error
+//! driftd is refused by [`crate::store::Mirror::prepare`] with an error
 //! naming it; a value that would not fit is refused by [`Shape::check_row`]
 //! before anything is written, naming the row and the column.
 

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row as _, SqlitePool};
+use sqlx::{Row as _, SqliteConnection, SqlitePool};
 
 use super::shape::{self, Kind, Shape};
 use super::sqlite_schema::{affinity, column_collation};
 use super::{
-    check_columns, index_row, jobs, query_err, rows_per_statement, ResourceLock, ScanQuery, Store,
-    StoreError,
+    check_columns, index_row, jobs, query_err, rows_per_statement, Change, ChangeResult,
+    DeadLetter, DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError,
+    Written,
 };
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;
@@ -398,39 +399,108 @@ fn unpack(
     Ok(())
 }
 
-impl Store for SqliteStore {
-    async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.begin().await?;
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(query_err("create driftd_schema_migrations"))?;
-        let done: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(query_err("read driftd_schema_migrations"))?;
-        for (version, statements) in jobs::MIGRATIONS {
-            if done.is_some_and(|d| d >= *version) {
-                continue;
-            }
-            for sql in *statements {
-                sqlx::query(sql)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(query_err(format!("migration {version}")))?;
-            }
-            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES (?)")
-                .bind(version)
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err("record migration"))?;
-        }
-        tx.commit().await.map_err(query_err("commit migrations"))
+async fn insert_rows(
+    tx: &mut SqliteConnection,
+    spec: &TableSpec,
+    rows: &[Row],
+) -> Result<u64, StoreError> {
+    let width = spec.columns.len() + 1;
+    let mut names = vec![spec.key_column.quoted()];
+    names.extend(spec.columns.iter().map(|(c, _)| c.quoted()));
+    let picks: Vec<String> = (1..=width).map(|i| format!("column{i}")).collect();
+    let mut done = 0;
+    for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
+        let sql = format!(
+            "INSERT INTO {t} ({names}) SELECT {picks} FROM (VALUES {values}) AS v \
+             WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = v.column1)",
+            t = spec.table.quoted(),
+            names = names.join(", "),
+            picks = picks.join(", "),
+            values = values_list(chunk.len(), width),
+            k = spec.key_column.quoted(),
+        );
+        let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
+        done += q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("insert into {}", spec.table)))?
+            .rows_affected();
     }
+    Ok(done)
+}
 
+async fn update_rows(
+    tx: &mut SqliteConnection,
+    spec: &TableSpec,
+    rows: &[Row],
+) -> Result<u64, StoreError> {
+    let width = spec.columns.len() + 1;
+    let mut sets: Vec<String> = spec
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (c, _))| format!("{} = v.column{}", c.quoted(), i + 2))
+        .collect();
+    if let Some(soft) = &spec.soft_delete {
+        sets.push(format!("{} = NULL", soft.quoted()));
+    }
+    if sets.is_empty() {
+        return Ok(0);
+    }
+    let mut done = 0;
+    for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
+        let sql = format!(
+            "UPDATE {t} SET {sets} FROM (VALUES {values}) AS v WHERE {t}.{k} = v.column1",
+            t = spec.table.quoted(),
+            sets = sets.join(", "),
+            values = values_list(chunk.len(), width),
+            k = spec.key_column.quoted(),
+        );
+        let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
+        done += q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("update {}", spec.table)))?
+            .rows_affected();
+    }
+    Ok(done)
+}
+
+async fn purge_keys(
+    tx: &mut SqliteConnection,
+    spec: &TableSpec,
+    keys: &[Key],
+) -> Result<u64, StoreError> {
+    let mut done = 0;
+    for chunk in keys.chunks(MAX_PARAMS) {
+        let marks = vec!["?"; chunk.len()].join(",");
+        let sql = match &spec.soft_delete {
+            None => format!(
+                "DELETE FROM {} WHERE {} IN ({marks})",
+                spec.table.quoted(),
+                spec.key_column.quoted()
+            ),
+            Some(soft) => format!(
+                "UPDATE {} SET {s} = CURRENT_TIMESTAMP WHERE {} IN ({marks}) AND {s} IS NULL",
+                spec.table.quoted(),
+                spec.key_column.quoted(),
+                s = soft.quoted()
+            ),
+        };
+        let mut q = sqlx::query(&sql);
+        for key in chunk {
+            q = bind_key(q, key, spec.key_type);
+        }
+        done += q
+            .execute(&mut *tx)
+            .await
+            .map_err(query_err(format!("purge from {}", spec.table)))?
+            .rows_affected();
+    }
+    Ok(done)
+}
+
+impl Mirror for SqliteStore {
     async fn prepare(&self, spec: &TableSpec) -> Result<Shape, StoreError> {
         self.check_file()?;
         let (schema, table) = schema_and_table(spec);
@@ -524,99 +594,227 @@ impl Store for SqliteStore {
         Ok(index)
     }
 
-    async fn insert(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        let width = spec.columns.len() + 1;
-        let mut names = vec![spec.key_column.quoted()];
-        names.extend(spec.columns.iter().map(|(c, _)| c.quoted()));
-        let picks: Vec<String> = (1..=width).map(|i| format!("column{i}")).collect();
-        let mut tx = self.begin().await?;
-        let mut done = 0;
-        for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
-            let sql = format!(
-                "INSERT INTO {t} ({names}) SELECT {picks} FROM (VALUES {values}) AS v \
-                 WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE {t}.{k} = v.column1)",
-                t = spec.table.quoted(),
-                names = names.join(", "),
-                picks = picks.join(", "),
-                values = values_list(chunk.len(), width),
-                k = spec.key_column.quoted(),
-            );
-            let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
-            done += q
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err(format!("insert into {}", spec.table)))?
-                .rows_affected();
-        }
-        tx.commit().await.map_err(query_err("commit insert"))?;
-        Ok(done)
+    async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
+        self.check_file()?;
+        sqlx::query_scalar(&jobs::FENCE_MARK.replace('$', "?"))
+            .bind(resource)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err("read the journal mark"))
     }
 
-    async fn update(&self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
-        let width = spec.columns.len() + 1;
-        let mut sets: Vec<String> = spec
-            .columns
-            .iter()
-            .enumerate()
-            .map(|(i, (c, _))| format!("{} = v.column{}", c.quoted(), i + 2))
-            .collect();
-        if let Some(soft) = &spec.soft_delete {
-            sets.push(format!("{} = NULL", soft.quoted()));
-        }
-        if sets.is_empty() {
-            return Ok(0);
-        }
+    async fn write_pass(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        since: i64,
+        write: PassWrite<'_>,
+    ) -> Result<Written, StoreError> {
         let mut tx = self.begin().await?;
-        let mut done = 0;
-        for chunk in rows.chunks(rows_per_statement(width, MAX_PARAMS, rows.len())) {
-            let sql = format!(
-                "UPDATE {t} SET {sets} FROM (VALUES {values}) AS v WHERE {t}.{k} = v.column1",
-                t = spec.table.quoted(),
-                sets = sets.join(", "),
-                values = values_list(chunk.len(), width),
-                k = spec.key_column.quoted(),
-            );
-            let q = bind_rows(sqlx::query(&sql), chunk, spec.key_type);
-            done += q
-                .execute(&mut *tx)
-                .await
-                .map_err(query_err(format!("update {}", spec.table)))?
-                .rows_affected();
-        }
-        tx.commit().await.map_err(query_err("commit update"))?;
-        Ok(done)
-    }
-
-    async fn purge(&self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
-        let mut tx = self.begin().await?;
-        let mut done = 0;
-        for chunk in keys.chunks(MAX_PARAMS) {
-            let marks = vec!["?"; chunk.len()].join(",");
-            let sql = match &spec.soft_delete {
-                None => format!(
-                    "DELETE FROM {} WHERE {} IN ({marks})",
-                    spec.table.quoted(),
-                    spec.key_column.quoted()
-                ),
-                Some(soft) => format!(
-                    "UPDATE {} SET {s} = CURRENT_TIMESTAMP WHERE {} IN ({marks}) AND {s} IS NULL",
-                    spec.table.quoted(),
-                    spec.key_column.quoted(),
-                    s = soft.quoted()
-                ),
-            };
-            let mut q = sqlx::query(&sql);
-            for key in chunk {
-                q = bind_key(q, key, spec.key_type);
+        fence(&mut tx, resource, false).await?;
+        let touched: Vec<String> = sqlx::query_scalar(&jobs::JOURNALED_SINCE.replace('$', "?"))
+            .bind(resource)
+            .bind(since)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err("read the key journal"))?;
+        let (write, yielded) = super::unfenced(write, &touched);
+        let done = match &write {
+            super::Owned::Insert(rows) => {
+                let mut done = 0;
+                if spec.soft_delete.is_some() {
+                    done += update_rows(&mut tx, spec, rows).await?;
+                }
+                done + insert_rows(&mut tx, spec, rows).await?
             }
-            done += q
+            super::Owned::Update(rows) => update_rows(&mut tx, spec, rows).await?,
+            super::Owned::Purge(keys) => purge_keys(&mut tx, spec, keys).await?,
+        };
+        tx.commit().await.map_err(query_err("commit pass write"))?;
+        Ok(Written { done, yielded })
+    }
+
+    async fn apply_changes(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        changes: &[Change],
+    ) -> Result<Vec<ChangeResult>, StoreError> {
+        let mut tx = self.begin().await?;
+        let seq = fence(&mut tx, resource, true).await?;
+        let versioned: Vec<&str> = changes
+            .iter()
+            .filter(|c| c.version.is_some())
+            .map(|c| c.key.as_str())
+            .collect();
+        let stored: std::collections::HashMap<String, String> = if versioned.is_empty() {
+            Default::default()
+        } else {
+            sqlx::query_as(
+                "SELECT key, version FROM driftd_key_journal WHERE resource = ?1 AND version IS NOT NULL \
+                 AND key IN (SELECT value FROM json_each(?2))",
+            )
+            .bind(resource)
+            .bind(json_list(versioned.iter().copied()))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err("read journaled versions"))?
+            .into_iter()
+            .collect()
+        };
+        let results = super::judge_versions(changes, &stored);
+        let batch = super::ChangeBatch::new(changes, &results);
+        update_rows(&mut tx, spec, &batch.upserts).await?;
+        insert_rows(&mut tx, spec, &batch.upserts).await?;
+        purge_keys(&mut tx, spec, &batch.deletes).await?;
+        journal(&mut tx, resource, seq, &batch.journal).await?;
+        tx.commit().await.map_err(query_err("commit events"))?;
+        Ok(results)
+    }
+
+    async fn purge_children(
+        &self,
+        spec: &TableSpec,
+        resource: &str,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<Vec<Key>, StoreError> {
+        let mut tx = self.begin().await?;
+        let seq = fence(&mut tx, resource, true).await?;
+        let sql = children_query(spec, column, "CAST({k} AS TEXT)");
+        let keys: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(json_list(parents.iter().map(Key::as_str)))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(query_err(format!("find children in {}", spec.table)))?;
+        let keys: Vec<Key> = keys.into_iter().map(|k| Key(k.into())).collect();
+        purge_keys(&mut tx, spec, &keys).await?;
+        let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
+        journal(&mut tx, resource, seq, &entries).await?;
+        tx.commit().await.map_err(query_err("commit cascade"))?;
+        Ok(keys)
+    }
+
+    async fn count_children(
+        &self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<u64, StoreError> {
+        let sql = children_query(spec, column, "COUNT(*)");
+        let n: i64 = sqlx::query_scalar(&sql)
+            .bind(json_list(parents.iter().map(Key::as_str)))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("count children in {}", spec.table)))?;
+        Ok(n.max(0) as u64)
+    }
+}
+
+/// A JSON array of strings, for `json_each`.
+fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    serde_json::Value::Array(
+        items
+            .into_iter()
+            .map(|s| serde_json::Value::String(s.to_string()))
+            .collect(),
+    )
+    .to_string()
+}
+
+/// `SELECT what FROM child WHERE column IN (?1 as a JSON list) [AND live]`;
+/// `{k}` in `what` stands for the key column.
+fn children_query(spec: &TableSpec, column: &Ident, what: &str) -> String {
+    let mut sql = format!(
+        "SELECT {} FROM {} WHERE CAST({} AS TEXT) IN (SELECT value FROM json_each(?1))",
+        what.replace("{k}", &spec.key_column.quoted()),
+        spec.table.quoted(),
+        column.quoted()
+    );
+    if let Some(soft) = &spec.soft_delete {
+        sql.push_str(&format!(" AND {} IS NULL", soft.quoted()));
+    }
+    sql
+}
+
+/// Locks the resource's write fence; with `next`, takes a new mark.
+async fn fence(tx: &mut SqliteConnection, resource: &str, next: bool) -> Result<i64, StoreError> {
+    let sql = if next {
+        jobs::FENCE_NEXT
+    } else {
+        jobs::FENCE_LOCK
+    };
+    sqlx::query_scalar(&sql.replace('$', "?"))
+        .bind(resource)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(query_err("lock the write fence"))
+}
+
+/// Records that `entries` (key, version) were written at mark `seq`.
+async fn journal(
+    tx: &mut SqliteConnection,
+    resource: &str,
+    seq: i64,
+    entries: &[(&str, Option<&str>)],
+) -> Result<(), StoreError> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let list = serde_json::Value::Array(
+        entries
+            .iter()
+            .map(|(k, v)| serde_json::json!([k, v]))
+            .collect(),
+    )
+    .to_string();
+    sqlx::query(
+        "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
+         SELECT ?1, json_extract(value, '$[0]'), ?2, json_extract(value, '$[1]'), ?3 FROM json_each(?4) WHERE true \
+         ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
+         version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
+    )
+    .bind(resource)
+    .bind(seq)
+    .bind(super::now_rfc3339())
+    .bind(list)
+    .execute(&mut *tx)
+    .await
+    .map_err(query_err("write the key journal"))?;
+    Ok(())
+}
+
+impl Ledger for SqliteStore {
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS driftd_schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(query_err("create driftd_schema_migrations"))?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM driftd_schema_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(query_err("read driftd_schema_migrations"))?;
+        for (version, statements) in jobs::MIGRATIONS {
+            if done.is_some_and(|d| d >= *version) {
+                continue;
+            }
+            for sql in *statements {
+                sqlx::query(sql)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(query_err(format!("migration {version}")))?;
+            }
+            sqlx::query("INSERT INTO driftd_schema_migrations (version) VALUES (?)")
+                .bind(version)
                 .execute(&mut *tx)
                 .await
-                .map_err(query_err(format!("purge from {}", spec.table)))?
-                .rows_affected();
+                .map_err(query_err("record migration"))?;
         }
-        tx.commit().await.map_err(query_err("commit purge"))?;
-        Ok(done)
+        tx.commit().await.map_err(query_err("commit migrations"))
     }
 
     async fn save_job(&self, job: &Job) -> Result<(), StoreError> {
@@ -664,6 +862,11 @@ impl Store for SqliteStore {
     }
 
     async fn prune_jobs(&self, before: &str) -> Result<u64, StoreError> {
+        sqlx::query(&jobs::PRUNE_JOURNAL.replace('$', "?"))
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("prune the key journal"))?;
         let sql = jobs::PRUNE.replace('$', "?");
         Ok(sqlx::query(&sql)
             .bind(before)
@@ -671,6 +874,69 @@ impl Store for SqliteStore {
             .await
             .map_err(query_err("prune jobs"))?
             .rows_affected())
+    }
+
+    async fn add_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
+        self.check_file()?;
+        sqlx::query(&jobs::DEAD_LETTER_INSERT.replace('$', "?"))
+            .bind(&d.id)
+            .bind(&d.source)
+            .bind(&d.event)
+            .bind(&d.error)
+            .bind(serde_json::to_string(&d.headers).unwrap_or_default())
+            .bind(&d.raw)
+            .bind(&d.received_at)
+            .bind(&d.failed_at)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("store a dead letter"))?;
+        Ok(())
+    }
+
+    async fn list_dead_letters(
+        &self,
+        source: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        let sql = format!(
+            "{} WHERE (?1 IS NULL OR source = ?1) ORDER BY failed_at, id LIMIT ?2",
+            jobs::DEAD_LETTER_COLUMNS
+        );
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(&sql)
+            .bind(source)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("list dead letters"))?;
+        Ok(rows.into_iter().map(DeadLetter::from_parts).collect())
+    }
+
+    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let sql = format!("{} WHERE id = ?1", jobs::DEAD_LETTER_COLUMNS);
+        let row: Option<DeadLetterRow> = sqlx::query_as(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err("read a dead letter"))?;
+        Ok(row.map(DeadLetter::from_parts))
+    }
+
+    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
+        self.check_file()?;
+        Ok(sqlx::query("DELETE FROM driftd_dead_letters WHERE id = ?1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("delete a dead letter"))?
+            .rows_affected()
+            > 0)
+    }
+
+    async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query_as(jobs::DEAD_LETTER_COUNT)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(query_err("count dead letters"))
     }
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {

@@ -10,7 +10,7 @@ use driftd::daemon::Daemon;
 use driftd::jobs::{Job, JobStatus, Trigger};
 use driftd::pass::Mode;
 use driftd::sample::Fault;
-use driftd::store::{AnyStore, Store};
+use driftd::store::{AnyStore, Ledger};
 use serde_json::{json, Value as Json};
 
 use crate::common::*;

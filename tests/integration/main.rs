@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod daemon;
 mod equality;
+mod events;
 mod guards;
 mod outage;
 mod prometheus;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use driftd::daemon::Daemon;
 use driftd::jobs::{Job, JobStatus, Trigger};
 use driftd::pass::Mode;
-use driftd::store::{AnyStore, Store};
+use driftd::store::{AnyStore, Ledger};
 use serde_json::Value as Json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;

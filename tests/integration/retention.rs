@@ -9,7 +9,7 @@ use driftd::jobs::{Job, JobFilter, JobStatus, Trigger};
 use driftd::metrics::Metrics;
 use driftd::pass::Mode;
 use driftd::runner::Runner;
-use driftd::store::{AnyStore, Store};
+use driftd::store::{AnyStore, Ledger};
 
 use crate::both_backends;
 use crate::common::*;

@@ -9,7 +9,7 @@ use driftd::daemon::Daemon;
 use driftd::jobs::{JobStatus, Trigger};
 use driftd::pass::Mode;
 use driftd::runner::JobRequest;
-use driftd::store::{AnyStore, Store};
+use driftd::store::{AnyStore, Ledger};
 
 use crate::common::*;
 

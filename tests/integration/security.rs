@@ -583,7 +583,7 @@ async fn a_dry_run_that_found_drift_is_not_a_success() {
     );
     legacy.report = Some(dry["report"].clone());
     legacy.finish(driftd::jobs::JobStatus::Succeeded, None);
-    driftd::store::Store::save_job(&store, &legacy)
+    driftd::store::Ledger::save_job(&store, &legacy)
         .await
         .unwrap();
     assert_eq!(last_success(&base).await.0, at);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use driftd::daemon::Daemon;
-use driftd::store::{AnyStore, Store};
+use driftd::store::{AnyStore, Ledger};
 
 use crate::common::*;
 

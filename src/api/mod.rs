@@ -17,20 +17,22 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::json;
 
+mod events;
+
 use crate::jobs::{JobFilter, JobId, JobStatus, Trigger};
 use crate::runner::{JobRequest, Runner, RunnerError, Submitted};
 use crate::scheduler::Schedules;
-use crate::store::Store;
+use crate::store::Ledger;
 use crate::vocab::Mode;
 
 /// The OpenAPI document, kept in the repository.
-pub const OPENAPI: &str = include_str!("../openapi.json");
+pub const OPENAPI: &str = include_str!("../../openapi.json");
 
 /// Every route: method and path template, as in `openapi.json`.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -43,6 +45,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{id}"),
     ("DELETE", "/v1/jobs/{id}"),
+    ("POST", "/v1/events/{source}"),
+    ("GET", "/v1/sources"),
+    ("GET", "/v1/dead-letters"),
+    ("DELETE", "/v1/dead-letters/{id}"),
+    ("POST", "/v1/dead-letters/{id}/replay"),
 ];
 
 /// What the handlers share.
@@ -50,6 +57,8 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub struct AppState {
     pub runner: Runner,
     pub schedules: Arc<Schedules>,
+    pub events: Arc<crate::engine::events::Events>,
+    pub sources: crate::sources::Sources,
 }
 
 /// A JSON error with its status.
@@ -124,6 +133,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/resources/{name}/reconcile", post(reconcile))
         .route("/v1/jobs", get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/events/{source}", post(events::webhook))
+        .route("/v1/sources", get(events::sources))
+        .route("/v1/dead-letters", get(events::list_dead_letters))
+        .route("/v1/dead-letters/{id}", delete(events::delete_dead_letter))
+        .route("/v1/dead-letters/{id}/replay", post(events::replay))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -167,12 +181,24 @@ async fn readyz(State(s): State<AppState>) -> Response {
             READY_TIMEOUT.as_millis()
         )))
     });
+    let sources = s.sources.list();
+    let down: Vec<String> = sources
+        .iter()
+        .filter(|src| !src.connected)
+        .map(|src| format!("source {}: {}", src.name, src.state))
+        .collect();
     match ping {
-        Ok(()) => Json(json!({
+        Ok(()) if down.is_empty() => Json(json!({
             "status": "ready",
             "schedules": s.schedules.entries.len(),
+            "sources": sources,
         }))
         .into_response(),
+        Ok(()) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "problem": down.join("; "), "sources": sources})),
+        )
+            .into_response(),
         Err(e) => {
             let url = s.runner.settings().store.url.expose_secret();
             let problem = crate::redact::scrub(&format!("database: {e}"), url);

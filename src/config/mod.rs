@@ -20,6 +20,9 @@ use reqwest::Url;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
+pub mod events;
+pub use events::{EventMapping, EventOp, RabbitConfig, SourceConfig, SourceKind, VersionKind};
+
 /// A configuration problem, naming where it is: the file, the resource and
 /// the field.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +65,9 @@ pub struct Settings {
     /// The long-running worker.
     #[serde(default)]
     pub daemon: DaemonSettings,
+    /// Event sources `driftd run` consumes, by name.
+    #[serde(default)]
+    pub sources: BTreeMap<String, SourceConfig>,
     /// The file this was loaded from, for error messages.
     #[serde(skip)]
     pub source: PathBuf,
@@ -232,6 +238,34 @@ pub struct ResourceConfig {
     pub columns: BTreeMap<String, ColumnConfig>,
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// The resource this one belongs to: a parent deleted (by event or by
+    /// pass) purges its children here.
+    #[serde(default)]
+    pub parent: Option<ParentConfig>,
+    /// Resources that name this one as their parent (filled at load).
+    #[serde(skip)]
+    pub children: Vec<ChildLink>,
+}
+
+/// `parent = { resource = "tenants", column = "tenant_uuid" }`: this
+/// table's `column` holds the parent's key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParentConfig {
+    pub resource: String,
+    pub column: String,
+}
+
+/// A child resource, as its parent's passes and events purge it.
+#[derive(Debug, Clone)]
+pub struct ChildLink {
+    pub resource: String,
+    pub spec: TableSpec,
+    /// The child's column holding the parent key.
+    pub column: Ident,
+    /// The child's own purge guard: at most this many rows at once.
+    pub max_purge_count: u64,
+    pub purge_extra: bool,
 }
 
 /// Where and how to list the upstream collection.
@@ -757,6 +791,60 @@ impl Settings {
                     problem,
                 })?;
         }
+        self.link_children(file)?;
+        for (name, src) in &mut self.sources {
+            Ident::parse(name).map_err(|_| {
+                global(
+                    &format!("sources.{name}"),
+                    "source names must be letters, digits and _ (they are metric labels)".into(),
+                )
+            })?;
+            events::validate_source(src, &self.resources)
+                .map_err(|(field, problem)| global(&format!("sources.{name}.{field}"), problem))?;
+        }
+        Ok(())
+    }
+
+    /// Fills each parent's `children` from the resources naming it.
+    fn link_children(&mut self, file: &str) -> Result<(), ConfigError> {
+        let mut links: Vec<(String, ChildLink)> = Vec::new();
+        for (name, res) in &self.resources {
+            let Some(parent) = &res.parent else { continue };
+            let invalid = |problem: String| ConfigError::Invalid {
+                file: file.into(),
+                resource: name.clone(),
+                field: "parent".into(),
+                problem,
+            };
+            if parent.resource == *name {
+                return Err(invalid("a resource cannot be its own parent".into()));
+            }
+            if !self.resources.contains_key(&parent.resource) {
+                return Err(invalid(format!("unknown resource `{}`", parent.resource)));
+            }
+            let column = Ident::parse(&parent.column).map_err(invalid)?;
+            if !res.columns.contains_key(&parent.column) {
+                return Err(invalid(format!(
+                    "column `{}` is not one of this resource's mapped columns",
+                    parent.column
+                )));
+            }
+            links.push((
+                parent.resource.clone(),
+                ChildLink {
+                    resource: name.clone(),
+                    spec: res.table_spec(),
+                    column,
+                    max_purge_count: res.policy.max_purge_count,
+                    purge_extra: res.policy.purge_extra,
+                },
+            ));
+        }
+        for (parent, link) in links {
+            if let Some(p) = self.resources.get_mut(&parent) {
+                p.children.push(link);
+            }
+        }
         Ok(())
     }
 
@@ -799,7 +887,7 @@ fn env_provider() -> Env {
 
 /// The top-level tables of [`Settings`]; a variable naming another is not a
 /// setting.
-const SECTIONS: &[&str] = &["store", "admin", "daemon", "resources"];
+const SECTIONS: &[&str] = &["store", "admin", "daemon", "resources", "sources"];
 
 /// Whether a `DRIFTD_` variable (named without the prefix) is a setting:
 /// a section, then at least one `__` and no empty level. Anything else

@@ -1,0 +1,312 @@
+//! The live half's settings: event sources (a RabbitMQ queue, a webhook)
+//! and how their messages map onto resources.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::{check_pointer, problem, FieldProblem};
+
+/// One event source, `[sources.<name>]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// `rabbitmq` or `webhook`.
+    pub kind: SourceKind,
+    /// The message header holding the event name (default `name`, as
+    /// wazo-bus sends it), unless `name_pointer` is set.
+    #[serde(default)]
+    pub name_header: Option<String>,
+    /// A JSON pointer to the event name in the body, instead of a header.
+    #[serde(default)]
+    pub name_pointer: Option<String>,
+    /// A JSON pointer to the event's own time (RFC 3339, or seconds since
+    /// the epoch), for the lag metric.
+    #[serde(default)]
+    pub time_pointer: Option<String>,
+    /// Events applied in one transaction at most.
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    /// Event name → what it does.
+    #[serde(default)]
+    pub events: BTreeMap<String, EventMapping>,
+    #[serde(default)]
+    pub rabbitmq: Option<RabbitConfig>,
+}
+
+fn default_batch() -> usize {
+    500
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    Rabbitmq,
+    Webhook,
+}
+
+impl SourceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Rabbitmq => "rabbitmq",
+            SourceKind::Webhook => "webhook",
+        }
+    }
+}
+
+/// The broker side of a `rabbitmq` source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RabbitConfig {
+    /// `amqp://user:password@host:5672/vhost`; a secret, never logged.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// Or the variable holding it.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// The exchange to bind to (declared durable if missing).
+    pub exchange: String,
+    /// `headers` (wazo-bus), `topic`, `direct` or `fanout`.
+    #[serde(default = "default_exchange_type")]
+    pub exchange_type: String,
+    /// driftd's own queue: durable, never auto-deleted, so nothing
+    /// published while driftd is down is lost.
+    pub queue: String,
+    /// Routing keys to bind with (topic and direct exchanges).
+    #[serde(default)]
+    pub routing_keys: Vec<String>,
+    /// Header matches to bind with (headers exchanges), one binding each;
+    /// `x-match` defaults to `all`.
+    #[serde(default)]
+    pub bind_headers: Vec<BTreeMap<String, String>>,
+    /// Unacknowledged messages in flight.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// The longest pause between reconnection attempts.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: f64,
+    #[serde(skip)]
+    pub resolved_url: Option<SecretString>,
+}
+
+fn default_exchange_type() -> String {
+    "headers".into()
+}
+
+fn default_prefetch() -> u16 {
+    1000
+}
+
+fn default_max_backoff() -> f64 {
+    30.0
+}
+
+/// What an event does to a resource.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventMapping {
+    pub resource: String,
+    pub op: EventOp,
+    /// JSON pointer to the key, e.g. `/data/uuid`.
+    pub key: String,
+    /// JSON pointer to the item that the resource's column mapping reads
+    /// (`upsert`), e.g. `/data`.
+    #[serde(default)]
+    pub payload: String,
+    /// JSON pointer to a version or updated-at field: an event older than
+    /// the last one applied to the key is skipped as stale.
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub version_kind: VersionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventOp {
+    /// Columns from the payload.
+    Upsert,
+    /// By key.
+    Delete,
+    /// GET the key from upstream, then upsert, or delete on 404.
+    Refetch,
+}
+
+impl EventOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventOp::Upsert => "upsert",
+            EventOp::Delete => "delete",
+            EventOp::Refetch => "refetch",
+        }
+    }
+}
+
+/// How versions compare.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VersionKind {
+    /// A whole number (JSON number or digits).
+    #[default]
+    Integer,
+    /// An RFC 3339 time.
+    Timestamp,
+}
+
+impl VersionKind {
+    /// The version as text that sorts like the version.
+    pub fn sortable(self, json: &serde_json::Value) -> Result<String, String> {
+        match self {
+            VersionKind::Integer => {
+                let n: i64 = match json {
+                    serde_json::Value::Number(n) => n.to_string().parse().ok(),
+                    serde_json::Value::String(s) => s.trim().parse().ok(),
+                    _ => None,
+                }
+                .ok_or_else(|| format!("version `{json}` is not a whole number"))?;
+                // Flip the sign bit: negative numbers sort below positive.
+                Ok(format!("{:020}", (n as u64) ^ (1 << 63)))
+            }
+            VersionKind::Timestamp => match json {
+                serde_json::Value::String(s) => crate::canonical::timestamp(s),
+                other => Err(format!("version `{other}` is not an RFC 3339 time")),
+            },
+        }
+    }
+}
+
+/// Checks a source against the resources it maps onto.
+pub(super) fn validate_source(
+    src: &mut SourceConfig,
+    resources: &BTreeMap<String, super::ResourceConfig>,
+) -> Result<(), FieldProblem> {
+    if src.name_header.is_some() && src.name_pointer.is_some() {
+        return Err(problem(
+            "name_pointer",
+            "set either name_header or name_pointer, not both",
+        ));
+    }
+    if let Some(p) = &src.name_pointer {
+        check_pointer("name_pointer", p)?;
+    }
+    if let Some(p) = &src.time_pointer {
+        check_pointer("time_pointer", p)?;
+    }
+    if src.batch_size == 0 || src.batch_size > 10_000 {
+        return Err(problem("batch_size", "must be between 1 and 10000"));
+    }
+    if src.events.is_empty() {
+        return Err(problem(
+            "events",
+            "maps no event name to a resource; add [sources.<name>.events.<event>]",
+        ));
+    }
+    for (name, ev) in &src.events {
+        let field = |f: &str| format!("events.{name}.{f}");
+        let Some(res) = resources.get(&ev.resource) else {
+            let known: Vec<&str> = resources.keys().map(String::as_str).collect();
+            return Err(problem(
+                &field("resource"),
+                format!(
+                    "unknown resource `{}` (known: {})",
+                    ev.resource,
+                    known.join(", ")
+                ),
+            ));
+        };
+        check_pointer(&field("key"), &ev.key)?;
+        if ev.key.is_empty() {
+            return Err(problem(
+                &field("key"),
+                "must point at the key in the message",
+            ));
+        }
+        check_pointer(&field("payload"), &ev.payload)?;
+        if let Some(v) = &ev.version {
+            check_pointer(&field("version"), v)?;
+        }
+        if ev.op == EventOp::Refetch && res.upstream.get_path.is_none() {
+            return Err(problem(
+                &field("op"),
+                format!(
+                    "`refetch` GETs the key from upstream: set resources.{}.upstream.get_path",
+                    ev.resource
+                ),
+            ));
+        }
+    }
+    match (src.kind, &mut src.rabbitmq) {
+        (SourceKind::Rabbitmq, None) => {
+            return Err(problem(
+                "rabbitmq",
+                "a rabbitmq source needs [sources.<name>.rabbitmq] with url, exchange and queue",
+            ))
+        }
+        (SourceKind::Webhook, Some(_)) => {
+            return Err(problem("rabbitmq", "is only for kind = \"rabbitmq\""))
+        }
+        (SourceKind::Rabbitmq, Some(r)) => {
+            if r.queue.trim().is_empty() {
+                return Err(problem("rabbitmq.queue", "must name driftd's own queue"));
+            }
+            if !["headers", "topic", "direct", "fanout"].contains(&r.exchange_type.as_str()) {
+                return Err(problem(
+                    "rabbitmq.exchange_type",
+                    "must be headers, topic, direct or fanout",
+                ));
+            }
+            if r.prefetch == 0 {
+                return Err(problem("rabbitmq.prefetch", "must be at least 1"));
+            }
+            if !(r.max_backoff_secs > 0.0 && r.max_backoff_secs <= 3600.0) {
+                return Err(problem(
+                    "rabbitmq.max_backoff_secs",
+                    "must be between 0 and 3600 seconds",
+                ));
+            }
+            r.resolved_url = Some(match (&r.url, &r.url_env) {
+                (Some(_), Some(_)) => {
+                    return Err(problem("rabbitmq.url_env", "set url or url_env, not both"))
+                }
+                (Some(u), None) => u.clone(),
+                (None, Some(var)) => std::env::var(var).map(SecretString::from).map_err(|_| {
+                    problem(
+                        "rabbitmq.url_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?,
+                (None, None) => {
+                    return Err(problem(
+                        "rabbitmq.url",
+                        "missing: set url (amqp://user:password@host:5672/vhost) or url_env",
+                    ))
+                }
+            });
+        }
+        (SourceKind::Webhook, None) => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_sort_as_text() {
+        let i = |v: serde_json::Value| VersionKind::Integer.sortable(&v).unwrap();
+        assert!(i(serde_json::json!(-5)) < i(serde_json::json!(3)));
+        assert!(i(serde_json::json!(9)) < i(serde_json::json!(10)));
+        assert_eq!(i(serde_json::json!("10")), i(serde_json::json!(10)));
+        assert!(VersionKind::Integer
+            .sortable(&serde_json::json!(1.5))
+            .is_err());
+        let t = |v: &str| {
+            VersionKind::Timestamp
+                .sortable(&serde_json::json!(v))
+                .unwrap()
+        };
+        assert!(t("2026-01-01T10:00:00+02:00") < t("2026-01-01T09:00:00Z"));
+    }
+}

@@ -1,0 +1,653 @@
+//! Events in, rows out: maps a source's messages onto resources by its
+//! config, refetches where the event carries too little, applies a batch
+//! per resource in one transaction through the store's journal, purges
+//! children of deleted parents, and keeps what cannot be applied as a dead
+//! letter. A message is answered (acked) only once this returns `Ok`: its
+//! change is committed or its dead letter stored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::Value as Json;
+
+use crate::config::{EventOp, ResourceConfig, Settings, SourceConfig, TableSpec};
+use crate::decode::{resolve, RowDecoder};
+use crate::metrics::Metrics;
+use crate::model::{key_from_json, Key};
+use crate::store::{AnyStore, Change, ChangeResult, DeadLetter, Ledger, Mirror, StoreError};
+use crate::upstream::{Client, Fetched};
+
+/// Refetches in flight at once within a batch.
+const REFETCH_CONCURRENCY: usize = 8;
+
+/// One message as a source received it.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// RFC 3339.
+    pub received_at: String,
+}
+
+impl Envelope {
+    pub fn new(headers: BTreeMap<String, String>, body: Vec<u8>) -> Self {
+        Envelope {
+            headers,
+            body,
+            received_at: crate::store::now_rfc3339(),
+        }
+    }
+}
+
+/// What became of one message.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Verdict {
+    /// `applied`, `stale`, `ignored` or `dead_lettered`.
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// Children purged with a deleted parent, by child resource.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub cascaded: BTreeMap<String, u64>,
+}
+
+impl Verdict {
+    fn new(outcome: &'static str) -> Self {
+        Verdict {
+            outcome,
+            event: None,
+            resource: None,
+            key: None,
+            error: None,
+            dead_letter: None,
+            cascaded: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a replay did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("no dead letter `{0}`")]
+    NotFound(String),
+    #[error("dead letter `{id}` came from source `{source_name}`, which the config no longer has")]
+    UnknownSource { id: String, source_name: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A resource as events write it.
+struct Target {
+    spec: TableSpec,
+    decoder: RowDecoder,
+    client: Option<Arc<Client>>,
+    /// Whether the store has inspected the table (PostgreSQL casts values
+    /// to the column types it read).
+    prepared: std::sync::atomic::AtomicBool,
+}
+
+/// The event side of driftd, shared by every source.
+pub struct Events {
+    settings: Arc<Settings>,
+    store: Arc<AnyStore>,
+    metrics: Arc<Metrics>,
+    targets: HashMap<String, Target>,
+}
+
+/// A message, understood.
+enum Prepared {
+    Change {
+        name: String,
+        resource: String,
+        change: Change,
+        /// The event's own time, seconds since the epoch.
+        time: Option<f64>,
+    },
+    Ignored {
+        name: String,
+    },
+    Invalid {
+        name: Option<String>,
+        resource: Option<String>,
+        error: String,
+    },
+}
+
+impl Events {
+    /// Builds the HTTP clients refetches use; fails on a bad upstream
+    /// config (which config validation has already refused).
+    pub fn new(
+        settings: Arc<Settings>,
+        store: Arc<AnyStore>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let mut targets = HashMap::new();
+        for (name, res) in &settings.resources {
+            let client = match &res.upstream.get_path {
+                Some(_) => Some(Arc::new(
+                    Client::new(&res.upstream)?.observed(name, metrics.clone()),
+                )),
+                None => None,
+            };
+            targets.insert(
+                name.clone(),
+                Target {
+                    spec: res.table_spec(),
+                    decoder: RowDecoder::new(res),
+                    client,
+                    prepared: std::sync::atomic::AtomicBool::new(false),
+                },
+            );
+        }
+        for (name, src) in &settings.sources {
+            let resources: Vec<&str> = src.events.values().map(|e| e.resource.as_str()).collect();
+            metrics.register_source(name, &resources);
+        }
+        Ok(Events {
+            settings,
+            store,
+            metrics,
+            targets,
+        })
+    }
+
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Arc<AnyStore> {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Applies a batch from `source`; each message ends applied, stale,
+    /// ignored or dead-lettered. `Err` only when the database cannot be
+    /// used: nothing of the batch is settled then, and the source must
+    /// deliver it again (never ack it).
+    pub async fn deliver(
+        &self,
+        source: &str,
+        batch: &[Envelope],
+    ) -> Result<Vec<Verdict>, StoreError> {
+        let verdicts = self.settle(source, batch, true).await?;
+        self.refresh_dead_letters().await;
+        Ok(verdicts)
+    }
+
+    /// Applies a dead letter again; deletes it once it applies. A letter
+    /// that fails again stays, with the new error.
+    pub async fn replay(&self, id: &str) -> Result<Verdict, ReplayError> {
+        let letter = self
+            .store
+            .get_dead_letter(id)
+            .await?
+            .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
+        if !self.settings.sources.contains_key(&letter.source) {
+            return Err(ReplayError::UnknownSource {
+                id: id.to_string(),
+                source_name: letter.source,
+            });
+        }
+        let envelope = Envelope {
+            headers: letter.headers.clone(),
+            body: letter.raw.clone(),
+            received_at: letter.received_at.clone(),
+        };
+        let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
+        let verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
+        if verdict.outcome == "dead_lettered" {
+            let again = DeadLetter {
+                error: verdict.error.clone().unwrap_or_default(),
+                failed_at: crate::store::now_rfc3339(),
+                ..letter
+            };
+            self.store.delete_dead_letter(id).await?;
+            self.store.add_dead_letter(&again).await?;
+        } else {
+            self.store.delete_dead_letter(id).await?;
+        }
+        self.refresh_dead_letters().await;
+        Ok(verdict)
+    }
+
+    /// Sets the dead-letter gauge from the table.
+    pub async fn refresh_dead_letters(&self) {
+        match self.store.count_dead_letters().await {
+            Ok(counts) => {
+                for name in self.settings.sources.keys() {
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| s == name)
+                        .map_or(0, |(_, n)| *n);
+                    self.metrics.dead_letters(name, n);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count dead letters"),
+        }
+    }
+
+    async fn settle(
+        &self,
+        source: &str,
+        batch: &[Envelope],
+        dead_letter: bool,
+    ) -> Result<Vec<Verdict>, StoreError> {
+        let Some(cfg) = self.settings.sources.get(source) else {
+            return Err(StoreError::Unavailable(format!(
+                "unknown source `{source}`"
+            )));
+        };
+        let mut prepared: Vec<Prepared> = Vec::with_capacity(batch.len());
+        for chunk in batch.chunks(REFETCH_CONCURRENCY) {
+            let futures: Vec<_> = chunk.iter().map(|env| self.prepare(cfg, env)).collect();
+            prepared.extend(futures_util::future::join_all(futures).await);
+        }
+        let mut verdicts: Vec<Verdict> = Vec::with_capacity(batch.len());
+        // Per resource, in order of arrival: the changes (one per key) and
+        // the messages each stands for.
+        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        for (i, p) in prepared.into_iter().enumerate() {
+            match p {
+                Prepared::Ignored { name } => {
+                    let mut v = Verdict::new("ignored");
+                    v.event = Some(name);
+                    verdicts.push(v);
+                }
+                Prepared::Invalid {
+                    name,
+                    resource,
+                    error,
+                } => {
+                    let mut v = Verdict::new("dead_lettered");
+                    v.event = name;
+                    v.resource = resource;
+                    v.error = Some(error);
+                    verdicts.push(v);
+                }
+                Prepared::Change {
+                    name,
+                    resource,
+                    change,
+                    time,
+                } => {
+                    let mut v = Verdict::new("applied");
+                    v.event = Some(name);
+                    v.resource = Some(resource.clone());
+                    v.key = Some(change.key.to_string());
+                    verdicts.push(v);
+                    if let Some(t) = time {
+                        self.metrics.event_lag(source, unix_now() - t);
+                    }
+                    groups.entry(resource).or_default().add(i, change);
+                }
+            }
+        }
+        for (resource, group) in groups {
+            self.apply_group(&resource, group, &mut verdicts).await?;
+        }
+        for (v, env) in verdicts.iter_mut().zip(batch) {
+            if v.outcome == "dead_lettered" && dead_letter {
+                let letter = DeadLetter {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    source: source.to_string(),
+                    event: v.event.clone(),
+                    error: v.error.clone().unwrap_or_default(),
+                    headers: env.headers.clone(),
+                    body: String::new(),
+                    raw: env.body.clone(),
+                    received_at: env.received_at.clone(),
+                    failed_at: crate::store::now_rfc3339(),
+                };
+                self.store.add_dead_letter(&letter).await?;
+                tracing::warn!(
+                    source,
+                    event = v.event.as_deref().unwrap_or("?"),
+                    dead_letter = %letter.id,
+                    error = %letter.error,
+                    "event cannot be applied; kept as a dead letter"
+                );
+                v.dead_letter = Some(letter.id);
+            }
+        }
+        for v in &verdicts {
+            self.metrics
+                .event(source, v.resource.as_deref().unwrap_or(""), v.outcome);
+        }
+        Ok(verdicts)
+    }
+
+    /// Applies one resource's changes in one transaction; when the
+    /// database refuses the batch (a constraint, a value), applies them one
+    /// by one so that only the refused ones become dead letters.
+    async fn apply_group(
+        &self,
+        resource: &str,
+        group: Group,
+        verdicts: &mut [Verdict],
+    ) -> Result<(), StoreError> {
+        let Some(target) = self.targets.get(resource) else {
+            return Ok(());
+        };
+        for i in &group.stale {
+            verdicts[*i].outcome = "stale";
+        }
+        if !target.prepared.load(std::sync::atomic::Ordering::Acquire) {
+            // A table driftd cannot mirror is the operator's to fix: the
+            // batch goes back to the source, nothing is dead-lettered.
+            self.store.prepare(&target.spec).await?;
+            target
+                .prepared
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        let results = match self
+            .store
+            .apply_changes(&target.spec, resource, &group.changes)
+            .await
+        {
+            Ok(results) => results.into_iter().map(Ok).collect(),
+            Err(e) if e.is_transient() || matches!(e, StoreError::Unavailable(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(resource, error = %e, "event batch refused; applying its events one by one");
+                let mut results = Vec::with_capacity(group.changes.len());
+                for change in &group.changes {
+                    match self
+                        .store
+                        .apply_changes(&target.spec, resource, std::slice::from_ref(change))
+                        .await
+                    {
+                        Ok(mut r) => results.push(Ok(r.pop().unwrap_or(ChangeResult::Applied))),
+                        Err(e) if e.is_transient() || matches!(e, StoreError::Unavailable(_)) => {
+                            return Err(e)
+                        }
+                        Err(e) => results.push(Err(crate::pass::error_chain(&e))),
+                    }
+                }
+                results
+            }
+        };
+        let mut deleted: Vec<(Key, Vec<usize>)> = Vec::new();
+        for ((change, owners), result) in group.changes.iter().zip(&group.owners).zip(results) {
+            for i in owners {
+                match &result {
+                    Ok(ChangeResult::Applied) => {}
+                    Ok(ChangeResult::Stale) => verdicts[*i].outcome = "stale",
+                    Err(e) => {
+                        verdicts[*i].outcome = "dead_lettered";
+                        verdicts[*i].error = Some(e.clone());
+                    }
+                }
+            }
+            if change.row.is_none() && matches!(result, Ok(ChangeResult::Applied)) {
+                deleted.push((change.key.clone(), owners.clone()));
+            }
+        }
+        let children = self
+            .settings
+            .resources
+            .get(resource)
+            .map(|r| r.children.as_slice())
+            .unwrap_or_default();
+        if !children.is_empty() && !deleted.is_empty() {
+            let keys: Vec<Key> = deleted.iter().map(|(k, _)| k.clone()).collect();
+            let done = super::cascade(self.store.as_ref(), children, resource, &keys).await?;
+            if let Some((_, owners)) = deleted.first() {
+                for (child, n) in done {
+                    for i in owners {
+                        verdicts[*i].cascaded.insert(child.clone(), n);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one message by the source's mapping; refetches if asked.
+    async fn prepare(&self, cfg: &SourceConfig, env: &Envelope) -> Prepared {
+        let invalid =
+            |name: Option<&str>, resource: Option<&str>, error: String| Prepared::Invalid {
+                name: name.map(str::to_string),
+                resource: resource.map(str::to_string),
+                error,
+            };
+        let body: Json = match serde_json::from_slice(&env.body) {
+            Ok(b) => b,
+            Err(e) => return invalid(None, None, format!("the body is not JSON: {e}")),
+        };
+        let name = match &cfg.name_pointer {
+            Some(p) => resolve(&body, p).and_then(Json::as_str).map(str::to_string),
+            None => {
+                let header = cfg.name_header.as_deref().unwrap_or("name");
+                env.headers.get(header).cloned()
+            }
+        };
+        let Some(name) = name else {
+            let place = match &cfg.name_pointer {
+                Some(p) => format!("no event name (a string) at `{p}` in the body"),
+                None => format!(
+                    "no event name in header `{}`",
+                    cfg.name_header.as_deref().unwrap_or("name")
+                ),
+            };
+            return invalid(None, None, place);
+        };
+        let Some(mapping) = cfg.events.get(&name) else {
+            return Prepared::Ignored { name };
+        };
+        let resource = mapping.resource.as_str();
+        let (Some(res), Some(target)) = (
+            self.settings.resources.get(resource),
+            self.targets.get(resource),
+        ) else {
+            return invalid(Some(&name), Some(resource), "unknown resource".into());
+        };
+        let key = match key_from_json(resolve(&body, &mapping.key), res.key.kind) {
+            Ok(k) => k,
+            Err(e) => {
+                return invalid(
+                    Some(&name),
+                    Some(resource),
+                    format!("key at `{}`: {e}", mapping.key),
+                )
+            }
+        };
+        let version = match &mapping.version {
+            None => None,
+            Some(p) => match resolve(&body, p) {
+                None | Some(Json::Null) => None,
+                Some(v) => match mapping.version_kind.sortable(v) {
+                    Ok(v) => Some(v),
+                    Err(e) => return invalid(Some(&name), Some(resource), format!("`{p}`: {e}")),
+                },
+            },
+        };
+        let time = cfg
+            .time_pointer
+            .as_deref()
+            .and_then(|p| resolve(&body, p))
+            .and_then(event_time);
+        let row = match mapping.op {
+            EventOp::Delete => None,
+            EventOp::Upsert => {
+                let Some(item) = resolve(&body, &mapping.payload) else {
+                    return invalid(
+                        Some(&name),
+                        Some(resource),
+                        format!("no payload at `{}`", mapping.payload),
+                    );
+                };
+                match row_for(target, res, item, &key) {
+                    Ok(row) => Some(row),
+                    Err(e) => return invalid(Some(&name), Some(resource), e),
+                }
+            }
+            EventOp::Refetch => match refetch(target, res, &key).await {
+                Ok(row) => row,
+                Err(e) => return invalid(Some(&name), Some(resource), e),
+            },
+        };
+        Prepared::Change {
+            name,
+            resource: resource.to_string(),
+            change: Change { key, row, version },
+            time,
+        }
+    }
+}
+
+/// The row an item maps to, which must carry the event's key.
+fn row_for(
+    target: &Target,
+    res: &ResourceConfig,
+    item: &Json,
+    key: &Key,
+) -> Result<crate::model::Row, String> {
+    let row = target.decoder.item(item)?;
+    if row.key != *key {
+        return Err(format!(
+            "the payload's key `{}` (at `{}`) is not the event's key `{key}`",
+            row.key, res.key.upstream
+        ));
+    }
+    Ok(row)
+}
+
+/// GETs the key upstream: its row, or `None` when upstream answers 404.
+async fn refetch(
+    target: &Target,
+    res: &ResourceConfig,
+    key: &Key,
+) -> Result<Option<crate::model::Row>, String> {
+    let Some(client) = &target.client else {
+        return Err("refetch needs upstream.get_path".into());
+    };
+    match client.fetch_key(key.as_str()).await {
+        Ok(Fetched::Gone) => Ok(None),
+        Ok(Fetched::Present(body)) => {
+            let item: Json = serde_json::from_slice(&body)
+                .map_err(|e| format!("refetch of `{key}`: the answer is not JSON: {e}"))?;
+            row_for(target, res, &item, key)
+                .map(Some)
+                .map_err(|e| format!("refetch of `{key}`: {e}"))
+        }
+        Ok(Fetched::Unverifiable) => Err(format!(
+            "refetch of `{key}`: the key cannot be put in upstream.get_path faithfully"
+        )),
+        Err(e) => Err(format!(
+            "refetch of `{key}` failed after retries: {}",
+            crate::pass::error_chain(&e)
+        )),
+    }
+}
+
+/// An event time: RFC 3339 text or seconds since the epoch.
+fn event_time(v: &Json) -> Option<f64> {
+    match v {
+        Json::Number(n) => n.to_string().parse().ok(),
+        Json::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+            .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+            .ok()
+            .map(|t| t.timestamp_micros() as f64 / 1e6)
+            .or_else(|| {
+                // wazo-bus sends a naive ISO time in UTC.
+                chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+                    .ok()
+                    .map(|t| t.and_utc().timestamp_micros() as f64 / 1e6)
+            }),
+        _ => None,
+    }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// One resource's changes in a batch, one per key.
+#[derive(Default)]
+struct Group {
+    changes: Vec<Change>,
+    /// The messages each change stands for.
+    owners: Vec<Vec<usize>>,
+    /// Messages older than a later one for the same key in the batch.
+    stale: Vec<usize>,
+    at: HashMap<Key, usize>,
+}
+
+impl Group {
+    /// Adds message `i`'s change; a later change to the same key replaces
+    /// an earlier one unless its version is older.
+    fn add(&mut self, i: usize, change: Change) {
+        match self.at.get(&change.key) {
+            None => {
+                self.at.insert(change.key.clone(), self.changes.len());
+                self.changes.push(change);
+                self.owners.push(vec![i]);
+            }
+            Some(&at) => {
+                let older = matches!(
+                    (&change.version, &self.changes[at].version),
+                    (Some(new), Some(old)) if new < old
+                );
+                if older {
+                    self.stale.push(i);
+                } else {
+                    self.changes[at] = change;
+                    self.owners[at].push(i);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str, version: Option<&str>) -> Change {
+        Change {
+            key: Key(key.into()),
+            row: None,
+            version: version.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_batch_keeps_the_newest_change_per_key() {
+        let mut g = Group::default();
+        g.add(0, change("a", Some("2")));
+        g.add(1, change("b", None));
+        g.add(2, change("a", Some("1")));
+        g.add(3, change("a", Some("3")));
+        assert_eq!(g.changes.len(), 2);
+        assert_eq!(g.changes[0].version.as_deref(), Some("3"));
+        assert_eq!(g.owners[0], vec![0, 3]);
+        assert_eq!(g.stale, vec![2]);
+    }
+
+    #[test]
+    fn event_times_parse() {
+        assert_eq!(event_time(&serde_json::json!(12.5)), Some(12.5));
+        assert_eq!(
+            event_time(&serde_json::json!("1970-01-01T00:00:10Z")),
+            Some(10.0)
+        );
+        assert_eq!(
+            event_time(&serde_json::json!("1970-01-01T00:00:10.5")),
+            Some(10.5)
+        );
+        assert_eq!(event_time(&serde_json::json!("soon")), None);
+    }
+}

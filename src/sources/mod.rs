@@ -1,0 +1,157 @@
+//! Event sources started by `driftd run`: a RabbitMQ queue
+//! ([`rabbitmq`]) and the admin server's webhook
+//! (`POST /v1/events/{source}`). Each source gets a [`SourceContext`]: its
+//! config, the shared [`Events`] engine it hands messages to, its status
+//! slot and the shutdown signal. Delivery is at least once: a source
+//! acknowledges a message only after [`Events::deliver`] returned, that is
+//! after its change was committed or its dead letter stored.
+
+pub mod rabbitmq;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{SourceConfig, SourceKind};
+use crate::engine::events::Events;
+
+/// What `/v1/sources` and `/readyz` say of a source.
+#[derive(Debug, Clone, Serialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub kind: &'static str,
+    /// `connected`, `connecting` or `down`.
+    pub state: &'static str,
+    pub connected: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_event_at: Option<String>,
+    /// Messages settled (applied, stale, ignored or dead-lettered).
+    pub events: u64,
+    /// Connections made since start.
+    pub connects: u64,
+}
+
+/// Every source's status, shared with the admin API.
+#[derive(Clone, Default)]
+pub struct Sources {
+    statuses: Arc<Mutex<BTreeMap<String, SourceStatus>>>,
+}
+
+impl Sources {
+    pub fn list(&self) -> Vec<SourceStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SourceStatus>> {
+        self.statuses.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn add(&self, name: &str, kind: SourceKind) -> StatusHandle {
+        let webhook = kind == SourceKind::Webhook;
+        self.lock().insert(
+            name.to_string(),
+            SourceStatus {
+                name: name.to_string(),
+                kind: kind.as_str(),
+                state: if webhook { "connected" } else { "connecting" },
+                connected: webhook,
+                last_error: None,
+                last_event_at: None,
+                events: 0,
+                connects: 0,
+            },
+        );
+        StatusHandle {
+            name: name.to_string(),
+            sources: self.clone(),
+        }
+    }
+
+    /// The handle of `name`, if it is a source.
+    pub fn handle(&self, name: &str) -> Option<StatusHandle> {
+        self.lock().contains_key(name).then(|| StatusHandle {
+            name: name.to_string(),
+            sources: self.clone(),
+        })
+    }
+}
+
+/// One source's slot in [`Sources`].
+#[derive(Clone)]
+pub struct StatusHandle {
+    name: String,
+    sources: Sources,
+}
+
+impl StatusHandle {
+    fn update(&self, f: impl FnOnce(&mut SourceStatus)) {
+        if let Some(s) = self.sources.lock().get_mut(&self.name) {
+            f(s);
+        }
+    }
+
+    pub fn connected(&self) {
+        self.update(|s| {
+            s.state = "connected";
+            s.connected = true;
+            s.connects += 1;
+        });
+    }
+
+    pub fn down(&self, error: &str) {
+        let error = error.to_string();
+        self.update(|s| {
+            s.state = "down";
+            s.connected = false;
+            s.last_error = Some(error);
+        });
+    }
+
+    pub fn settled(&self, n: usize) {
+        self.update(|s| {
+            s.events += n as u64;
+            s.last_event_at = Some(crate::store::now_rfc3339());
+        });
+    }
+}
+
+/// What a source is handed when it starts.
+pub struct SourceContext {
+    pub name: String,
+    pub config: SourceConfig,
+    pub events: Arc<Events>,
+    pub status: StatusHandle,
+    pub shutdown: CancellationToken,
+}
+
+/// Starts every configured source; the webhook ones only get a status
+/// (the admin server serves them).
+pub fn start_all(
+    events: Arc<Events>,
+    shutdown: &CancellationToken,
+) -> (Sources, Vec<JoinHandle<()>>) {
+    let sources = Sources::default();
+    let mut tasks = Vec::new();
+    for (name, cfg) in &events.settings().sources {
+        let status = sources.add(name, cfg.kind);
+        match cfg.kind {
+            SourceKind::Webhook => events.metrics().source_connected(name, true),
+            SourceKind::Rabbitmq => {
+                let ctx = SourceContext {
+                    name: name.clone(),
+                    config: cfg.clone(),
+                    events: events.clone(),
+                    status,
+                    shutdown: shutdown.child_token(),
+                };
+                tasks.push(tokio::spawn(rabbitmq::run(ctx)));
+            }
+        }
+    }
+    (sources, tasks)
+}
