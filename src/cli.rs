@@ -75,6 +75,11 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         limit: u32,
     },
+    /// Events that could not be applied: list, replay or delete them.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// See drift found and repaired: a sample upstream and a seeded SQLite file.
     Quickstart {
         /// Keep serving the sample upstream afterwards (Ctrl-C to stop).
@@ -90,6 +95,22 @@ pub enum Command {
         #[arg(long, default_value_t = 2000)]
         users: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// One JSON line per dead letter, oldest first.
+    List {
+        /// Only this source's.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Apply a dead letter again; it is deleted once it applies.
+    Replay { id: String },
+    /// Delete a dead letter.
+    Delete { id: String },
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -165,6 +186,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             emit(&out)?;
             Ok(report::exit::OK)
         }
+        Command::DeadLetters { action } => dead_letters(&cli.config, action).await,
         Command::Quickstart { serve } => crate::quickstart::run(serve).await,
         Command::SampleUpstream {
             listen,
@@ -187,6 +209,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(report::exit::OK)
         }
     }
+}
+
+async fn dead_letters(path: &std::path::Path, action: DeadLetterAction) -> anyhow::Result<i32> {
+    let settings = Arc::new(load_settings(path)?);
+    let store = Arc::new(open_store(&settings).await?);
+    let mut out = String::new();
+    match action {
+        DeadLetterAction::List { source, limit } => {
+            if let Some(s) = &source {
+                if !settings.sources.contains_key(s) {
+                    anyhow::bail!("unknown source `{s}` in {}", path.display());
+                }
+            }
+            if !(1..=100_000).contains(&limit) {
+                anyhow::bail!("--limit must be between 1 and 100000");
+            }
+            for letter in store.list_dead_letters(source.as_deref(), limit).await? {
+                writeln!(out, "{}", serde_json::to_string(&letter)?)?;
+            }
+        }
+        DeadLetterAction::Replay { id } => {
+            let events = crate::engine::events::Events::new(
+                settings.clone(),
+                store,
+                Arc::new(Metrics::new()),
+            )?;
+            let verdict = events.replay(&id).await?;
+            writeln!(out, "{}", serde_json::to_string(&verdict)?)?;
+            if verdict.outcome == "dead_lettered" {
+                emit(&out)?;
+                return Ok(report::exit::ERROR);
+            }
+        }
+        DeadLetterAction::Delete { id } => {
+            if !store.delete_dead_letter(&id).await? {
+                anyhow::bail!("no dead letter `{id}`");
+            }
+            writeln!(out, "deleted {id}")?;
+        }
+    }
+    emit(&out)?;
+    Ok(report::exit::OK)
 }
 
 async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
@@ -253,6 +317,32 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
             p.max_update_fraction * 100.0,
             p.max_update_count
         )?;
+        if let Some(parent) = &r.parent {
+            writeln!(
+                out,
+                "  parent    {}.{} -> {} (purged with it)",
+                r.local.table, parent.column, parent.resource
+            )?;
+        }
+    }
+    for (name, src) in &settings.sources {
+        writeln!(out, "source {name} ({})", src.kind.as_str())?;
+        if let Some(r) = &src.rabbitmq {
+            writeln!(
+                out,
+                "  queue     {} (durable) on {} exchange {}, prefetch {}",
+                r.queue, r.exchange_type, r.exchange, r.prefetch
+            )?;
+        }
+        for (event, m) in &src.events {
+            writeln!(
+                out,
+                "  event     {event} -> {} {} (key {})",
+                m.op.as_str(),
+                m.resource,
+                m.key
+            )?;
+        }
     }
     let code = check_tables(&settings, &mut out).await?;
     emit(&out)?;

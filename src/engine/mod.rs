@@ -30,6 +30,9 @@ pub async fn cascade<S: Store>(
             tracing::info!(parent, child = %child.resource, "children of purged parents kept: the child resource does not purge (policy.purge_extra = false)");
             continue;
         }
+        // Also checks the child table can be mirrored, and lets the store
+        // learn its column types.
+        store.prepare(&child.spec).await?;
         let count = store
             .count_children(&child.spec, &child.column, purged)
             .await?;

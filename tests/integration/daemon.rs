@@ -15,7 +15,7 @@ use serde_json::{json, Value as Json};
 
 use crate::common::*;
 
-const TOKEN: &str = "test-admin-token";
+pub const TOKEN: &str = "test-admin-token";
 
 /// The admin and daemon tables for a test, schedules in `dir`.
 fn tail(dir: &std::path::Path, listen: &str) -> String {
@@ -55,7 +55,7 @@ async fn setup(backend: Backend, rows: u64, page_size: u32) -> Setup {
 }
 
 /// Calls the admin API; returns the status and the JSON body.
-async fn api(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Json) {
+pub async fn api(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, Json) {
     let http = reqwest::Client::new();
     let mut req = http.request(method.parse().unwrap(), url);
     if let Some(t) = token {

@@ -413,7 +413,12 @@ async fn the_journal_fences_every_pass_write(backend: Backend) {
         .unwrap();
     let key = driftd::model::Key(all[0]["uuid"].as_str().unwrap().into());
     let w = pass_store
-        .write_pass(&spec, "users", mark, PassWrite::Purge(std::slice::from_ref(&key)))
+        .write_pass(
+            &spec,
+            "users",
+            mark,
+            PassWrite::Purge(std::slice::from_ref(&key)),
+        )
         .await
         .unwrap();
     assert_eq!((w.done, w.yielded.len()), (0, 1));
@@ -422,7 +427,12 @@ async fn the_journal_fences_every_pass_write(backend: Backend) {
     let later = pass_store.journal_mark("users").await.unwrap();
     assert!(later > mark);
     let w = pass_store
-        .write_pass(&spec, "users", later, PassWrite::Purge(std::slice::from_ref(&key)))
+        .write_pass(
+            &spec,
+            "users",
+            later,
+            PassWrite::Purge(std::slice::from_ref(&key)),
+        )
         .await
         .unwrap();
     assert_eq!((w.done, w.yielded.len()), (1, 0));
