@@ -189,6 +189,7 @@ impl Metrics {
     pub fn register_source(&self, source: &str, resources: &[&str]) {
         self.source_connected.with_label_values(&[source]).set(0);
         self.dead_letters.with_label_values(&[source]);
+        self.event_lag.with_label_values(&[source]);
         for r in resources {
             for outcome in ["applied", "stale", "dead_lettered"] {
                 self.events.with_label_values(&[source, r, outcome]);

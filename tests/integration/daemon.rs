@@ -705,13 +705,28 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ConfigBuilder {
         policy: "max_purge_count = 0".into(),
-        tail: tail(dir.path(), "127.0.0.1:0"),
+        tail: format!("{}{}", tail(dir.path(), "127.0.0.1:0"), crate::events::BUS),
         ..ConfigBuilder::default()
     };
     let d = Daemon::start(Arc::new(cfg.settings(&db, addr)))
         .await
         .unwrap();
     let base = format!("http://{}", d.addr);
+    // Events: one applied (with its own time, for the lag), one poison.
+    let events = format!("{base}/v1/events/bus");
+    let mut edited = users(1)[0].clone();
+    edited["firstname"] = json!("Evented");
+    for (body, want) in [
+        (
+            json!({"name": "user_created", "timestamp": "2026-01-01T00:00:00Z", "data": edited}),
+            "applied",
+        ),
+        (json!({"name": "user_deleted", "data": {}}), "dead_lettered"),
+    ] {
+        let (status, out) = api("POST", &events, Some(TOKEN), Some(&body.to_string())).await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(out["event"]["outcome"], want, "{out}");
+    }
     let url = format!("{base}/v1/resources/users/reconcile");
     // a guard trip, then a forced repair, then a pass in sync
     for (body, want) in [

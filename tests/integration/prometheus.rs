@@ -25,11 +25,20 @@ const WAIT: Duration = Duration::from_secs(30);
 /// Samples of `driftd_build_info` to wait for before querying, so every
 /// `rate()` over `1m` has at least two points.
 const MIN_SAMPLES: u32 = 3;
+/// Metrics labelled by event source rather than resource.
+const SOURCE_METRICS: &[&str] = &[
+    "driftd_events_total",
+    "driftd_event_lag_seconds",
+    "driftd_dead_letters",
+    "driftd_source_connected",
+];
 /// Grafana's variables, as Prometheus sees them in the check. Longer names
 /// first, so `$__interval` does not eat the start of `$__interval_ms`.
 const SUBSTITUTIONS: &[(&str, &str)] = &[
     ("${resource}", ".*"),
     ("$resource", ".*"),
+    ("${source}", ".*"),
+    ("$source", ".*"),
     ("${__rate_interval}", "1m"),
     ("$__rate_interval", "1m"),
     ("${__interval_ms}", "15000"),
@@ -322,10 +331,18 @@ fn check_static(dashboard: &Json, queries: &[PanelQuery]) {
             let filtered = rest
                 .strip_prefix('{')
                 .and_then(|r| r.split_once('}'))
-                .is_some_and(|(matchers, _)| matchers.contains(r#"resource=~"$resource""#));
+                .is_some_and(|(matchers, _)| {
+                    // Event metrics are per source; the others per resource.
+                    let wanted = if SOURCE_METRICS.iter().any(|m| name.starts_with(m)) {
+                        r#"source=~"$source""#
+                    } else {
+                        r#"resource=~"$resource""#
+                    };
+                    matchers.contains(wanted)
+                });
             if !filtered {
                 problems.push(format!(
-                    "panel {:?}: {name} is not filtered with resource=~\"$resource\"\n    expr: {}",
+                    "panel {:?}: {name} is not filtered with resource=~\"$resource\" (source=~\"$source\" for event metrics)\n    expr: {}",
                     q.title, q.expr
                 ));
             }
