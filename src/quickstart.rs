@@ -145,6 +145,7 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
         println!("  {line}");
     }
     println!();
+    code = code.max(live(&up, &daemon).await?);
     let driftd = driftd_command(&cwd);
     if serve {
         println!(
@@ -169,6 +170,55 @@ pub async fn run(serve: bool) -> anyhow::Result<i32> {
     Ok(code)
 }
 
+/// Step 5: the sample upstream changes and publishes events to the webhook
+/// source; driftd applies them at once, and a pass then finds nothing to do.
+async fn live(up: &SampleUpstream, daemon: &Daemon) -> anyhow::Result<i32> {
+    let url = format!("http://{}/v1/events/sample_bus", daemon.addr);
+    println!("== 5. live: the sample upstream publishes events to {url}");
+    let created = user(USERS, TENANTS);
+    up.upsert("users", "uuid", created.clone());
+    let gone = user(1, TENANTS);
+    let gone_uuid = gone["uuid"].as_str().unwrap_or_default().to_string();
+    up.remove("users", &gone_uuid);
+    // As wazo-confd: ids only; driftd refetches the user.
+    let events = [
+        (
+            "user_created",
+            serde_json::json!({"id": USERS, "uuid": created["uuid"], "tenant_uuid": created["tenant_uuid"]}),
+        ),
+        (
+            "user_deleted",
+            serde_json::json!({"id": 1, "uuid": gone_uuid}),
+        ),
+    ];
+    for (name, data) in events {
+        let key = data["uuid"].as_str().unwrap_or_default().to_string();
+        let started = std::time::Instant::now();
+        let answer = crate::sample::publish(&url, None, name, data).await?;
+        println!(
+            "  {name} {key}: {} in {} ms",
+            answer["event"]["outcome"].as_str().unwrap_or("?"),
+            started.elapsed().as_millis()
+        );
+    }
+    let req = JobRequest {
+        resource: "users".into(),
+        trigger: Trigger::Cli,
+        mode: Mode::Full,
+        dry_run: true,
+        force: false,
+    };
+    let (_, report) = daemon.runner.run(req, &()).await?;
+    let Some(r) = report else {
+        return Ok(report::exit::ERROR);
+    };
+    println!(
+        "  then a dry run of users: {} (the events already did the work)\n",
+        r.outcome.as_str()
+    );
+    Ok(report::exit_code(&r))
+}
+
 /// The commands to try against a serving quickstart, with the addresses and
 /// the config file this run really uses.
 pub fn follow_ups(driftd: &str, admin: SocketAddr, config: &Path) -> Vec<String> {
@@ -177,6 +227,11 @@ pub fn follow_ups(driftd: &str, admin: SocketAddr, config: &Path) -> Vec<String>
         format!("curl -X POST http://{admin}/v1/resources/users/reconcile"),
         format!("curl http://{admin}/v1/jobs"),
         format!("curl http://{admin}/metrics"),
+        format!(
+            "curl -X POST http://{admin}/v1/events/sample_bus -d '{{\"name\": \"user_deleted\", \"data\": {{\"uuid\": \"{}\"}}}}'",
+            sample_uuid(0x05, 2)
+        ),
+        format!("curl http://{admin}/v1/dead-letters"),
         format!("{driftd} reconcile users --dry-run --config {config}"),
         format!("{driftd} reconcile users --remote http://{admin}"),
     ]

@@ -179,6 +179,18 @@ impl SampleUpstream {
             .insert(collection.to_string(), items);
     }
 
+    /// Adds or replaces one item, in key order (`key`: the field holding
+    /// each item's key).
+    pub fn upsert(&self, collection: &str, key: &str, item: Json) {
+        let mut all = self.collections.write().unwrap_or_else(|p| p.into_inner());
+        let items = all.entry(collection.to_string()).or_default();
+        Churn {
+            items,
+            key_field: key,
+        }
+        .put(item);
+    }
+
     /// Removes one item by key.
     pub fn remove(&self, collection: &str, key: &str) {
         let mut all = self.collections.write().unwrap_or_else(|p| p.into_inner());
@@ -535,4 +547,35 @@ pub fn populate(up: &SampleUpstream, tenants: u64, users: u64) {
         "uuid",
         (0..users).map(|i| user(i, tenants)).collect(),
     );
+}
+
+/// Publishes an event the way the sample "bus" does: wazo-bus's body (the
+/// name, an origin, a time, and `data`) posted to a driftd webhook source,
+/// e.g. `http://127.0.0.1:9750/v1/events/sample_bus`. Returns driftd's
+/// answer.
+pub async fn publish(
+    url: &str,
+    token: Option<&str>,
+    name: &str,
+    data: Json,
+) -> anyhow::Result<Json> {
+    let body = json!({
+        "name": name,
+        "origin_uuid": sample_uuid(0x0b, 1),
+        "timestamp": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        "data": data,
+    });
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    let answer: Json = serde_json::from_slice(&bytes).unwrap_or(Json::Null);
+    anyhow::ensure!(status.is_success(), "{url} answered {status}: {answer}");
+    Ok(answer)
 }

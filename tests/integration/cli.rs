@@ -161,7 +161,13 @@ fn shipped_examples_validate() {
         ("examples/quickstart/driftd.toml", vec![]),
         (
             "examples/wazo-postgres/driftd.toml",
-            vec![("WAZO_AUTH_TOKEN", "example-token")],
+            vec![
+                ("WAZO_AUTH_TOKEN", "example-token"),
+                (
+                    "WAZO_BUS_URL",
+                    "amqp://driftd:bus-secret@127.0.0.1:5672/%2f",
+                ),
+            ],
         ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
@@ -171,7 +177,8 @@ fn shipped_examples_validate() {
             .output()
             .expect("run driftd");
         assert_eq!(out.status.code(), Some(0), "{path}: {}", stderr(&out));
-        assert!(!String::from_utf8_lossy(&out.stdout).contains("example-token"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!stdout.contains("example-token") && !stdout.contains("bus-secret"));
     }
     // the quickstart config runs the repository's schedules/
     let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
@@ -437,7 +444,7 @@ async fn quickstart_follow_ups_work_when_its_ports_are_taken() {
     let mut seen = Vec::new();
     let mut follow_ups = Vec::new();
     let mut in_block = false;
-    while follow_ups.len() < 5 {
+    while follow_ups.len() < 7 {
         let line = rx
             .recv_timeout(Duration::from_secs(120))
             .unwrap_or_else(|_| {
@@ -512,12 +519,17 @@ async fn quickstart_follow_ups_work_when_its_ports_are_taken() {
                     "{command}\n{text}\n{}",
                     stderr(&out)
                 );
-                assert!(text.contains("resource users"), "{command}\n{text}");
+                if command.starts_with("curl") {
+                    // the event sent to the webhook source
+                    assert!(text.contains(r#""outcome":"applied""#), "{command}\n{text}");
+                } else {
+                    assert!(text.contains("resource users"), "{command}\n{text}");
+                }
             }
         }
         ran += 1;
     }
-    assert_eq!(ran, 5, "{printed}");
+    assert_eq!(ran, 7, "{printed}");
     assert!(
         follow_ups
             .iter()
