@@ -17,6 +17,7 @@ mod postgres;
 pub mod shape;
 mod sqlite;
 mod sqlite_schema;
+mod write;
 
 use std::borrow::Cow;
 use std::future::Future;

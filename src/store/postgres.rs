@@ -13,6 +13,7 @@ use sqlx::{PgConnection, PgPool, Row as _};
 
 use super::pg_schema::{self, PgColumn};
 use super::shape::{self, Shape};
+use super::write::{self, WriteTx};
 use super::{
     check_columns, index_row, jobs, lock_key, query_err, Change, ChangeResult, DeadLetter,
     DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError, Written,
@@ -296,47 +297,124 @@ impl PgStore {
     }
 }
 
-/// Locks the resource's write fence; with `next`, takes a new mark.
-async fn fence(tx: &mut PgConnection, resource: &str, next: bool) -> Result<i64, StoreError> {
-    let sql = if next {
-        jobs::FENCE_NEXT
-    } else {
-        jobs::FENCE_LOCK
-    };
-    sqlx::query_scalar(sql)
-        .bind(resource)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(query_err("lock the write fence"))
+/// A PostgreSQL write transaction, with the store for the column types.
+struct PgWrite<'c> {
+    store: &'c PgStore,
+    tx: sqlx::Transaction<'c, sqlx::Postgres>,
 }
 
-/// Records that `entries` (key, version) were written at mark `seq`.
-async fn journal(
-    tx: &mut PgConnection,
-    resource: &str,
-    seq: i64,
-    entries: &[(&str, Option<&str>)],
-) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
+impl PgStore {
+    async fn write_tx(&self) -> Result<PgWrite<'_>, StoreError> {
+        Ok(PgWrite {
+            store: self,
+            tx: self.pool.begin().await.map_err(query_err("begin write"))?,
+        })
     }
-    let keys: Vec<&str> = entries.iter().map(|e| e.0).collect();
-    let versions: Vec<Option<&str>> = entries.iter().map(|e| e.1).collect();
-    sqlx::query(
-        "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
-         SELECT $1, u.k, $2, u.v, $3 FROM UNNEST($4::text[], $5::text[]) AS u(k, v) \
-         ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
-         version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
-    )
-    .bind(resource)
-    .bind(seq)
-    .bind(super::now_rfc3339())
-    .bind(keys)
-    .bind(versions)
-    .execute(&mut *tx)
-    .await
-    .map_err(query_err("write the key journal"))?;
-    Ok(())
+}
+
+impl WriteTx for PgWrite<'_> {
+    async fn fence(&mut self, resource: &str, next: bool) -> Result<i64, StoreError> {
+        let sql = if next {
+            jobs::FENCE_NEXT
+        } else {
+            jobs::FENCE_LOCK
+        };
+        sqlx::query_scalar(sql)
+            .bind(resource)
+            .fetch_one(&mut *self.tx)
+            .await
+            .map_err(query_err("lock the write fence"))
+    }
+
+    async fn journaled_since(
+        &mut self,
+        resource: &str,
+        since: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(jobs::JOURNALED_SINCE)
+            .bind(resource)
+            .bind(since)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(query_err("read the key journal"))
+    }
+
+    async fn versions(
+        &mut self,
+        resource: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT key, version FROM driftd_key_journal WHERE resource = $1 AND version IS NOT NULL \
+             AND key = ANY($2::text[])",
+        )
+        .bind(resource)
+        .bind(keys)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(query_err("read journaled versions"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn journal(
+        &mut self,
+        resource: &str,
+        seq: i64,
+        entries: &[(&str, Option<&str>)],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<&str> = entries.iter().map(|e| e.0).collect();
+        let versions: Vec<Option<&str>> = entries.iter().map(|e| e.1).collect();
+        sqlx::query(
+            "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
+             SELECT $1, u.k, $2, u.v, $3 FROM UNNEST($4::text[], $5::text[]) AS u(k, v) \
+             ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
+             version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
+        )
+        .bind(resource)
+        .bind(seq)
+        .bind(super::now_rfc3339())
+        .bind(keys)
+        .bind(versions)
+        .execute(&mut *self.tx)
+        .await
+        .map_err(query_err("write the key journal"))?;
+        Ok(())
+    }
+
+    async fn insert_rows(&mut self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        self.store.insert_rows(&mut self.tx, spec, rows).await
+    }
+
+    async fn update_rows(&mut self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        self.store.update_rows(&mut self.tx, spec, rows).await
+    }
+
+    async fn purge_keys(&mut self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
+        self.store.purge_keys(&mut self.tx, spec, keys).await
+    }
+
+    async fn children(
+        &mut self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<Vec<Key>, StoreError> {
+        let sql = children_query(spec, column, "CAST({k} AS text)");
+        let parents: Vec<&str> = parents.iter().map(Key::as_str).collect();
+        let keys: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(parents)
+            .fetch_all(&mut *self.tx)
+            .await
+            .map_err(query_err(format!("find children in {}", spec.table)))?;
+        Ok(keys.into_iter().map(|k| Key(k.into())).collect())
+    }
+
+    async fn commit(self, what: &str) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(query_err(what))
+    }
 }
 
 /// `SELECT what FROM child WHERE column::text = ANY($1) [AND live]`; `{k}`
@@ -456,32 +534,7 @@ impl Mirror for PgStore {
         since: i64,
         write: PassWrite<'_>,
     ) -> Result<Written, StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_err("begin pass write"))?;
-        fence(&mut tx, resource, false).await?;
-        let touched: Vec<String> = sqlx::query_scalar(jobs::JOURNALED_SINCE)
-            .bind(resource)
-            .bind(since)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err("read the key journal"))?;
-        let (write, yielded) = super::unfenced(write, &touched);
-        let done = match &write {
-            super::Owned::Insert(rows) => {
-                let mut done = 0;
-                if spec.soft_delete.is_some() {
-                    done += self.update_rows(&mut tx, spec, rows).await?;
-                }
-                done + self.insert_rows(&mut tx, spec, rows).await?
-            }
-            super::Owned::Update(rows) => self.update_rows(&mut tx, spec, rows).await?,
-            super::Owned::Purge(keys) => self.purge_keys(&mut tx, spec, keys).await?,
-        };
-        tx.commit().await.map_err(query_err("commit pass write"))?;
-        Ok(Written { done, yielded })
+        write::pass(self.write_tx().await?, spec, resource, since, write).await
     }
 
     async fn apply_changes(
@@ -490,36 +543,7 @@ impl Mirror for PgStore {
         resource: &str,
         changes: &[Change],
     ) -> Result<Vec<ChangeResult>, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(query_err("begin events"))?;
-        let seq = fence(&mut tx, resource, true).await?;
-        let versioned: Vec<&str> = changes
-            .iter()
-            .filter(|c| c.version.is_some())
-            .map(|c| c.key.as_str())
-            .collect();
-        let stored: std::collections::HashMap<String, String> = if versioned.is_empty() {
-            Default::default()
-        } else {
-            sqlx::query_as(
-                "SELECT key, version FROM driftd_key_journal WHERE resource = $1 AND version IS NOT NULL \
-                 AND key = ANY($2::text[])",
-            )
-            .bind(resource)
-            .bind(versioned)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err("read journaled versions"))?
-            .into_iter()
-            .collect()
-        };
-        let results = super::judge_versions(changes, &stored);
-        let batch = super::ChangeBatch::new(changes, &results);
-        self.update_rows(&mut tx, spec, &batch.upserts).await?;
-        self.insert_rows(&mut tx, spec, &batch.upserts).await?;
-        self.purge_keys(&mut tx, spec, &batch.deletes).await?;
-        journal(&mut tx, resource, seq, &batch.journal).await?;
-        tx.commit().await.map_err(query_err("commit events"))?;
-        Ok(results)
+        write::changes(self.write_tx().await?, spec, resource, changes).await
     }
 
     async fn purge_children(
@@ -529,25 +553,7 @@ impl Mirror for PgStore {
         column: &Ident,
         parents: &[Key],
     ) -> Result<Vec<Key>, StoreError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(query_err("begin cascade"))?;
-        let seq = fence(&mut tx, resource, true).await?;
-        let sql = children_query(spec, column, "CAST({k} AS text)");
-        let parents: Vec<&str> = parents.iter().map(Key::as_str).collect();
-        let keys: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(parents)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err(format!("find children in {}", spec.table)))?;
-        let keys: Vec<Key> = keys.into_iter().map(|k| Key(k.into())).collect();
-        self.purge_keys(&mut tx, spec, &keys).await?;
-        let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
-        journal(&mut tx, resource, seq, &entries).await?;
-        tx.commit().await.map_err(query_err("commit cascade"))?;
-        Ok(keys)
+        write::children(self.write_tx().await?, spec, resource, column, parents).await
     }
 
     async fn count_children(

@@ -2,6 +2,7 @@
 //! `BEGIN IMMEDIATE` transactions (one writer at a time, no upgrade
 //! deadlocks), multi-row `VALUES` statements.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use sqlx::{Row as _, SqliteConnection, SqlitePool};
 
 use super::shape::{self, Kind, Shape};
 use super::sqlite_schema::{affinity, column_collation};
+use super::write::{self, WriteTx};
 use super::{
     check_columns, index_row, jobs, query_err, rows_per_statement, Change, ChangeResult,
     DeadLetter, DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError,
@@ -610,28 +612,14 @@ impl Mirror for SqliteStore {
         since: i64,
         write: PassWrite<'_>,
     ) -> Result<Written, StoreError> {
-        let mut tx = self.begin().await?;
-        fence(&mut tx, resource, false).await?;
-        let touched: Vec<String> = sqlx::query_scalar(&jobs::JOURNALED_SINCE.replace('$', "?"))
-            .bind(resource)
-            .bind(since)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err("read the key journal"))?;
-        let (write, yielded) = super::unfenced(write, &touched);
-        let done = match &write {
-            super::Owned::Insert(rows) => {
-                let mut done = 0;
-                if spec.soft_delete.is_some() {
-                    done += update_rows(&mut tx, spec, rows).await?;
-                }
-                done + insert_rows(&mut tx, spec, rows).await?
-            }
-            super::Owned::Update(rows) => update_rows(&mut tx, spec, rows).await?,
-            super::Owned::Purge(keys) => purge_keys(&mut tx, spec, keys).await?,
-        };
-        tx.commit().await.map_err(query_err("commit pass write"))?;
-        Ok(Written { done, yielded })
+        write::pass(
+            SqliteWrite(self.begin().await?),
+            spec,
+            resource,
+            since,
+            write,
+        )
+        .await
     }
 
     async fn apply_changes(
@@ -640,36 +628,7 @@ impl Mirror for SqliteStore {
         resource: &str,
         changes: &[Change],
     ) -> Result<Vec<ChangeResult>, StoreError> {
-        let mut tx = self.begin().await?;
-        let seq = fence(&mut tx, resource, true).await?;
-        let versioned: Vec<&str> = changes
-            .iter()
-            .filter(|c| c.version.is_some())
-            .map(|c| c.key.as_str())
-            .collect();
-        let stored: std::collections::HashMap<String, String> = if versioned.is_empty() {
-            Default::default()
-        } else {
-            sqlx::query_as(
-                "SELECT key, version FROM driftd_key_journal WHERE resource = ?1 AND version IS NOT NULL \
-                 AND key IN (SELECT value FROM json_each(?2))",
-            )
-            .bind(resource)
-            .bind(json_list(versioned.iter().copied()))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err("read journaled versions"))?
-            .into_iter()
-            .collect()
-        };
-        let results = super::judge_versions(changes, &stored);
-        let batch = super::ChangeBatch::new(changes, &results);
-        update_rows(&mut tx, spec, &batch.upserts).await?;
-        insert_rows(&mut tx, spec, &batch.upserts).await?;
-        purge_keys(&mut tx, spec, &batch.deletes).await?;
-        journal(&mut tx, resource, seq, &batch.journal).await?;
-        tx.commit().await.map_err(query_err("commit events"))?;
-        Ok(results)
+        write::changes(SqliteWrite(self.begin().await?), spec, resource, changes).await
     }
 
     async fn purge_children(
@@ -679,20 +638,8 @@ impl Mirror for SqliteStore {
         column: &Ident,
         parents: &[Key],
     ) -> Result<Vec<Key>, StoreError> {
-        let mut tx = self.begin().await?;
-        let seq = fence(&mut tx, resource, true).await?;
-        let sql = children_query(spec, column, "CAST({k} AS TEXT)");
-        let keys: Vec<String> = sqlx::query_scalar(&sql)
-            .bind(json_list(parents.iter().map(Key::as_str)))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(query_err(format!("find children in {}", spec.table)))?;
-        let keys: Vec<Key> = keys.into_iter().map(|k| Key(k.into())).collect();
-        purge_keys(&mut tx, spec, &keys).await?;
-        let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
-        journal(&mut tx, resource, seq, &entries).await?;
-        tx.commit().await.map_err(query_err("commit cascade"))?;
-        Ok(keys)
+        let tx = SqliteWrite(self.begin().await?);
+        write::children(tx, spec, resource, column, parents).await
     }
 
     async fn count_children(
@@ -737,51 +684,115 @@ fn children_query(spec: &TableSpec, column: &Ident, what: &str) -> String {
     sql
 }
 
-/// Locks the resource's write fence; with `next`, takes a new mark.
-async fn fence(tx: &mut SqliteConnection, resource: &str, next: bool) -> Result<i64, StoreError> {
-    let sql = if next {
-        jobs::FENCE_NEXT
-    } else {
-        jobs::FENCE_LOCK
-    };
-    sqlx::query_scalar(&sql.replace('$', "?"))
-        .bind(resource)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(query_err("lock the write fence"))
-}
+/// A SQLite write transaction (`BEGIN IMMEDIATE`).
+struct SqliteWrite<'c>(sqlx::Transaction<'c, sqlx::Sqlite>);
 
-/// Records that `entries` (key, version) were written at mark `seq`.
-async fn journal(
-    tx: &mut SqliteConnection,
-    resource: &str,
-    seq: i64,
-    entries: &[(&str, Option<&str>)],
-) -> Result<(), StoreError> {
-    if entries.is_empty() {
-        return Ok(());
+impl WriteTx for SqliteWrite<'_> {
+    async fn fence(&mut self, resource: &str, next: bool) -> Result<i64, StoreError> {
+        let sql = if next {
+            jobs::FENCE_NEXT
+        } else {
+            jobs::FENCE_LOCK
+        };
+        sqlx::query_scalar(&sql.replace('$', "?"))
+            .bind(resource)
+            .fetch_one(&mut *self.0)
+            .await
+            .map_err(query_err("lock the write fence"))
     }
-    let list = serde_json::Value::Array(
-        entries
-            .iter()
-            .map(|(k, v)| serde_json::json!([k, v]))
-            .collect(),
-    )
-    .to_string();
-    sqlx::query(
-        "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
-         SELECT ?1, json_extract(value, '$[0]'), ?2, json_extract(value, '$[1]'), ?3 FROM json_each(?4) WHERE true \
-         ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
-         version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
-    )
-    .bind(resource)
-    .bind(seq)
-    .bind(super::now_rfc3339())
-    .bind(list)
-    .execute(&mut *tx)
-    .await
-    .map_err(query_err("write the key journal"))?;
-    Ok(())
+
+    async fn journaled_since(
+        &mut self,
+        resource: &str,
+        since: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(&jobs::JOURNALED_SINCE.replace('$', "?"))
+            .bind(resource)
+            .bind(since)
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(query_err("read the key journal"))
+    }
+
+    async fn versions(
+        &mut self,
+        resource: &str,
+        keys: &[&str],
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT key, version FROM driftd_key_journal WHERE resource = ?1 AND version IS NOT NULL \
+             AND key IN (SELECT value FROM json_each(?2))",
+        )
+        .bind(resource)
+        .bind(json_list(keys.iter().copied()))
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(query_err("read journaled versions"))?;
+        Ok(rows.into_iter().collect())
+    }
+
+    async fn journal(
+        &mut self,
+        resource: &str,
+        seq: i64,
+        entries: &[(&str, Option<&str>)],
+    ) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let list = serde_json::Value::Array(
+            entries
+                .iter()
+                .map(|(k, v)| serde_json::json!([k, v]))
+                .collect(),
+        )
+        .to_string();
+        sqlx::query(
+            "INSERT INTO driftd_key_journal (resource, key, seq, version, touched_at) \
+             SELECT ?1, json_extract(value, '$[0]'), ?2, json_extract(value, '$[1]'), ?3 FROM json_each(?4) WHERE true \
+             ON CONFLICT (resource, key) DO UPDATE SET seq = excluded.seq, \
+             version = COALESCE(excluded.version, driftd_key_journal.version), touched_at = excluded.touched_at",
+        )
+        .bind(resource)
+        .bind(seq)
+        .bind(super::now_rfc3339())
+        .bind(list)
+        .execute(&mut *self.0)
+        .await
+        .map_err(query_err("write the key journal"))?;
+        Ok(())
+    }
+
+    async fn insert_rows(&mut self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        insert_rows(&mut self.0, spec, rows).await
+    }
+
+    async fn update_rows(&mut self, spec: &TableSpec, rows: &[Row]) -> Result<u64, StoreError> {
+        update_rows(&mut self.0, spec, rows).await
+    }
+
+    async fn purge_keys(&mut self, spec: &TableSpec, keys: &[Key]) -> Result<u64, StoreError> {
+        purge_keys(&mut self.0, spec, keys).await
+    }
+
+    async fn children(
+        &mut self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> Result<Vec<Key>, StoreError> {
+        let sql = children_query(spec, column, "CAST({k} AS TEXT)");
+        let keys: Vec<String> = sqlx::query_scalar(&sql)
+            .bind(json_list(parents.iter().map(Key::as_str)))
+            .fetch_all(&mut *self.0)
+            .await
+            .map_err(query_err(format!("find children in {}", spec.table)))?;
+        Ok(keys.into_iter().map(|k| Key(k.into())).collect())
+    }
+
+    async fn commit(self, what: &str) -> Result<(), StoreError> {
+        self.0.commit().await.map_err(query_err(what))
+    }
 }
 
 impl Ledger for SqliteStore {

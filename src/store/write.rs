@@ -1,0 +1,139 @@
+//! The fenced writes both backends share: what a pass batch, an event
+//! batch and a cascade do inside one transaction, over the few statements
+//! each backend words its own way ([`WriteTx`]).
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use super::{
+    judge_versions, unfenced, Change, ChangeBatch, ChangeResult, Owned, PassWrite, StoreError,
+    Written,
+};
+use crate::config::{Ident, TableSpec};
+use crate::model::{Key, Row};
+
+/// A backend's open write transaction.
+pub(crate) trait WriteTx: Send {
+    /// Locks the resource's write fence; with `next`, takes a new mark.
+    fn fence(
+        &mut self,
+        resource: &str,
+        next: bool,
+    ) -> impl Future<Output = Result<i64, StoreError>> + Send;
+    /// Keys journaled after mark `since`.
+    fn journaled_since(
+        &mut self,
+        resource: &str,
+        since: i64,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+    /// The journaled versions of `keys` (those that have one).
+    fn versions(
+        &mut self,
+        resource: &str,
+        keys: &[&str],
+    ) -> impl Future<Output = Result<HashMap<String, String>, StoreError>> + Send;
+    /// Records that `entries` (key, version) were written at mark `seq`.
+    fn journal(
+        &mut self,
+        resource: &str,
+        seq: i64,
+        entries: &[(&str, Option<&str>)],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    fn insert_rows(
+        &mut self,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn update_rows(
+        &mut self,
+        spec: &TableSpec,
+        rows: &[Row],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn purge_keys(
+        &mut self,
+        spec: &TableSpec,
+        keys: &[Key],
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// The live rows whose `column` holds one of `parents`.
+    fn children(
+        &mut self,
+        spec: &TableSpec,
+        column: &Ident,
+        parents: &[Key],
+    ) -> impl Future<Output = Result<Vec<Key>, StoreError>> + Send;
+    fn commit(self, what: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// [`super::Mirror::write_pass`] in `tx`.
+pub(crate) async fn pass<T: WriteTx>(
+    mut tx: T,
+    spec: &TableSpec,
+    resource: &str,
+    since: i64,
+    write: PassWrite<'_>,
+) -> Result<Written, StoreError> {
+    tx.fence(resource, false).await?;
+    let touched = tx.journaled_since(resource, since).await?;
+    let (write, yielded) = unfenced(write, &touched);
+    let done = match &write {
+        Owned::Insert(rows) => {
+            // A soft-deleted row with the key is revived, not duplicated.
+            let revived = if spec.soft_delete.is_some() {
+                tx.update_rows(spec, rows).await?
+            } else {
+                0
+            };
+            revived + tx.insert_rows(spec, rows).await?
+        }
+        Owned::Update(rows) => tx.update_rows(spec, rows).await?,
+        Owned::Purge(keys) => tx.purge_keys(spec, keys).await?,
+    };
+    tx.commit("commit pass write").await?;
+    Ok(Written { done, yielded })
+}
+
+/// [`super::Mirror::apply_changes`] in `tx`.
+pub(crate) async fn changes<T: WriteTx>(
+    mut tx: T,
+    spec: &TableSpec,
+    resource: &str,
+    changes: &[Change],
+) -> Result<Vec<ChangeResult>, StoreError> {
+    let seq = tx.fence(resource, true).await?;
+    let versioned: Vec<&str> = changes
+        .iter()
+        .filter(|c| c.version.is_some())
+        .map(|c| c.key.as_str())
+        .collect();
+    let stored = if versioned.is_empty() {
+        HashMap::new()
+    } else {
+        tx.versions(resource, &versioned).await?
+    };
+    let results = judge_versions(changes, &stored);
+    let batch = ChangeBatch::new(changes, &results);
+    // Upserts revive soft-deleted rows, update live ones, insert the rest.
+    tx.update_rows(spec, &batch.upserts).await?;
+    tx.insert_rows(spec, &batch.upserts).await?;
+    tx.purge_keys(spec, &batch.deletes).await?;
+    tx.journal(resource, seq, &batch.journal).await?;
+    tx.commit("commit events").await?;
+    Ok(results)
+}
+
+/// [`super::Mirror::purge_children`] in `tx`.
+pub(crate) async fn children<T: WriteTx>(
+    mut tx: T,
+    spec: &TableSpec,
+    resource: &str,
+    column: &Ident,
+    parents: &[Key],
+) -> Result<Vec<Key>, StoreError> {
+    let seq = tx.fence(resource, true).await?;
+    let keys = tx.children(spec, column, parents).await?;
+    tx.purge_keys(spec, &keys).await?;
+    let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
+    tx.journal(resource, seq, &entries).await?;
+    tx.commit("commit cascade").await?;
+    Ok(keys)
+}
