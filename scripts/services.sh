@@ -69,6 +69,66 @@ ensure_prometheus() {
   echo "Prometheus $("$prom" --version 2>&1 | awk 'NR == 1 {print $3}') at $prom"
 }
 
+# RabbitMQ for the event-source tests: a private node (its own name, ports,
+# data, logs and Erlang cookie under $DRIFTD_TEST_ROOT/rabbitmq), AMQP on
+# 127.0.0.1:$DRIFTD_TEST_AMQP_PORT. Exports DRIFTD_TEST_AMQP_URL, and
+# DRIFTD_TEST_RABBITMQ_CTL: a script taking `stop_app` or `start_app`, with
+# which tests take the broker away and bring it back.
+start_rabbitmq() {
+  local lib=/usr/lib/rabbitmq/bin port dir node ctl i
+  if [ ! -x "$lib/rabbitmq-server" ]; then
+    apt_install rabbitmq-server
+  fi
+  [ -x "$lib/rabbitmq-server" ] || die "RabbitMQ not found at $lib after install"
+  # A packaged node apt may have started is left alone: ours has its own
+  # name and ports.
+  port=${DRIFTD_TEST_AMQP_PORT:-55672}
+  dir=$DRIFTD_TEST_ROOT/rabbitmq
+  node="driftd-test-$port@localhost"
+  ctl=$dir/ctl
+  if [ -x "$ctl" ]; then
+    "$ctl" stop >/dev/null 2>&1 || true
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir/home" "$dir/log" "$dir/mnesia"
+  echo "driftd-test-cookie-$port" >"$dir/home/.erlang.cookie"
+  chmod 400 "$dir/home/.erlang.cookie"
+  echo "[]." >"$dir/enabled_plugins"
+  printf 'loopback_users = none\nlisteners.tcp.default = 127.0.0.1:%s\n' "$port" >"$dir/rabbitmq.conf"
+  cat >"$dir/env" <<ENV
+export HOME='$dir/home'
+export RABBITMQ_NODENAME='$node'
+export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+export RABBITMQ_NODE_PORT=$port
+export RABBITMQ_DIST_PORT=$((port + 100))
+export RABBITMQ_MNESIA_BASE='$dir/mnesia'
+export RABBITMQ_LOG_BASE='$dir/log'
+export RABBITMQ_CONFIG_FILE='$dir/rabbitmq.conf'
+export RABBITMQ_ENABLED_PLUGINS_FILE='$dir/enabled_plugins'
+export RABBITMQ_PID_FILE='$dir/pid'
+ENV
+  cat >"$ctl" <<CTL
+#!/bin/sh
+# Controls the test suite's RabbitMQ node: stop_app, start_app, stop.
+. '$dir/env'
+exec '$lib/rabbitmqctl' -n '$node' -q "\$@"
+CTL
+  chmod +x "$ctl"
+  (. "$dir/env"; exec "$lib/rabbitmq-server" >"$dir/server.log" 2>&1) &
+  for i in $(seq 1 90); do
+    if "$ctl" await_startup >/dev/null 2>&1; then
+      break
+    fi
+    sleep 1
+  done
+  "$ctl" await_startup >/dev/null 2>&1 \
+    || { cat "$dir/server.log" "$dir"/log/*.log >&2 2>/dev/null; die "RabbitMQ did not start on 127.0.0.1:$port"; }
+  STOP_ACTIONS+=("'$ctl' stop >/dev/null 2>&1")
+  export DRIFTD_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+  export DRIFTD_TEST_RABBITMQ_CTL="$ctl"
+  echo "RabbitMQ $("$ctl" version 2>/dev/null) on 127.0.0.1:$port"
+}
+
 STOP_ACTIONS=()
 stop_services() {
   local a

@@ -8,6 +8,7 @@ source scripts/services.sh
 trap stop_services EXIT
 
 start_postgres
+start_rabbitmq
 ensure_prometheus
 
 if [ $# -gt 0 ]; then

@@ -11,6 +11,7 @@ mod guards;
 mod live;
 mod outage;
 mod prometheus;
+mod rabbit;
 mod repair;
 mod retention;
 mod review;
