@@ -1,0 +1,329 @@
+//! Events applied per second from RabbitMQ into PostgreSQL, against the
+//! floor measured in the same run: a consumer that only acknowledges,
+//! draining an identical queue with the same prefetch and batch size.
+//!
+//! `./scripts/bench.sh events` (starts PostgreSQL and RabbitMQ, then
+//! `cargo bench --bench events`). Both queues are bound to one fanout
+//! exchange, so they hold the same messages: wazo-bus-shaped `user_created`
+//! events (headers `name`, `origin_uuid`, `timestamp`, `tenant_uuid`, and
+//! the body repeating them plus the whole user in `data`), persistent,
+//! published with confirms before either consumer starts. Events:
+//! `DRIFTD_BENCH_EVENTS` (default 100,000; 2,000 when `cargo test` runs it
+//! as a smoke test). Needs `DRIFTD_TEST_AMQP_URL` and `DRIFTD_TEST_PG_URL`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{FutureExt, StreamExt};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
+
+use driftd::sample::user;
+
+const PREFETCH: u16 = 1000;
+const BATCH: usize = 500;
+
+fn main() {
+    let benching = std::env::args().any(|a| a == "--bench");
+    let events: usize = std::env::var("DRIFTD_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 100_000 } else { 2_000 });
+    let amqp = std::env::var("DRIFTD_TEST_AMQP_URL")
+        .expect("DRIFTD_TEST_AMQP_URL is not set: run ./scripts/bench.sh events (it starts RabbitMQ)");
+    let pg = std::env::var("DRIFTD_TEST_PG_URL")
+        .expect("DRIFTD_TEST_PG_URL is not set: run ./scripts/bench.sh events (it starts PostgreSQL)");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(events, &amqp, &pg));
+}
+
+async fn run(events: usize, amqp: &str, pg_admin: &str) {
+    let tag = format!("{:x}", fastrand::u32(..));
+    let exchange = format!("bench-{tag}");
+    let floor_queue = format!("bench-ack-only-{tag}");
+    let driftd_queue = format!("bench-driftd-{tag}");
+    let conn = Connection::connect(amqp, ConnectionProperties::default())
+        .await
+        .expect("connect RabbitMQ");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.exchange_declare(
+        exchange.as_str().into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .expect("exchange");
+    for q in [&floor_queue, &driftd_queue] {
+        ch.queue_declare(
+            q.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue");
+        ch.queue_bind(
+            q.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    }
+    let published = Instant::now();
+    publish(&ch, &exchange, events).await;
+    println!(
+        "driftd events benchmark: {events} wazo-shaped user_created events in each of two queues (published in {:.2} s); prefetch {PREFETCH}, batches of {BATCH}",
+        published.elapsed().as_secs_f64()
+    );
+
+    // The floor: a consumer that only acknowledges.
+    let started = Instant::now();
+    ack_only(&conn, &floor_queue, events).await;
+    let floor = started.elapsed().as_secs_f64();
+
+    // driftd: the worker's RabbitMQ source into PostgreSQL.
+    let db = fresh_pg_db(pg_admin).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let settings = Arc::new(
+        driftd::config::Settings::from_toml_str(
+            &config(&db, amqp, &exchange, &driftd_queue, dir.path()),
+            "bench.toml",
+        )
+        .expect("bench config"),
+    );
+    let started = Instant::now();
+    let daemon = driftd::daemon::Daemon::start(settings).await.expect("driftd starts");
+    let metrics = format!("http://{}/metrics", daemon.addr);
+    let http = reqwest::Client::new();
+    loop {
+        let text = http
+            .get(&metrics)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        let applied = settled(&text);
+        if applied >= events as u64 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "driftd applied only {applied} of {events} events in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let applied_in = started.elapsed().as_secs_f64();
+    daemon.stop().await;
+    let rows: i64 = {
+        let pool = sqlx::PgPool::connect(&db).await.expect("bench db");
+        sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&pool)
+            .await
+            .expect("count")
+    };
+    assert_eq!(rows, events as i64, "every event became a row");
+    let _ = ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    for q in [&floor_queue, &driftd_queue] {
+        let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+    }
+
+    let floor_rate = events as f64 / floor;
+    let rate = events as f64 / applied_in;
+    println!(
+        "{:<34} {:>10} {:>10} {:>12}",
+        "consumer", "events", "wall s", "events/s"
+    );
+    println!(
+        "{:<34} {events:>10} {floor:>10.2} {floor_rate:>12.0}",
+        "ack-only (floor)"
+    );
+    println!(
+        "{:<34} {events:>10} {applied_in:>10.2} {rate:>12.0}",
+        "driftd -> PostgreSQL (applied)"
+    );
+    println!(
+        "driftd applies at {:.0}% of the ack-only rate",
+        100.0 * rate / floor_rate
+    );
+}
+
+/// Publishes `n` events with confirms, a window at a time.
+async fn publish(ch: &lapin::Channel, exchange: &str, n: usize) {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let u = user(i as u64, 100);
+        let now = chrono::Utc::now().to_rfc3339();
+        let body = serde_json::json!({
+            "name": "user_created",
+            "origin_uuid": "c0ffee00-0000-4000-8000-000000000001",
+            "timestamp": now,
+            "data": u,
+        });
+        let mut headers = BTreeMap::new();
+        for (k, v) in [
+            ("name", "user_created".to_string()),
+            ("origin_uuid", "c0ffee00-0000-4000-8000-000000000001".into()),
+            ("timestamp", now),
+            ("tenant_uuid", u["tenant_uuid"].as_str().unwrap_or("").into()),
+        ] {
+            headers.insert(k.into(), AMQPValue::LongString(v.into()));
+        }
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                body.to_string().as_bytes(),
+                BasicProperties::default()
+                    .with_headers(FieldTable::from(headers))
+                    .with_delivery_mode(2),
+            )
+            .await
+            .expect("publish");
+        pending.push(confirm);
+        if pending.len() == 1000 {
+            for c in pending.drain(..) {
+                c.await.expect("confirm");
+            }
+        }
+    }
+    for c in pending {
+        c.await.expect("confirm");
+    }
+}
+
+/// Drains `queue` acknowledging only, the way driftd's source batches.
+async fn ack_only(conn: &Connection, queue: &str, n: usize) {
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "bench-ack-only".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen = 0;
+    while seen < n {
+        let first = consumer.next().await.expect("delivery").expect("delivery");
+        let mut last = first;
+        let mut batch = 1;
+        while batch < BATCH {
+            match consumer.next().now_or_never() {
+                Some(Some(d)) => {
+                    last = d.expect("delivery");
+                    batch += 1;
+                }
+                _ => break,
+            }
+        }
+        last.acker
+            .ack(BasicAckOptions { multiple: true })
+            .await
+            .expect("ack");
+        seen += batch;
+    }
+    let _ = ch.close(200, "done".into()).await;
+}
+
+/// `driftd_events_total{outcome="applied"}` summed.
+fn settled(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("driftd_events_total{") && l.contains("outcome=\"applied\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn config(db: &str, amqp: &str, exchange: &str, queue: &str, dir: &std::path::Path) -> String {
+    format!(
+        r#"
+[store]
+url = "{db}"
+max_connections = 4
+[admin]
+listen = "127.0.0.1:0"
+allow_unauthenticated = true
+[daemon]
+schedules_dir = "{dir}"
+[resources.users]
+key = {{ upstream = "/uuid", column = "uuid", type = "uuid" }}
+local = {{ table = "users" }}
+[resources.users.upstream]
+base_url = "http://127.0.0.1:9"
+list_path = "/0.1/users"
+key_order = "asc"
+[resources.users.columns]
+tenant_uuid = {{ from = "/tenant_uuid", type = "uuid" }}
+firstname = {{ from = "/firstname" }}
+lastname = {{ from = "/lastname" }}
+email = {{ from = "/email" }}
+enabled = {{ from = "/enabled", type = "boolean" }}
+extension = {{ from = "/extension", type = "integer" }}
+[sources.wazo]
+kind = "rabbitmq"
+name_header = "name"
+time_pointer = "/timestamp"
+batch_size = {BATCH}
+[sources.wazo.rabbitmq]
+url = "{amqp}"
+exchange = "{exchange}"
+exchange_type = "fanout"
+queue = "{queue}"
+prefetch = {PREFETCH}
+[sources.wazo.events]
+user_created = {{ resource = "users", op = "upsert", key = "/data/uuid", payload = "/data" }}
+"#,
+        dir = dir.display()
+    )
+}
+
+async fn fresh_pg_db(admin: &str) -> String {
+    let pool = sqlx::PgPool::connect(admin)
+        .await
+        .expect("connect PostgreSQL");
+    sqlx::query("DROP DATABASE IF EXISTS driftd_bench_events")
+        .execute(&pool)
+        .await
+        .expect("drop");
+    sqlx::query("CREATE DATABASE driftd_bench_events")
+        .execute(&pool)
+        .await
+        .expect("create");
+    let i = admin.rfind('/').expect("db url");
+    let url = format!("{}/driftd_bench_events", &admin[..i]);
+    let db = sqlx::PgPool::connect(&url).await.expect("bench db");
+    sqlx::query("CREATE TABLE users (uuid UUID PRIMARY KEY, tenant_uuid UUID, firstname TEXT, lastname TEXT, email TEXT, enabled BOOLEAN, extension INTEGER)")
+        .execute(&db)
+        .await
+        .expect("create users");
+    url
+}
