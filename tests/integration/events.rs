@@ -187,6 +187,23 @@ async fn refetch_upserts_or_deletes_on_404(backend: Backend) {
         .unwrap();
     assert_eq!(out[0].outcome, "applied");
     assert_eq!(db.count("users").await, 0, "a 404 on refetch deletes");
+    // An upstream that does not answer in time, retries included: the
+    // event is kept as a dead letter, not dropped and not applied.
+    up.inject(Fault::SlowGet { ms: 3_000 });
+    let other = all[0]["uuid"].as_str().unwrap().to_string();
+    let out = events
+        .deliver("bus", &[message("user_refetch", json!({"uuid": other}))])
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "dead_lettered", "{out:?}");
+    let error = out[0].error.as_deref().unwrap();
+    assert!(
+        error.contains("refetch of") && error.contains("after retries"),
+        "{error}"
+    );
+    assert_eq!(db.count("users").await, 0);
+    let letters = events.store().list_dead_letters(None, 10).await.unwrap();
+    assert_eq!(letters.len(), 1);
 }
 
 async fn poison_events_become_dead_letters_and_the_rest_applies(backend: Backend) {
@@ -280,6 +297,17 @@ async fn poison_events_become_dead_letters_and_the_rest_applies(backend: Backend
 /// it) does not re-insert it; a user an event edited while the pass paged
 /// keeps the event's copy, not the pass's older one.
 async fn a_pass_yields_to_events_applied_while_it_listed(backend: Backend) {
+    race(backend, false).await
+}
+
+/// The same, the pass run by another driftd process (`driftd reconcile`):
+/// on PostgreSQL, two replicas sharing one database; on SQLite, two
+/// processes on one file.
+async fn a_pass_in_another_process_yields_to_events(backend: Backend) {
+    race(backend, true).await
+}
+
+async fn race(backend: Backend, other_process: bool) {
     let db = TestDb::new(backend).await;
     db.create_users().await;
     let mut all = users(30);
@@ -305,17 +333,48 @@ async fn a_pass_yields_to_events_applied_while_it_listed(backend: Backend) {
     // Sorts before user 0: page one's range.
     let created = sample_uuid(0, 0);
     let pass_settings = s.clone();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_path = config_dir.path().join("driftd.toml");
+    std::fs::write(
+        &config_path,
+        ConfigBuilder {
+            page_size: 10,
+            ..ConfigBuilder::default()
+        }
+        .toml(&db, addr),
+    )
+    .unwrap();
     let pass = tokio::spawn(async move {
-        let store = AnyStore::open(&pass_settings.store.url, 4).await.unwrap();
-        let res = pass_settings.resource("users").unwrap();
-        run_pass(
-            &store,
-            "users",
-            res,
-            PassOptions::default(),
-            &Hooks::default(),
-        )
-        .await
+        if other_process {
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_driftd"))
+                    .args(["reconcile", "users", "--json", "--config"])
+                    .arg(&config_path)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            serde_json::from_slice::<Json>(&out.stdout).unwrap_or_else(|_| {
+                panic!(
+                    "driftd reconcile: {}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        } else {
+            let store = AnyStore::open(&pass_settings.store.url, 4).await.unwrap();
+            let res = pass_settings.resource("users").unwrap();
+            let report = run_pass(
+                &store,
+                "users",
+                res,
+                PassOptions::default(),
+                &Hooks::default(),
+            )
+            .await;
+            serde_json::to_value(&report).unwrap()
+        }
     });
     // Wait for the slow page to be asked for: page one is listed.
     let waited = std::time::Instant::now();
@@ -358,11 +417,15 @@ async fn a_pass_yields_to_events_applied_while_it_listed(backend: Backend) {
     assert!(out.iter().all(|v| v.outcome == "applied"), "{out:?}");
     let report = pass.await.unwrap();
     assert!(
-        matches!(report.outcome, Outcome::Repaired | Outcome::InSync),
-        "{report:#?}"
+        matches!(report["outcome"].as_str(), Some("repaired" | "in_sync")),
+        "{report:#}"
     );
-    assert_eq!(report.upstream_relists, 0, "the page boundary held");
-    assert!(report.actions.yielded >= 2, "{:#?}", report.actions);
+    assert_eq!(report["upstream_relists"], 0, "the page boundary held");
+    assert!(
+        report["actions"]["yielded"].as_u64() >= Some(2),
+        "{:#}",
+        report["actions"]
+    );
     let keys = db.keys("users").await;
     assert!(
         !keys.contains(&deleted),
@@ -459,5 +522,6 @@ both_backends!(
     refetch_upserts_or_deletes_on_404,
     poison_events_become_dead_letters_and_the_rest_applies,
     a_pass_yields_to_events_applied_while_it_listed,
+    a_pass_in_another_process_yields_to_events,
     the_journal_fences_every_pass_write,
 );
