@@ -78,10 +78,6 @@ pub(crate) const FENCE_NEXT: &str =
 pub(crate) const FENCE_MARK: &str =
     "SELECT COALESCE(MAX(seq), 0) FROM driftd_write_fence WHERE resource = $1";
 
-/// Keys journaled after a mark: `$1` resource, `$2` mark.
-pub(crate) const JOURNALED_SINCE: &str =
-    "SELECT key FROM driftd_key_journal WHERE resource = $1 AND seq > $2";
-
 /// Forgets journal entries older than `$1`.
 pub(crate) const PRUNE_JOURNAL: &str = "DELETE FROM driftd_key_journal WHERE touched_at < $1";
 

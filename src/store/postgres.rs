@@ -330,13 +330,18 @@ impl WriteTx for PgWrite<'_> {
         &mut self,
         resource: &str,
         since: i64,
+        keys: &[&str],
     ) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(jobs::JOURNALED_SINCE)
-            .bind(resource)
-            .bind(since)
-            .fetch_all(&mut *self.tx)
-            .await
-            .map_err(query_err("read the key journal"))
+        sqlx::query_scalar(
+            "SELECT key FROM driftd_key_journal WHERE resource = $1 AND seq > $2 \
+             AND key = ANY($3::text[])",
+        )
+        .bind(resource)
+        .bind(since)
+        .bind(keys)
+        .fetch_all(&mut *self.tx)
+        .await
+        .map_err(query_err("read the key journal"))
     }
 
     async fn versions(

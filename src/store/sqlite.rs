@@ -705,13 +705,18 @@ impl WriteTx for SqliteWrite<'_> {
         &mut self,
         resource: &str,
         since: i64,
+        keys: &[&str],
     ) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(&jobs::JOURNALED_SINCE.replace('$', "?"))
-            .bind(resource)
-            .bind(since)
-            .fetch_all(&mut *self.0)
-            .await
-            .map_err(query_err("read the key journal"))
+        sqlx::query_scalar(
+            "SELECT key FROM driftd_key_journal WHERE resource = ?1 AND seq > ?2 \
+             AND key IN (SELECT value FROM json_each(?3))",
+        )
+        .bind(resource)
+        .bind(since)
+        .bind(json_list(keys.iter().copied()))
+        .fetch_all(&mut *self.0)
+        .await
+        .map_err(query_err("read the key journal"))
     }
 
     async fn versions(

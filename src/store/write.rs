@@ -20,11 +20,12 @@ pub(crate) trait WriteTx: Send {
         resource: &str,
         next: bool,
     ) -> impl Future<Output = Result<i64, StoreError>> + Send;
-    /// Keys journaled after mark `since`.
+    /// Those of `keys` journaled after mark `since`.
     fn journaled_since(
         &mut self,
         resource: &str,
         since: i64,
+        keys: &[&str],
     ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
     /// The journaled versions of `keys` (those that have one).
     fn versions(
@@ -73,7 +74,13 @@ pub(crate) async fn pass<T: WriteTx>(
     write: PassWrite<'_>,
 ) -> Result<Written, StoreError> {
     tx.fence(resource, false).await?;
-    let touched = tx.journaled_since(resource, since).await?;
+    let keys: Vec<&str> = match write {
+        PassWrite::Insert(rows) | PassWrite::Update(rows) => {
+            rows.iter().map(|r| r.key.as_str()).collect()
+        }
+        PassWrite::Purge(keys) => keys.iter().map(Key::as_str).collect(),
+    };
+    let touched = tx.journaled_since(resource, since, &keys).await?;
     let (write, yielded) = unfenced(write, &touched);
     let done = match &write {
         Owned::Insert(rows) => {
@@ -112,10 +119,14 @@ pub(crate) async fn changes<T: WriteTx>(
     };
     let results = judge_versions(changes, &stored);
     let batch = ChangeBatch::new(changes, &results);
-    // Upserts revive soft-deleted rows, update live ones, insert the rest.
-    tx.update_rows(spec, &batch.upserts).await?;
-    tx.insert_rows(spec, &batch.upserts).await?;
-    tx.purge_keys(spec, &batch.deletes).await?;
+    if !batch.upserts.is_empty() {
+        // Revives soft-deleted rows, updates live ones, inserts the rest.
+        tx.update_rows(spec, &batch.upserts).await?;
+        tx.insert_rows(spec, &batch.upserts).await?;
+    }
+    if !batch.deletes.is_empty() {
+        tx.purge_keys(spec, &batch.deletes).await?;
+    }
     tx.journal(resource, seq, &batch.journal).await?;
     tx.commit("commit events").await?;
     Ok(results)
@@ -131,7 +142,9 @@ pub(crate) async fn children<T: WriteTx>(
 ) -> Result<Vec<Key>, StoreError> {
     let seq = tx.fence(resource, true).await?;
     let keys = tx.children(spec, column, parents).await?;
-    tx.purge_keys(spec, &keys).await?;
+    if !keys.is_empty() {
+        tx.purge_keys(spec, &keys).await?;
+    }
     let entries: Vec<(&str, Option<&str>)> = keys.iter().map(|k| (k.as_str(), None)).collect();
     tx.journal(resource, seq, &entries).await?;
     tx.commit("commit cascade").await?;
