@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value as Json;
+use tracing::Instrument;
 
 use crate::config::{EventOp, ResourceConfig, Settings, SourceConfig, TableSpec};
 use crate::decode::{resolve, RowDecoder};
@@ -181,8 +182,12 @@ impl Events {
         source: &str,
         batch: &[Envelope],
     ) -> Result<Vec<Verdict>, StoreError> {
-        let verdicts = self.settle(source, batch, true).await?;
-        self.refresh_dead_letters().await;
+        let span = tracing::info_span!("events", source, messages = batch.len());
+        let verdicts = self.settle(source, batch, true).instrument(span).await?;
+        tracing::debug!(source, messages = batch.len(), "event batch settled");
+        if verdicts.iter().any(|v| v.dead_letter.is_some()) {
+            self.refresh_dead_letters().await;
+        }
         Ok(verdicts)
     }
 
