@@ -362,7 +362,9 @@ impl Events {
             .await
         {
             Ok(results) => results.into_iter().map(Ok).collect(),
-            Err(e) if e.is_transient() || matches!(e, StoreError::Unavailable(_)) => return Err(e),
+            // The database is unusable (gone, a table missing, a lost
+            // connection): not the events' fault, nothing is settled.
+            Err(e) if !e.is_refusal() => return Err(e),
             Err(e) => {
                 tracing::warn!(resource, error = %e, "event batch refused; applying its events one by one");
                 let mut results = Vec::with_capacity(group.changes.len());
@@ -373,9 +375,7 @@ impl Events {
                         .await
                     {
                         Ok(mut r) => results.push(Ok(r.pop().unwrap_or(ChangeResult::Applied))),
-                        Err(e) if e.is_transient() || matches!(e, StoreError::Unavailable(_)) => {
-                            return Err(e)
-                        }
+                        Err(e) if !e.is_refusal() => return Err(e),
                         Err(e) => results.push(Err(crate::pass::error_chain(&e))),
                     }
                 }

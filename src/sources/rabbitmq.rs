@@ -103,6 +103,9 @@ async fn consume(
     ctx.events.metrics().source_connected(&ctx.name, true);
     tracing::info!(queue = %rabbit.queue, exchange = %rabbit.exchange, "consuming");
     let batch_size = ctx.config.batch_size;
+    // Whether the last batch went back to the broker (the database could
+    // not take it).
+    let mut stalled = false;
     loop {
         let first = tokio::select! {
             _ = ctx.shutdown.cancelled() => {
@@ -132,11 +135,19 @@ async fn consume(
             Ok(_) => {
                 last.ack(BasicAckOptions { multiple: true }).await?;
                 ctx.status.settled(envelopes.len());
+                if stalled {
+                    stalled = false;
+                    ctx.status.connected();
+                    ctx.events.metrics().source_connected(&ctx.name, true);
+                }
             }
             Err(e) => {
                 // Not settled: hand the batch back, try again shortly.
                 tracing::warn!(error = %e, messages = envelopes.len(), "database unavailable; events handed back to the broker");
                 ctx.status.down(&format!("database: {e}"));
+                // Not consuming: the disconnected alert may fire.
+                ctx.events.metrics().source_connected(&ctx.name, false);
+                stalled = true;
                 last.nack(BasicNackOptions {
                     multiple: true,
                     requeue: true,
@@ -149,7 +160,6 @@ async fn consume(
                     }
                     _ = tokio::time::sleep(STORE_PAUSE) => {}
                 }
-                ctx.status.connected();
             }
         }
     }

@@ -76,6 +76,26 @@ impl StoreError {
     }
 }
 
+impl StoreError {
+    /// Whether the database refused the data itself (a constraint, a value
+    /// the column rejects), as opposed to being unusable (gone, a missing
+    /// table, a lost connection): only a refusal is the event's fault.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            StoreError::Query {
+                source: sqlx::Error::Database(db),
+                ..
+            } => {
+                !matches!(db.kind(), sqlx::error::ErrorKind::Other)
+                    || db
+                        .code()
+                        .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
+            }
+            _ => false,
+        }
+    }
+}
+
 pub(crate) fn query_err(context: impl Into<String>) -> impl FnOnce(sqlx::Error) -> StoreError {
     let context = context.into();
     move |source| StoreError::Query { context, source }

@@ -293,6 +293,36 @@ async fn poison_events_become_dead_letters_and_the_rest_applies(backend: Backend
     assert!(events.store().get_dead_letter(&id).await.unwrap().is_none());
 }
 
+/// A table driftd cannot write (dropped under it) is not the events'
+/// fault: nothing is settled, nothing dead-lettered; they wait to be
+/// delivered again, and apply once the table is back.
+async fn an_unusable_table_settles_nothing(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let all = users(2);
+    let (_up, addr) = upstream(all.clone()).await;
+    let s = settings(&ConfigBuilder::default(), &db, addr);
+    let events = engine(&s).await;
+    // Prepared while the table was there.
+    events
+        .deliver("bus", &[message("user_created", all[0].clone())])
+        .await
+        .unwrap();
+    db.exec("DROP TABLE users").await;
+    let batch = [message("user_created", all[1].clone())];
+    let err = events.deliver("bus", &batch).await.unwrap_err();
+    assert!(!err.is_refusal(), "{err}");
+    assert!(events
+        .store()
+        .list_dead_letters(None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    db.create_users().await;
+    let out = events.deliver("bus", &batch).await.unwrap();
+    assert_eq!(out[0].outcome, "applied", "{out:?}");
+}
+
 /// A pass that listed a user before an event deleted it (and upstream with
 /// it) does not re-insert it; a user an event edited while the pass paged
 /// keeps the event's copy, not the pass's older one.
@@ -519,6 +549,7 @@ async fn the_journal_fences_every_pass_write(backend: Backend) {
 
 both_backends!(
     events_apply_idempotently_and_in_order,
+    an_unusable_table_settles_nothing,
     refetch_upserts_or_deletes_on_404,
     poison_events_become_dead_letters_and_the_rest_applies,
     a_pass_yields_to_events_applied_while_it_listed,
