@@ -34,10 +34,12 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if benching { 100_000 } else { 2_000 });
-    let amqp = std::env::var("DRIFTD_TEST_AMQP_URL")
-        .expect("DRIFTD_TEST_AMQP_URL is not set: run ./scripts/bench.sh events (it starts RabbitMQ)");
-    let pg = std::env::var("DRIFTD_TEST_PG_URL")
-        .expect("DRIFTD_TEST_PG_URL is not set: run ./scripts/bench.sh events (it starts PostgreSQL)");
+    let amqp = std::env::var("DRIFTD_TEST_AMQP_URL").expect(
+        "DRIFTD_TEST_AMQP_URL is not set: run ./scripts/bench.sh events (it starts RabbitMQ)",
+    );
+    let pg = std::env::var("DRIFTD_TEST_PG_URL").expect(
+        "DRIFTD_TEST_PG_URL is not set: run ./scripts/bench.sh events (it starts PostgreSQL)",
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -109,7 +111,9 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
         .expect("bench config"),
     );
     let started = Instant::now();
-    let daemon = driftd::daemon::Daemon::start(settings).await.expect("driftd starts");
+    let daemon = driftd::daemon::Daemon::start(settings)
+        .await
+        .expect("driftd starts");
     let metrics = format!("http://{}/metrics", daemon.addr);
     let http = reqwest::Client::new();
     loop {
@@ -188,7 +192,10 @@ async fn publish(ch: &lapin::Channel, exchange: &str, n: usize) {
             ("name", "user_created".to_string()),
             ("origin_uuid", "c0ffee00-0000-4000-8000-000000000001".into()),
             ("timestamp", now),
-            ("tenant_uuid", u["tenant_uuid"].as_str().unwrap_or("").into()),
+            (
+                "tenant_uuid",
+                u["tenant_uuid"].as_str().unwrap_or("").into(),
+            ),
         ] {
             headers.insert(k.into(), AMQPValue::LongString(v.into()));
         }

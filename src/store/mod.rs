@@ -598,8 +598,11 @@ impl Ledger for AnyStore {
     }
 }
 
-/// Keeps the changes an event batch may apply: those whose version is not
-/// older than the key's journaled one. `stored` maps keys to versions.
+/// Keeps the changes an event batch may apply: those whose version is
+/// newer than the key's journaled one (an event not newer than what was
+/// applied, such as the same event delivered again, is stale: it must not
+/// undo a newer state a pass may have repaired meanwhile). `stored` maps
+/// keys to versions.
 pub(crate) fn judge_versions(
     changes: &[Change],
     stored: &std::collections::HashMap<String, String>,
@@ -607,7 +610,7 @@ pub(crate) fn judge_versions(
     changes
         .iter()
         .map(|c| match (&c.version, stored.get(c.key.as_str())) {
-            (Some(new), Some(old)) if new < old => ChangeResult::Stale,
+            (Some(new), Some(old)) if new <= old => ChangeResult::Stale,
             _ => ChangeResult::Applied,
         })
         .collect()

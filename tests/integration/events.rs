@@ -121,6 +121,18 @@ async fn events_apply_idempotently_and_in_order(backend: Backend) {
         .unwrap();
     assert_eq!(out[0].outcome, "stale", "{out:?}");
     assert_eq!(firstname(&db, &key).await.as_deref(), Some("Second"));
+    // v2 delivered again after a pass (or anyone) changed the row: the
+    // duplicate does not undo it.
+    db.exec(&format!(
+        "UPDATE users SET firstname = 'Repaired' WHERE CAST(uuid AS TEXT) = '{key}'"
+    ))
+    .await;
+    let out = events
+        .deliver("bus", &[message("user_edited", v2.clone())])
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "stale", "{out:?}");
+    assert_eq!(firstname(&db, &key).await.as_deref(), Some("Repaired"));
 
     // In one batch, the older version loses too, whatever the order.
     let mut v3 = all[0].clone();
