@@ -67,6 +67,9 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
     )
     .await
     .expect("exchange");
+    // As driftd declares its queue: durable, single active consumer.
+    let mut args = FieldTable::default();
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     for q in [&floor_queue, &driftd_queue] {
         ch.queue_declare(
             q.as_str().into(),
@@ -74,7 +77,7 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args.clone(),
         )
         .await
         .expect("queue");

@@ -1,5 +1,6 @@
-//! A RabbitMQ source (lapin): driftd's own durable queue, bound to the
-//! configured exchange, consumed with a prefetch window. Messages are taken
+//! A RabbitMQ source (lapin): driftd's own durable queue (single active
+//! consumer, so replicas stand by rather than compete and reorder), bound
+//! to the configured exchange, consumed with a prefetch window. Messages are taken
 //! in batches (what has arrived, up to `batch_size`), settled by the event
 //! engine in one transaction per resource, then acknowledged together. When
 //! the database cannot be used, the batch is handed back to the broker
@@ -14,7 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use secrecy::ExposeSecret;
 use tracing::Instrument;
@@ -186,6 +187,11 @@ async fn declare(channel: &lapin::Channel, rabbit: &RabbitConfig) -> anyhow::Res
         )
         .await
         .map_err(|e| anyhow::anyhow!("declare exchange `{}`: {e}", rabbit.exchange))?;
+    // Single active consumer: replicas sharing the queue stand by while
+    // one consumes, so events are applied in the order they were queued
+    // (two competing consumers could apply a create after its delete).
+    let mut queue_args = FieldTable::default();
+    queue_args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
     channel
         .queue_declare(
             rabbit.queue.as_str().into(),
@@ -195,7 +201,7 @@ async fn declare(channel: &lapin::Channel, rabbit: &RabbitConfig) -> anyhow::Res
                 exclusive: false,
                 ..Default::default()
             },
-            FieldTable::default(),
+            queue_args,
         )
         .await
         .map_err(|e| anyhow::anyhow!("declare queue `{}`: {e}", rabbit.queue))?;
@@ -280,9 +286,4 @@ fn text(v: &AMQPValue) -> String {
         AMQPValue::Void => String::new(),
         other => format!("{other:?}"),
     }
-}
-
-/// A header name as lapin wants it.
-pub fn short(s: &str) -> ShortString {
-    s.into()
 }

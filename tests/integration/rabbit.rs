@@ -463,6 +463,85 @@ async fn poison_on_the_bus_is_dead_lettered_and_the_queue_moves_on(backend: Back
     assert!(d.stop().await);
 }
 
+/// Replicas sharing driftd's queue stand by while one consumes (a single
+/// active consumer): events are never applied by two consumers racing each
+/// other out of order. When the active one stops, another takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_queue_take_turns_in_order() {
+    let _broker = BROKER.lock().await;
+    let db = TestDb::new(Backend::Postgres).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let n = names();
+    let s = settings(&db, addr, dir.path(), &n);
+    let a = Daemon::start(s.clone()).await.unwrap();
+    let base_a = format!("http://{}", a.addr);
+    eventually(Duration::from_secs(20), "replica a connects", || async {
+        source_connected(&base_a)
+            .await
+            .then_some(())
+            .ok_or("not yet".into())
+    })
+    .await;
+    let b = Daemon::start(s.clone()).await.unwrap();
+    let base_b = format!("http://{}", b.addr);
+    eventually(Duration::from_secs(20), "replica b connects", || async {
+        source_connected(&base_b)
+            .await
+            .then_some(())
+            .ok_or("not yet".into())
+    })
+    .await;
+    let mut publisher = Publisher::new(&n.exchange);
+    // Each user created then deleted: out of order, a create would land
+    // after its delete and leave a ghost.
+    for u in users(100) {
+        publisher.publish("user_created", u.clone()).await;
+        publisher
+            .publish("user_deleted", json!({"uuid": u["uuid"]}))
+            .await;
+    }
+    let settled = |base: String| async move {
+        let (_, v) = crate::daemon::api("GET", &format!("{base}/v1/sources"), None, None).await;
+        v["sources"][0]["events"].as_u64().unwrap_or(0)
+    };
+    eventually(Duration::from_secs(10), "all 200 events settled", || {
+        let (a, b) = (base_a.clone(), base_b.clone());
+        async move {
+            let total = settled(a).await + settled(b).await;
+            (total == 200)
+                .then_some(())
+                .ok_or(format!("{total} settled"))
+        }
+    })
+    .await;
+    let (ea, eb) = (settled(base_a.clone()).await, settled(base_b.clone()).await);
+    assert!(ea == 0 || eb == 0, "both replicas consumed: {ea} and {eb}");
+    assert_eq!(
+        db.count("users").await,
+        0,
+        "a create applied after its delete"
+    );
+    // The active one stops; the standby takes over.
+    let (active, standby, standby_base) = if ea > 0 {
+        (a, b, base_b)
+    } else {
+        (b, a, base_a)
+    };
+    assert!(active.stop().await);
+    publisher.publish("user_created", users(1)[0].clone()).await;
+    eventually(Duration::from_secs(10), "the standby applies", || async {
+        (db.count("users").await == 1)
+            .then_some(())
+            .ok_or("not yet".into())
+    })
+    .await;
+    assert_eq!(settled(standby_base).await, 1);
+    assert!(standby.stop().await);
+    drop_queue(&n).await;
+}
+
 both_backends!(
     events_on_the_bus_show_up_within_a_second,
     restarts_of_the_broker_and_driftd_lose_no_event,
