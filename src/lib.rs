@@ -1,13 +1,16 @@
 //! driftd keeps a service's local SQL copies of upstream resources true: it
-//! pages through the upstream list API, diffs against the local table, and
-//! inserts, repairs or purges what drifted, behind guards that make a wrong
-//! purge impossible without an explicit force.
+//! applies live bus events, and pages through the upstream list API, diffs
+//! against the local table, and inserts, repairs or purges what drifted,
+//! behind guards that make a wrong purge impossible without an explicit
+//! force.
 //!
-//! Module map: [`config`] (typed settings), [`upstream`] (HTTP client and
-//! pager), [`decode`] (pages to typed rows), [`store`] (SQLite and PostgreSQL), [`model`] (typed values),
-//! [`diff`] (pure plan), [`guard`] (judging plans), [`pass`] (one
-//! reconciliation), [`report`] (rendering), [`redact`] (secrets of store URLs), [`cli`] (commands),
-//! [`sample`] (bundled sample upstream), [`quickstart`].
+//! Layers, bottom up: vocabulary ([`config`], [`model`], [`canonical`],
+//! [`jobs`], [`vocab`]); [`store`] (the mirrored tables and driftd's own
+//! ledger, SQLite and PostgreSQL); [`engine`] (a pass: [`upstream`] pager,
+//! [`decode`], [`diff`], [`guard`], [`pass`]; and the events engine);
+//! sources of work ([`runner`], [`scheduler`], [`sources`], [`daemon`]);
+//! edges ([`api`], [`cli`], [`remote`], [`report`], [`redact`],
+//! [`metrics`], [`telemetry`], [`sample`], [`quickstart`]).
 
 pub mod api;
 pub use api as admin;
@@ -15,14 +18,12 @@ pub mod canonical;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod decode;
-pub mod diff;
 pub mod engine;
-pub mod guard;
+// The engine's modules keep their short paths (`driftd::pass`, ...).
+pub use engine::{decode, diff, guard, pass, upstream};
 pub mod jobs;
 pub mod metrics;
 pub mod model;
-pub mod pass;
 pub mod quickstart;
 pub mod redact;
 pub mod remote;
@@ -33,5 +34,4 @@ pub mod scheduler;
 pub mod sources;
 pub mod store;
 pub mod telemetry;
-pub mod upstream;
 pub mod vocab;

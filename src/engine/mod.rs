@@ -1,10 +1,16 @@
-//! The write side shared by both writers of a mirrored table: a pass
-//! ([`crate::pass`]) and the event sources ([`events`]). Both go through
+//! The engine: one pass ([`pass`]: the [`upstream`] pager, the [`decode`]r,
+//! the [`diff`]er and the [`guard`]s) and the events engine ([`events`]),
+//! the two writers of a mirrored table. Both go through
 //! the store's fenced writes ([`crate::store::Mirror`]), so an event
 //! applied after a pass began listing is never undone by that pass, on any
 //! replica; both purge children when they purge parents ([`cascade`]).
 
+pub mod decode;
+pub mod diff;
 pub mod events;
+pub mod guard;
+pub mod pass;
+pub mod upstream;
 
 use crate::config::ChildLink;
 use crate::model::Key;
