@@ -404,14 +404,22 @@ impl Events {
             .get(resource)
             .map(|r| r.children.as_slice())
             .unwrap_or_default();
-        if !children.is_empty() && !deleted.is_empty() {
-            let keys: Vec<Key> = deleted.iter().map(|(k, _)| k.clone()).collect();
-            let done = super::cascade(self.store.as_ref(), children, resource, &keys).await?;
-            if let Some((_, owners)) = deleted.first() {
-                for (child, n) in done {
-                    for i in owners {
-                        verdicts[*i].cascaded.insert(child.clone(), n);
-                    }
+        if children.is_empty() {
+            return Ok(());
+        }
+        // Parent by parent (deletes of parents are rare), so that each
+        // event's answer counts its own children.
+        for (key, owners) in deleted {
+            let done = super::cascade(
+                self.store.as_ref(),
+                children,
+                resource,
+                std::slice::from_ref(&key),
+            )
+            .await?;
+            for (child, n) in done {
+                for i in &owners {
+                    verdicts[*i].cascaded.insert(child.clone(), n);
                 }
             }
         }
