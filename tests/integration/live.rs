@@ -258,6 +258,24 @@ async fn webhook_events_apply_and_cascade_through_the_worker(backend: Backend) {
     assert!(d.stop().await);
 }
 
+/// Two parents deleted in one batch: each event's answer counts its own
+/// children.
+async fn each_deleted_parent_reports_its_own_children(backend: Backend) {
+    let w = world(backend).await;
+    let settings = Arc::new(config(&w.db, w.addr, w.dir.path(), 1000));
+    let events = crate::events::engine(&settings).await;
+    let batch: Vec<_> = [3, 4]
+        .iter()
+        .map(|i| crate::events::message("auth_tenant_deleted", json!({"uuid": tenant(*i)["uuid"]})))
+        .collect();
+    let out = events.deliver("bus", &batch).await.unwrap();
+    for v in &out {
+        assert_eq!(v.outcome, "applied", "{out:?}");
+        assert_eq!(v.cascaded.get("users"), Some(&3), "{out:?}");
+    }
+    assert_eq!(w.db.count("users").await, 24);
+}
+
 async fn a_parent_purged_by_a_pass_purges_its_children(backend: Backend) {
     let w = world(backend).await;
     let settings = config(&w.db, w.addr, w.dir.path(), 1000);
@@ -340,6 +358,7 @@ async fn the_cli_lists_replays_and_deletes_dead_letters(backend: Backend) {
 
 both_backends!(
     webhook_events_apply_and_cascade_through_the_worker,
+    each_deleted_parent_reports_its_own_children,
     a_parent_purged_by_a_pass_purges_its_children,
     a_cascade_beyond_the_childs_purge_guard_is_held,
     the_cli_lists_replays_and_deletes_dead_letters,
