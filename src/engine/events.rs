@@ -442,7 +442,13 @@ impl Events {
             Some(p) => resolve(&body, p).and_then(Json::as_str).map(str::to_string),
             None => {
                 let header = cfg.name_header.as_deref().unwrap_or("name");
-                env.headers.get(header).cloned()
+                // HTTP header names arrive lower-cased: match any case.
+                env.headers.get(header).cloned().or_else(|| {
+                    env.headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case(header))
+                        .map(|(_, v)| v.clone())
+                })
             }
         };
         let Some(name) = name else {

@@ -45,6 +45,12 @@ key = "/data/uuid"
 resource = "users"
 op = "refetch"
 key = "/data/uuid"
+
+[sources.hooks]
+kind = "webhook"
+name_header = "Event-Name"
+[sources.hooks.events]
+user_deleted = { resource = "users", op = "delete", key = "/uuid" }
 "#;
 
 pub fn message(name: &str, data: Json) -> Envelope {
@@ -160,6 +166,30 @@ async fn events_apply_idempotently_and_in_order(backend: Backend) {
         assert_eq!(out[0].outcome, "applied");
     }
     assert_eq!(db.count("users").await, 0);
+
+    // The name from a header, whatever case HTTP gave its name.
+    db.insert_users(&all[1..2]).await;
+    let headers = BTreeMap::from([("event-name".to_string(), "user_deleted".to_string())]);
+    let body = json!({"uuid": all[1]["uuid"]}).to_string().into_bytes();
+    let out = events
+        .deliver("hooks", &[Envelope::new(headers, body.clone())])
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "applied", "{out:?}");
+    assert_eq!(db.count("users").await, 0);
+    let out = events
+        .deliver("hooks", &[Envelope::new(BTreeMap::new(), body)])
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "dead_lettered");
+    assert!(
+        out[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("header `Event-Name`"),
+        "{out:?}"
+    );
 
     // Unknown names are ignored and counted; nothing is written.
     let out = events
