@@ -330,9 +330,30 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
         if let Some(r) = &src.rabbitmq {
             writeln!(
                 out,
+                "  broker    {}",
+                match (&r.url, &r.url_env, r.resolve_url()) {
+                    (Some(u), _, _) => redact::mask_url(u.expose_secret()),
+                    (None, Some(var), Ok(_)) => format!("from {var} (set, hidden)"),
+                    (None, Some(var), Err(_)) => {
+                        format!("from {var} (NOT SET: `driftd run` needs it)")
+                    }
+                    (None, None, _) => "none".into(),
+                }
+            )?;
+            writeln!(
+                out,
                 "  queue     {} (durable) on {} exchange {}, prefetch {}",
                 r.queue, r.exchange_type, r.exchange, r.prefetch
             )?;
+            for b in r.bindings() {
+                writeln!(out, "  binding   {b}")?;
+            }
+            for event in crate::config::events::unbound_events(src) {
+                writeln!(
+                    out,
+                    "  warning   event {event} is mapped, but no binding lets it into the queue"
+                )?;
+            }
         }
         for (event, m) in &src.events {
             writeln!(

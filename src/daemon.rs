@@ -56,6 +56,14 @@ impl Daemon {
                 .await
                 .with_context(|| format!("resource `{name}`"))?;
         }
+        // A source's broker URL from a variable must be there to run.
+        for (name, src) in &settings.sources {
+            if let Some(r) = &src.rabbitmq {
+                r.resolve_url().map_err(|e| {
+                    anyhow::anyhow!("{}: sources.{name}.{e}", settings.source.display())
+                })?;
+            }
+        }
         let metrics = Arc::new(Metrics::new());
         let events = Arc::new(Events::new(
             settings.clone(),

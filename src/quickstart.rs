@@ -228,7 +228,7 @@ pub fn follow_ups(driftd: &str, admin: SocketAddr, config: &Path) -> Vec<String>
         format!("curl http://{admin}/v1/jobs"),
         format!("curl http://{admin}/metrics"),
         format!(
-            "curl -X POST http://{admin}/v1/events/sample_bus -d '{{\"name\": \"user_deleted\", \"data\": {{\"uuid\": \"{}\"}}}}'",
+            "curl -X POST http://{admin}/v1/events/sample_bus -d '{{\"name\": \"user_edited\", \"data\": {{\"uuid\": \"{}\"}}}}'",
             sample_uuid(0x05, 2)
         ),
         format!("curl http://{admin}/v1/dead-letters"),

@@ -67,9 +67,16 @@ pub fn human(r: &PassReport) -> String {
         r.found.missing, r.found.stale, r.found.extra
     );
     if r.left.missing + r.left.stale + r.left.extra > 0 {
+        let why = if r.dry_run {
+            "a dry run applies nothing"
+        } else if r.guard.is_some() && r.outcome == crate::vocab::Outcome::GuardTripped {
+            "the guard stopped the pass"
+        } else {
+            "the mode or policy does not act on these"
+        };
         let _ = writeln!(
             out,
-            "  left     missing {:>7}   stale {:>12}   extra {:>6}   (the mode or policy does not act on these: not in sync)",
+            "  left     missing {:>7}   stale {:>12}   extra {:>6}   ({why}: not in sync)",
             r.left.missing, r.left.stale, r.left.extra
         );
     }

@@ -86,8 +86,41 @@ pub struct RabbitConfig {
     /// The longest pause between reconnection attempts.
     #[serde(default = "default_max_backoff")]
     pub max_backoff_secs: f64,
-    #[serde(skip)]
-    pub resolved_url: Option<SecretString>,
+}
+
+impl RabbitConfig {
+    /// The broker URL, from `url` or the variable `url_env` names.
+    pub fn resolve_url(&self) -> Result<SecretString, String> {
+        match (&self.url, &self.url_env) {
+            (Some(u), _) => Ok(u.clone()),
+            (None, Some(var)) => std::env::var(var)
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+                .map(SecretString::from)
+                .ok_or_else(|| format!("rabbitmq.url_env: environment variable {var} is not set")),
+            (None, None) => Err("rabbitmq.url is missing".into()),
+        }
+    }
+
+    /// The broker bindings, as `check` prints them.
+    pub fn bindings(&self) -> Vec<String> {
+        match self.exchange_type.as_str() {
+            "headers" if self.bind_headers.is_empty() => vec!["every message".into()],
+            "headers" => self
+                .bind_headers
+                .iter()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect(),
+            "fanout" => vec!["every message".into()],
+            _ if self.routing_keys.is_empty() => vec!["#".into()],
+            _ => self.routing_keys.clone(),
+        }
+    }
 }
 
 fn default_exchange_type() -> String {
@@ -174,6 +207,30 @@ impl VersionKind {
             },
         }
     }
+}
+
+/// Events the source maps but that its header bindings keep out of the
+/// queue (every binding matching on the name header, none on this name).
+pub fn unbound_events(src: &SourceConfig) -> Vec<String> {
+    let Some(r) = &src.rabbitmq else {
+        return Vec::new();
+    };
+    let header = src.name_header.as_deref().unwrap_or("name");
+    if r.exchange_type != "headers"
+        || r.bind_headers.is_empty()
+        || src.name_pointer.is_some()
+        || !r.bind_headers.iter().all(|b| b.contains_key(header))
+        || r.bind_headers
+            .iter()
+            .any(|b| b.get("x-match").is_some_and(|m| m.starts_with("any")))
+    {
+        return Vec::new();
+    }
+    src.events
+        .keys()
+        .filter(|name| !r.bind_headers.iter().any(|b| b.get(header) == Some(*name)))
+        .cloned()
+        .collect()
 }
 
 /// Checks a source against the resources it maps onto.
@@ -265,24 +322,20 @@ pub(super) fn validate_source(
                     "must be between 0 and 3600 seconds",
                 ));
             }
-            r.resolved_url = Some(match (&r.url, &r.url_env) {
+            match (&r.url, &r.url_env) {
                 (Some(_), Some(_)) => {
                     return Err(problem("rabbitmq.url_env", "set url or url_env, not both"))
                 }
-                (Some(u), None) => u.clone(),
-                (None, Some(var)) => std::env::var(var).map(SecretString::from).map_err(|_| {
-                    problem(
-                        "rabbitmq.url_env",
-                        format!("environment variable {var} is not set"),
-                    )
-                })?,
                 (None, None) => {
                     return Err(problem(
                         "rabbitmq.url",
                         "missing: set url (amqp://user:password@host:5672/vhost) or url_env",
                     ))
                 }
-            });
+                // A variable is read when the source starts (`driftd run`),
+                // so that `check` and `reconcile` work without it.
+                _ => {}
+            }
         }
         (SourceKind::Webhook, None) => {}
     }

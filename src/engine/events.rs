@@ -326,9 +326,12 @@ impl Events {
                 v.dead_letter = Some(letter.id);
             }
         }
-        for v in &verdicts {
-            self.metrics
-                .event(source, v.resource.as_deref().unwrap_or(""), v.outcome);
+        // A replay is not a new event: it is not counted again.
+        if dead_letter {
+            for v in &verdicts {
+                self.metrics
+                    .event(source, v.resource.as_deref().unwrap_or(""), v.outcome);
+            }
         }
         Ok(verdicts)
     }

@@ -38,10 +38,20 @@ pub async fn run(ctx: SourceContext) {
         let Some(rabbit) = ctx.config.rabbitmq.clone() else {
             return;
         };
+        let url = match rabbit.resolve_url() {
+            Ok(u) => u,
+            Err(e) => {
+                // `driftd run` checks this before starting; a variable
+                // unset since is reported, not retried.
+                tracing::error!(error = %e, "source not started");
+                ctx.status.down(&e);
+                return;
+            }
+        };
         let max = Duration::from_secs_f64(rabbit.max_backoff_secs);
         let mut backoff = MIN_BACKOFF;
         loop {
-            let outcome = consume(&ctx, &rabbit, &mut backoff).await;
+            let outcome = consume(&ctx, &rabbit, url.expose_secret(), &mut backoff).await;
             ctx.events.metrics().source_connected(&ctx.name, false);
             match outcome {
                 Ok(()) => {
@@ -49,10 +59,7 @@ pub async fn run(ctx: SourceContext) {
                     return;
                 }
                 Err(e) => {
-                    let text = crate::redact::scrub(
-                        &format!("{e:#}"),
-                        rabbit.resolved_url.as_ref().map_or("", |u| u.expose_secret()),
-                    );
+                    let text = crate::redact::scrub(&format!("{e:#}"), url.expose_secret());
                     tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
                     ctx.status.down(&text);
                 }
@@ -73,16 +80,12 @@ pub async fn run(ctx: SourceContext) {
 async fn consume(
     ctx: &SourceContext,
     rabbit: &RabbitConfig,
+    url: &str,
     backoff: &mut Duration,
 ) -> anyhow::Result<()> {
-    let url = rabbit
-        .resolved_url
-        .as_ref()
-        .map(|u| u.expose_secret().to_string())
-        .unwrap_or_default();
     let conn = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        Connection::connect(&url, ConnectionProperties::default()),
+        Connection::connect(url, ConnectionProperties::default()),
     )
     .await
     .map_err(|_| anyhow::anyhow!("no answer from the broker within {CONNECT_TIMEOUT:?}"))??;

@@ -915,7 +915,7 @@ impl Ledger for SqliteStore {
         limit: i64,
     ) -> Result<Vec<DeadLetter>, StoreError> {
         let sql = format!(
-            "{} WHERE (?1 IS NULL OR source = ?1) ORDER BY failed_at, id LIMIT ?2",
+            "{} WHERE (?1 IS NULL OR source = ?1) ORDER BY received_at, id LIMIT ?2",
             jobs::DEAD_LETTER_COLUMNS
         );
         let rows: Vec<DeadLetterRow> = sqlx::query_as(&sql)

@@ -590,3 +590,55 @@ async fn a_bad_value_from_the_environment_names_the_variable() {
     assert!(err.contains("pagesize"), "{err}");
     assert_eq!(err.matches("unknown field").count(), 1, "said twice: {err}");
 }
+
+/// A RabbitMQ source whose URL comes from a variable: `check` and
+/// `reconcile` work without it (and `check` says so, and warns about an
+/// event no binding lets in); `driftd run` refuses to start naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_url_variable_is_needed_only_to_run() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(3)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = ConfigBuilder {
+        tail: format!(
+            "{}{}",
+            open_worker_tail(dir.path()),
+            r#"
+[sources.bus]
+kind = "rabbitmq"
+[sources.bus.rabbitmq]
+url_env = "DRIFTD_TEST_UNSET_BUS_URL"
+exchange = "wazo-headers"
+queue = "driftd-cli-test"
+bind_headers = [{ name = "user_created" }]
+[sources.bus.events]
+user_created = { resource = "users", op = "upsert", key = "/data/uuid", payload = "/data" }
+user_deleted = { resource = "users", op = "delete", key = "/data/uuid" }
+"#
+        ),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+    let check = driftd(&["check"], &config, &[]);
+    assert_eq!(check.status.code(), Some(0), "{}", stderr(&check));
+    let out = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        out.contains("from DRIFTD_TEST_UNSET_BUS_URL (NOT SET"),
+        "{out}"
+    );
+    assert!(
+        out.contains("event user_deleted is mapped, but no binding lets it into the queue"),
+        "{out}"
+    );
+    assert!(!out.contains("event user_created is mapped, but"), "{out}");
+    let pass = driftd(&["reconcile", "users"], &config, &[]);
+    assert_eq!(pass.status.code(), Some(0), "{}", stderr(&pass));
+    let run = driftd(&["run"], &config, &[]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(
+        stderr(&run).contains("DRIFTD_TEST_UNSET_BUS_URL is not set"),
+        "{}",
+        stderr(&run)
+    );
+}

@@ -180,13 +180,41 @@ async fn webhook_events_apply_and_cascade_through_the_worker(backend: Backend) {
     assert_eq!(status, 200);
     assert_eq!(out["event"]["outcome"], "dead_lettered", "{out}");
     let id = out["event"]["dead_letter"].as_str().unwrap().to_string();
-    let (_, list) = api(
-        "GET",
-        &format!("{base}/v1/dead-letters?source=bus"),
-        None,
+    // Credentials sent along are not kept with the message.
+    let resp = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(TOKEN)
+        .header("Cookie", "session=cookie-secret")
+        .header("X-Trace", "t-1")
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let letters_url = format!("{base}/v1/dead-letters?source=bus");
+    let (_, all) = api("GET", &letters_url, Some(TOKEN), None).await;
+    let kept = all["dead_letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["body"] == "not json")
+        .unwrap()
+        .clone();
+    assert_eq!(kept["headers"]["x-trace"], "t-1", "{kept}");
+    assert!(!kept.to_string().contains("cookie-secret"), "{kept}");
+    assert!(!kept.to_string().contains(TOKEN), "{kept}");
+    let gone = kept["id"].as_str().unwrap();
+    let (status, _) = api(
+        "DELETE",
+        &format!("{base}/v1/dead-letters/{gone}"),
+        Some(TOKEN),
         None,
     )
     .await;
+    assert_eq!(status, 200);
+    let (status, _) = api("GET", &letters_url, None, None).await;
+    assert_eq!(status, 401, "dead letters hold other services' data");
+    let (_, list) = api("GET", &letters_url, Some(TOKEN), None).await;
     let letters = list["dead_letters"].as_array().unwrap();
     assert_eq!(letters.len(), 1, "{list}");
     assert_eq!(letters[0]["body"], "{\"name\": \"auth_tenant_deleted\"}");
@@ -244,7 +272,7 @@ async fn webhook_events_apply_and_cascade_through_the_worker(backend: Backend) {
     let (_, sources) = api("GET", &format!("{base}/v1/sources"), None, None).await;
     assert_eq!(sources["sources"][0]["name"], "bus");
     assert_eq!(sources["sources"][0]["state"], "connected");
-    assert_eq!(sources["sources"][0]["events"], 3, "{sources}");
+    assert_eq!(sources["sources"][0]["events"], 4, "{sources}");
     let (status, ready) = api("GET", &format!("{base}/readyz"), None, None).await;
     assert_eq!(status, 200, "{ready}");
     let (status, _) = api(
