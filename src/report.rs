@@ -92,6 +92,19 @@ pub fn human(r: &PassReport) -> String {
             String::new()
         }
     );
+    if r.actions.yielded > 0 {
+        let _ = writeln!(
+            out,
+            "  yielded  {} key(s) an event wrote after this pass began listing (the event is newer)",
+            r.actions.yielded
+        );
+    }
+    for (child, n) in &r.actions.cascaded {
+        let _ = writeln!(
+            out,
+            "  cascade  {n} {child} row(s) purged with their parents"
+        );
+    }
     for (label, keys, total) in [
         ("insert", &r.keys.insert, r.actions.insert),
         ("update", &r.keys.update, r.actions.update),

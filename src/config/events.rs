@@ -188,6 +188,13 @@ pub enum VersionKind {
 }
 
 impl VersionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VersionKind::Integer => "integer",
+            VersionKind::Timestamp => "timestamp",
+        }
+    }
+
     /// The version as text that sorts like the version.
     pub fn sortable(self, json: &serde_json::Value) -> Result<String, String> {
         match self {
@@ -259,8 +266,31 @@ pub(super) fn validate_source(
             "maps no event name to a resource; add [sources.<name>.events.<event>]",
         ));
     }
+    let mut kinds: BTreeMap<&str, (VersionKind, &str)> = BTreeMap::new();
     for (name, ev) in &src.events {
         let field = |f: &str| format!("events.{name}.{f}");
+        if ev.version.is_some() {
+            // One journal of versions per key: kinds cannot mix (every
+            // timestamp would sort after every integer).
+            match kinds.get(ev.resource.as_str()) {
+                Some((kind, other)) if *kind != ev.version_kind => {
+                    return Err(problem(
+                        &field("version_kind"),
+                        format!(
+                            "`{}` versions of resource `{}` are {}, but event `{other}` gives it {} versions: one kind per resource",
+                            name,
+                            ev.resource,
+                            ev.version_kind.as_str(),
+                            kind.as_str()
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    kinds.insert(ev.resource.as_str(), (ev.version_kind, name.as_str()));
+                }
+            }
+        }
         let Some(res) = resources.get(&ev.resource) else {
             let known: Vec<&str> = resources.keys().map(String::as_str).collect();
             return Err(problem(

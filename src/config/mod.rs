@@ -823,10 +823,28 @@ impl Settings {
                 return Err(invalid(format!("unknown resource `{}`", parent.resource)));
             }
             let column = Ident::parse(&parent.column).map_err(invalid)?;
-            if !res.columns.contains_key(&parent.column) {
+            let Some(mapped) = res.columns.get(&parent.column) else {
                 return Err(invalid(format!(
                     "column `{}` is not one of this resource's mapped columns",
                     parent.column
+                )));
+            };
+            // The column must hold the parent's keys in the parent key's
+            // canonical form, or a cascade would miss children.
+            let parent_key = self.resources[&parent.resource].key.kind;
+            let wanted = match parent_key {
+                KeyType::Text => ColumnType::Text,
+                KeyType::Integer => ColumnType::Integer,
+                KeyType::Uuid => ColumnType::Uuid,
+            };
+            if mapped.kind != wanted {
+                return Err(invalid(format!(
+                    "column `{}` is mapped as {} but holds `{}` keys, which are {}: map it with type = \"{}\"",
+                    parent.column,
+                    mapped.kind.as_str(),
+                    parent.resource,
+                    parent_key.as_str(),
+                    wanted.as_str()
                 )));
             }
             links.push((

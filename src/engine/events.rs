@@ -213,13 +213,11 @@ impl Events {
         let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
         let verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
         if verdict.outcome == "dead_lettered" {
-            let again = DeadLetter {
-                error: verdict.error.clone().unwrap_or_default(),
-                failed_at: crate::store::now_rfc3339(),
-                ..letter
-            };
-            self.store.delete_dead_letter(id).await?;
-            self.store.add_dead_letter(&again).await?;
+            // One statement: the letter is never lost between two.
+            let error = no_nul(verdict.error.as_deref().unwrap_or_default());
+            self.store
+                .refail_dead_letter(id, &error, &crate::store::now_rfc3339())
+                .await?;
         } else {
             self.store.delete_dead_letter(id).await?;
         }
@@ -260,9 +258,11 @@ impl Events {
             prepared.extend(futures_util::future::join_all(futures).await);
         }
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(batch.len());
-        // Per resource, in order of arrival: the changes (one per key) and
-        // the messages each stands for.
-        let mut groups: BTreeMap<String, Group> = BTreeMap::new();
+        // Runs of consecutive changes to one resource, in order of arrival:
+        // a batch is applied in the order it was sent, across resources too
+        // (a child created before its parent's delete is purged with it; a
+        // parent added before its child exists when the child arrives).
+        let mut groups: Vec<(String, Group)> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
             match p {
                 Prepared::Ignored { name } => {
@@ -295,7 +295,14 @@ impl Events {
                     if let Some(t) = time {
                         self.metrics.event_lag(source, unix_now() - t);
                     }
-                    groups.entry(resource).or_default().add(i, change);
+                    match groups.last_mut() {
+                        Some((r, g)) if *r == resource => g.add(i, change),
+                        _ => {
+                            let mut g = Group::default();
+                            g.add(i, change);
+                            groups.push((resource, g));
+                        }
+                    }
                 }
             }
         }
@@ -304,12 +311,18 @@ impl Events {
         }
         for (v, env) in verdicts.iter_mut().zip(batch) {
             if v.outcome == "dead_lettered" && dead_letter {
+                // Text columns cannot hold NUL (PostgreSQL): a message that
+                // carries one must still be kept, not block the queue.
                 let letter = DeadLetter {
                     id: uuid::Uuid::new_v4().to_string(),
                     source: source.to_string(),
-                    event: v.event.clone(),
-                    error: v.error.clone().unwrap_or_default(),
-                    headers: env.headers.clone(),
+                    event: v.event.as_deref().map(no_nul),
+                    error: no_nul(v.error.as_deref().unwrap_or_default()),
+                    headers: env
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (no_nul(k), no_nul(v)))
+                        .collect(),
                     body: String::new(),
                     raw: env.body.clone(),
                     received_at: env.received_at.clone(),
@@ -348,9 +361,6 @@ impl Events {
         let Some(target) = self.targets.get(resource) else {
             return Ok(());
         };
-        for i in &group.stale {
-            verdicts[*i].outcome = "stale";
-        }
         if !target.prepared.load(std::sync::atomic::Ordering::Acquire) {
             // A table driftd cannot mirror is the operator's to fix: the
             // batch goes back to the source, nothing is dead-lettered.
@@ -385,20 +395,25 @@ impl Events {
                 results
             }
         };
-        let mut deleted: Vec<(Key, Vec<usize>)> = Vec::new();
-        for ((change, owners), result) in group.changes.iter().zip(&group.owners).zip(results) {
-            for i in owners {
-                match &result {
-                    Ok(ChangeResult::Applied) => {}
-                    Ok(ChangeResult::Stale) => verdicts[*i].outcome = "stale",
-                    Err(e) => {
-                        verdicts[*i].outcome = "dead_lettered";
-                        verdicts[*i].error = Some(e.clone());
-                    }
+        // Deletes whose parents may have children to purge: applied ones,
+        // and stale ones (a redelivery after a cascade that failed) whose
+        // parent is indeed gone.
+        let mut deleted: Vec<(Key, usize, bool)> = Vec::new();
+        for ((change, i), result) in group.changes.iter().zip(&group.owners).zip(results) {
+            match &result {
+                Ok(ChangeResult::Applied) => {}
+                Ok(ChangeResult::Stale) => verdicts[*i].outcome = "stale",
+                Err(e) => {
+                    verdicts[*i].outcome = "dead_lettered";
+                    verdicts[*i].error = Some(e.clone());
                 }
             }
-            if change.row.is_none() && matches!(result, Ok(ChangeResult::Applied)) {
-                deleted.push((change.key.clone(), owners.clone()));
+            if change.row.is_none() {
+                match result {
+                    Ok(ChangeResult::Applied) => deleted.push((change.key.clone(), *i, true)),
+                    Ok(ChangeResult::Stale) => deleted.push((change.key.clone(), *i, false)),
+                    Err(_) => {}
+                }
             }
         }
         let children = self
@@ -412,18 +427,20 @@ impl Events {
         }
         // Parent by parent (deletes of parents are rare), so that each
         // event's answer counts its own children.
-        for (key, owners) in deleted {
-            let done = super::cascade(
-                self.store.as_ref(),
-                children,
-                resource,
-                std::slice::from_ref(&key),
-            )
-            .await?;
+        for (key, i, applied) in deleted {
+            let parent = std::slice::from_ref(&key);
+            if !applied
+                && self
+                    .store
+                    .count_children(&target.spec, &target.spec.key_column, parent)
+                    .await?
+                    > 0
+            {
+                continue; // a newer version of the parent lives
+            }
+            let done = super::cascade(self.store.as_ref(), children, resource, parent).await?;
             for (child, n) in done {
-                for i in &owners {
-                    verdicts[*i].cascaded.insert(child.clone(), n);
-                }
+                verdicts[i].cascaded.insert(child, n);
             }
         }
         Ok(())
@@ -573,6 +590,11 @@ async fn refetch(
     }
 }
 
+/// `text` with NUL characters spelled `\0`.
+fn no_nul(text: &str) -> String {
+    text.replace('\0', "\\0")
+}
+
 /// An event time: RFC 3339 text or seconds since the epoch.
 fn event_time(v: &Json) -> Option<f64> {
     match v {
@@ -597,67 +619,25 @@ fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-/// One resource's changes in a batch, one per key.
+/// A run of one resource's changes in a batch, in order of arrival (a key
+/// may come more than once: the store applies them in order).
 #[derive(Default)]
 struct Group {
     changes: Vec<Change>,
-    /// The messages each change stands for.
-    owners: Vec<Vec<usize>>,
-    /// Messages older than a later one for the same key in the batch.
-    stale: Vec<usize>,
-    at: HashMap<Key, usize>,
+    /// The message each change comes from.
+    owners: Vec<usize>,
 }
 
 impl Group {
-    /// Adds message `i`'s change; a later change to the same key replaces
-    /// an earlier one unless its version is older.
     fn add(&mut self, i: usize, change: Change) {
-        match self.at.get(&change.key) {
-            None => {
-                self.at.insert(change.key.clone(), self.changes.len());
-                self.changes.push(change);
-                self.owners.push(vec![i]);
-            }
-            Some(&at) => {
-                let older = matches!(
-                    (&change.version, &self.changes[at].version),
-                    (Some(new), Some(old)) if new < old
-                );
-                if older {
-                    self.stale.push(i);
-                } else {
-                    self.changes[at] = change;
-                    self.owners[at].push(i);
-                }
-            }
-        }
+        self.changes.push(change);
+        self.owners.push(i);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn change(key: &str, version: Option<&str>) -> Change {
-        Change {
-            key: Key(key.into()),
-            row: None,
-            version: version.map(str::to_string),
-        }
-    }
-
-    #[test]
-    fn a_batch_keeps_the_newest_change_per_key() {
-        let mut g = Group::default();
-        g.add(0, change("a", Some("2")));
-        g.add(1, change("b", None));
-        g.add(2, change("a", Some("1")));
-        g.add(3, change("a", Some("3")));
-        assert_eq!(g.changes.len(), 2);
-        assert_eq!(g.changes[0].version.as_deref(), Some("3"));
-        assert_eq!(g.owners[0], vec![0, 3]);
-        assert_eq!(g.stale, vec![2]);
-    }
 
     #[test]
     fn event_times_parse() {

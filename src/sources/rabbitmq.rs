@@ -3,8 +3,9 @@
 //! to the configured exchange, consumed with a prefetch window. Messages are taken
 //! in batches (what has arrived, up to `batch_size`), settled by the event
 //! engine in one transaction per resource, then acknowledged together. When
-//! the database cannot be used, the batch is handed back to the broker
-//! (nack with requeue) and nothing is lost. A lost connection is retried
+//! the database cannot be used, the connection is closed, which hands every
+//! unacknowledged message back to the broker in queue order, and nothing is
+//! lost or reordered. A lost connection is retried
 //! with a growing, jittered pause.
 
 use std::collections::BTreeMap;
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -60,7 +61,7 @@ pub async fn run(ctx: SourceContext) {
                 }
                 Err(e) => {
                     let text = crate::redact::scrub(&format!("{e:#}"), url.expose_secret());
-                    tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "broker connection lost; reconnecting");
+                    tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source stopped consuming; reconnecting");
                     ctx.status.down(&text);
                 }
             }
@@ -107,9 +108,6 @@ async fn consume(
     ctx.events.metrics().source_connected(&ctx.name, true);
     tracing::info!(queue = %rabbit.queue, exchange = %rabbit.exchange, "consuming");
     let batch_size = ctx.config.batch_size;
-    // Whether the last batch went back to the broker (the database could
-    // not take it).
-    let mut stalled = false;
     loop {
         let first = tokio::select! {
             _ = ctx.shutdown.cancelled() => {
@@ -139,31 +137,23 @@ async fn consume(
             Ok(_) => {
                 last.ack(BasicAckOptions { multiple: true }).await?;
                 ctx.status.settled(envelopes.len());
-                if stalled {
-                    stalled = false;
-                    ctx.status.connected();
-                    ctx.events.metrics().source_connected(&ctx.name, true);
-                }
             }
             Err(e) => {
-                // Not settled: hand the batch back, try again shortly.
-                tracing::warn!(error = %e, messages = envelopes.len(), "database unavailable; events handed back to the broker");
-                ctx.status.down(&format!("database: {e}"));
-                // Not consuming: the disconnected alert may fire.
-                ctx.events.metrics().source_connected(&ctx.name, false);
-                stalled = true;
-                last.nack(BasicNackOptions {
-                    multiple: true,
-                    requeue: true,
-                })
-                .await?;
+                // Not settled. A nack would requeue this batch behind the
+                // messages already prefetched after it, which would then
+                // apply first (a delete before its create). Closing the
+                // channel hands back every unacknowledged message in queue
+                // order instead; consuming starts again after a pause.
+                tracing::warn!(error = %e, messages = envelopes.len(), "database unavailable; unacknowledged events handed back to the broker in order");
+                let _ = channel
+                    .close(200, "driftd: database unavailable".into())
+                    .await;
+                let _ = conn.close(200, "driftd: database unavailable".into()).await;
                 tokio::select! {
-                    _ = ctx.shutdown.cancelled() => {
-                        let _ = conn.close(200, "driftd stopping".into()).await;
-                        return Ok(());
-                    }
+                    _ = ctx.shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(STORE_PAUSE) => {}
                 }
+                anyhow::bail!("database: {e}");
             }
         }
     }

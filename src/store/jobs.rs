@@ -78,8 +78,16 @@ pub(crate) const FENCE_NEXT: &str =
 pub(crate) const FENCE_MARK: &str =
     "SELECT COALESCE(MAX(seq), 0) FROM driftd_write_fence WHERE resource = $1";
 
-/// Forgets journal entries older than `$1`.
-pub(crate) const PRUNE_JOURNAL: &str = "DELETE FROM driftd_key_journal WHERE touched_at < $1";
+/// Forgets journal entries older than `$1` that carry no version (they
+/// only fence passes, none of which runs that long); versioned entries
+/// stay, one per key, so that an old event (a late redelivery, a replayed
+/// dead letter) is still known to be old.
+pub(crate) const PRUNE_JOURNAL: &str =
+    "DELETE FROM driftd_key_journal WHERE touched_at < $1 AND version IS NULL";
+
+/// A dead letter that failed again: `$1` id, `$2` error, `$3` time.
+pub(crate) const DEAD_LETTER_REFAIL: &str =
+    "UPDATE driftd_dead_letters SET error = $2, failed_at = $3 WHERE id = $1";
 
 pub(crate) const DEAD_LETTER_INSERT: &str = "INSERT INTO driftd_dead_letters \
      (id, source, event, error, headers, body, received_at, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";

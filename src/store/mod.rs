@@ -301,6 +301,15 @@ pub trait Ledger: Send + Sync {
         id: &str,
     ) -> impl Future<Output = Result<Option<DeadLetter>, StoreError>> + Send;
 
+    /// Records that a dead letter failed again (its replay): the new
+    /// error and time.
+    fn refail_dead_letter(
+        &self,
+        id: &str,
+        error: &str,
+        failed_at: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// Deletes a dead letter; returns whether it existed.
     fn delete_dead_letter(&self, id: &str)
         -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -583,6 +592,14 @@ impl Ledger for AnyStore {
     }
     async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         delegate!(self, get_dead_letter(id))
+    }
+    async fn refail_dead_letter(
+        &self,
+        id: &str,
+        error: &str,
+        failed_at: &str,
+    ) -> Result<(), StoreError> {
+        delegate!(self, refail_dead_letter(id, error, failed_at))
     }
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
         delegate!(self, delete_dead_letter(id))

@@ -937,6 +937,22 @@ impl Ledger for SqliteStore {
         Ok(row.map(DeadLetter::from_parts))
     }
 
+    async fn refail_dead_letter(
+        &self,
+        id: &str,
+        error: &str,
+        failed_at: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(&jobs::DEAD_LETTER_REFAIL.replace('$', "?"))
+            .bind(id)
+            .bind(error)
+            .bind(failed_at)
+            .execute(&self.pool)
+            .await
+            .map_err(query_err("record a failed replay"))?;
+        Ok(())
+    }
+
     async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
         self.check_file()?;
         Ok(sqlx::query("DELETE FROM driftd_dead_letters WHERE id = ?1")

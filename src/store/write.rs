@@ -99,7 +99,10 @@ pub(crate) async fn pass<T: WriteTx>(
     Ok(Written { done, yielded })
 }
 
-/// [`super::Mirror::apply_changes`] in `tx`.
+/// [`super::Mirror::apply_changes`] in `tx`: in order. Changes to distinct
+/// keys go together; a key met again starts a new round, which sees what
+/// the rounds before it wrote (rows and journaled versions), so a batch
+/// ends as the same changes applied one by one would leave it.
 pub(crate) async fn changes<T: WriteTx>(
     mut tx: T,
     spec: &TableSpec,
@@ -107,29 +110,52 @@ pub(crate) async fn changes<T: WriteTx>(
     changes: &[Change],
 ) -> Result<Vec<ChangeResult>, StoreError> {
     let seq = tx.fence(resource, true).await?;
-    let versioned: Vec<&str> = changes
-        .iter()
-        .filter(|c| c.version.is_some())
-        .map(|c| c.key.as_str())
-        .collect();
-    let stored = if versioned.is_empty() {
-        HashMap::new()
-    } else {
-        tx.versions(resource, &versioned).await?
-    };
-    let results = judge_versions(changes, &stored);
-    let batch = ChangeBatch::new(changes, &results);
-    if !batch.upserts.is_empty() {
-        // Revives soft-deleted rows, updates live ones, inserts the rest.
-        tx.update_rows(spec, &batch.upserts).await?;
-        tx.insert_rows(spec, &batch.upserts).await?;
+    let mut results = vec![ChangeResult::Applied; changes.len()];
+    for round in rounds(changes) {
+        let these: Vec<Change> = round.iter().map(|&i| changes[i].clone()).collect();
+        let versioned: Vec<&str> = these
+            .iter()
+            .filter(|c| c.version.is_some())
+            .map(|c| c.key.as_str())
+            .collect();
+        let stored = if versioned.is_empty() {
+            HashMap::new()
+        } else {
+            tx.versions(resource, &versioned).await?
+        };
+        let judged = judge_versions(&these, &stored);
+        let batch = ChangeBatch::new(&these, &judged);
+        if !batch.upserts.is_empty() {
+            // Revives soft-deleted rows, updates live ones, inserts the rest.
+            tx.update_rows(spec, &batch.upserts).await?;
+            tx.insert_rows(spec, &batch.upserts).await?;
+        }
+        if !batch.deletes.is_empty() {
+            tx.purge_keys(spec, &batch.deletes).await?;
+        }
+        tx.journal(resource, seq, &batch.journal).await?;
+        for (&i, r) in round.iter().zip(judged) {
+            results[i] = r;
+        }
     }
-    if !batch.deletes.is_empty() {
-        tx.purge_keys(spec, &batch.deletes).await?;
-    }
-    tx.journal(resource, seq, &batch.journal).await?;
     tx.commit("commit events").await?;
     Ok(results)
+}
+
+/// Splits changes into rounds of distinct keys, in order: a change goes in
+/// the round after the last one holding its key.
+fn rounds(changes: &[Change]) -> Vec<Vec<usize>> {
+    let mut rounds: Vec<Vec<usize>> = Vec::new();
+    let mut last: HashMap<&str, usize> = HashMap::new();
+    for (i, c) in changes.iter().enumerate() {
+        let r = last.get(c.key.as_str()).map_or(0, |r| r + 1);
+        if rounds.len() <= r {
+            rounds.push(Vec::new());
+        }
+        rounds[r].push(i);
+        last.insert(c.key.as_str(), r);
+    }
+    rounds
 }
 
 /// [`super::Mirror::purge_children`] in `tx`.
@@ -149,4 +175,23 @@ pub(crate) async fn children<T: WriteTx>(
     tx.journal(resource, seq, &entries).await?;
     tx.commit("commit cascade").await?;
     Ok(keys)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(key: &str) -> Change {
+        Change {
+            key: Key(key.into()),
+            row: None,
+            version: None,
+        }
+    }
+
+    #[test]
+    fn a_key_met_again_waits_for_the_next_round() {
+        let cs: Vec<Change> = ["a", "b", "a", "c", "a", "b"].map(change).into();
+        assert_eq!(rounds(&cs), vec![vec![0, 1, 3], vec![2, 5], vec![4]]);
+    }
 }

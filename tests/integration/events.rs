@@ -498,6 +498,9 @@ async fn race(backend: Backend, other_process: bool) {
         "{:#}",
         report["actions"]
     );
+    let parsed: driftd::pass::PassReport = serde_json::from_value(report.clone()).unwrap();
+    let text = driftd::report::human(&parsed);
+    assert!(text.contains("yielded"), "{text}");
     let keys = db.keys("users").await;
     assert!(
         !keys.contains(&deleted),

@@ -317,6 +317,8 @@ async fn a_parent_purged_by_a_pass_purges_its_children(backend: Backend) {
         Some(&3),
         "{report:#?}"
     );
+    let text = driftd::report::human(&report);
+    assert!(text.contains("cascade  3 users row(s)"), "{text}");
     assert_eq!(users_of(&w.db, &t1).await, 0);
     assert_eq!(w.db.count("users").await, 27);
 }

@@ -17,5 +17,6 @@ mod retention;
 mod review;
 mod review2;
 mod review3;
+mod review4;
 mod security;
 mod sqlite_file;
