@@ -225,6 +225,21 @@ where
     }
 }
 
+/// Starts a worker and waits until its source consumes; returns it and its
+/// admin URL.
+async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
+    let d = Daemon::start(settings).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    eventually(Duration::from_secs(20), "the source connects", || async {
+        source_connected(&base)
+            .await
+            .then_some(())
+            .ok_or("not yet".into())
+    })
+    .await;
+    (d, base)
+}
+
 async fn source_connected(base: &str) -> bool {
     let body = reqwest::get(format!("{base}/v1/sources"))
         .await
@@ -243,17 +258,7 @@ async fn events_on_the_bus_show_up_within_a_second(backend: Backend) {
     let (_up, addr) = upstream(users(0)).await;
     let dir = tempfile::tempdir().unwrap();
     let n = names();
-    let d = Daemon::start(settings(&db, addr, dir.path(), &n))
-        .await
-        .unwrap();
-    let base = format!("http://{}", d.addr);
-    eventually(Duration::from_secs(20), "the source connects", || async {
-        source_connected(&base)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
+    let (d, base) = start_connected(settings(&db, addr, dir.path(), &n)).await;
     let mut publisher = Publisher::new(&n.exchange);
     for (i, u) in users(5).into_iter().enumerate() {
         let key = u["uuid"].as_str().unwrap().to_string();
@@ -302,15 +307,7 @@ async fn restarts_of_the_broker_and_driftd_lose_no_event(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let n = names();
     let s = settings(&db, addr, dir.path(), &n);
-    let d = Daemon::start(s.clone()).await.unwrap();
-    let base = format!("http://{}", d.addr);
-    eventually(Duration::from_secs(20), "the source connects", || async {
-        source_connected(&base)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
+    let (d, base) = start_connected(s.clone()).await;
     let all = users(300);
     let mut expected: BTreeMap<String, Json> = BTreeMap::new();
     let mut publisher = Publisher::new(&n.exchange);
@@ -415,15 +412,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_the_queue_moves_on(backend: Back
     let dir = tempfile::tempdir().unwrap();
     let n = names();
     let s = settings(&db, addr, dir.path(), &n);
-    let d = Daemon::start(s.clone()).await.unwrap();
-    let base = format!("http://{}", d.addr);
-    eventually(Duration::from_secs(20), "the source connects", || async {
-        source_connected(&base)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
+    let (d, base) = start_connected(s.clone()).await;
     let mut publisher = Publisher::new(&n.exchange);
     let all = users(4);
     publisher.publish("user_created", all[0].clone()).await;
@@ -475,24 +464,8 @@ async fn replicas_on_one_queue_take_turns_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let n = names();
     let s = settings(&db, addr, dir.path(), &n);
-    let a = Daemon::start(s.clone()).await.unwrap();
-    let base_a = format!("http://{}", a.addr);
-    eventually(Duration::from_secs(20), "replica a connects", || async {
-        source_connected(&base_a)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
-    let b = Daemon::start(s.clone()).await.unwrap();
-    let base_b = format!("http://{}", b.addr);
-    eventually(Duration::from_secs(20), "replica b connects", || async {
-        source_connected(&base_b)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
+    let (a, base_a) = start_connected(s.clone()).await;
+    let (b, base_b) = start_connected(s.clone()).await;
     let mut publisher = Publisher::new(&n.exchange);
     // Each user created then deleted: out of order, a create would land
     // after its delete and leave a ghost.
