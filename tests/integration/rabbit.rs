@@ -307,7 +307,7 @@ async fn restarts_of_the_broker_and_driftd_lose_no_event(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let n = names();
     let s = settings(&db, addr, dir.path(), &n);
-    let (d, base) = start_connected(s.clone()).await;
+    let (d, _) = start_connected(s.clone()).await;
     let all = users(300);
     let mut expected: BTreeMap<String, Json> = BTreeMap::new();
     let mut publisher = Publisher::new(&n.exchange);
@@ -412,7 +412,7 @@ async fn poison_on_the_bus_is_dead_lettered_and_the_queue_moves_on(backend: Back
     let dir = tempfile::tempdir().unwrap();
     let n = names();
     let s = settings(&db, addr, dir.path(), &n);
-    let (d, base) = start_connected(s.clone()).await;
+    let (d, _) = start_connected(s.clone()).await;
     let mut publisher = Publisher::new(&n.exchange);
     let all = users(4);
     publisher.publish("user_created", all[0].clone()).await;
