@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use super::{authorize, path_rejected, store_error, ApiError, AppState};
+use super::{authorize, parse_limit, path_rejected, store_error, ApiError, AppState};
 use crate::config::SourceKind;
 use crate::engine::events::{Envelope, ReplayError};
 use crate::store::Ledger;
@@ -85,7 +85,7 @@ pub(super) async fn list_dead_letters(
     let Query(q) = q.map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
     authorize(&s, &headers)?;
     let mut source = None;
-    let mut limit = 100;
+    let mut limit: i64 = 100;
     for (k, v) in &q {
         match k.as_str() {
             "source" => {
@@ -94,15 +94,7 @@ pub(super) async fn list_dead_letters(
                 }
                 source = Some(v.clone());
             }
-            "limit" => {
-                limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!("limit `{v}`: expected 1 to 1000"))
-                    })?
-            }
+            "limit" => limit = parse_limit(v)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown parameter `{other}`"

@@ -343,15 +343,7 @@ async fn list_jobs(
                     ))
                 })?)
             }
-            "limit" => {
-                filter.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=1000).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!("limit `{v}`: expected 1 to 1000"))
-                    })?
-            }
+            "limit" => filter.limit = parse_limit(v)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown parameter `{other}`"
@@ -366,6 +358,14 @@ async fn list_jobs(
         .await
         .map_err(store_error)?;
     Ok(Json(json!({"jobs": jobs})).into_response())
+}
+
+/// A list's `limit` parameter: 1 to 1000.
+fn parse_limit<N: std::str::FromStr + PartialOrd + From<u16>>(v: &str) -> Result<N, ApiError> {
+    v.parse()
+        .ok()
+        .filter(|n| (N::from(1)..=N::from(1000)).contains(n))
+        .ok_or_else(|| ApiError::bad_request(format!("limit `{v}`: expected 1 to 1000")))
 }
 
 fn parse_id(raw: &str) -> Result<JobId, ApiError> {

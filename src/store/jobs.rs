@@ -217,3 +217,104 @@ pub(crate) fn from_row(row: JobRow) -> Result<Job, StoreError> {
         report: row.11.and_then(|r| serde_json::from_str(&r).ok()),
     })
 }
+
+/// The dead-letter half of [`super::Ledger`], the same on both backends
+/// (written out once here, expanded in each backend's `impl Ledger`):
+/// `$sql` turns this module's `$n` SQL into the backend's; each write first
+/// asks the store's `writable()`.
+macro_rules! dead_letter_methods {
+    ($sql:path) => {
+        async fn add_dead_letter(
+            &self,
+            d: &$crate::store::DeadLetter,
+        ) -> Result<(), $crate::store::StoreError> {
+            use $crate::store::jobs::DEAD_LETTER_INSERT;
+            self.writable()?;
+            sqlx::query(&$sql(DEAD_LETTER_INSERT))
+                .bind(&d.id)
+                .bind(&d.source)
+                .bind(&d.event)
+                .bind(&d.error)
+                .bind(serde_json::to_string(&d.headers).unwrap_or_default())
+                .bind(&d.raw)
+                .bind(&d.received_at)
+                .bind(&d.failed_at)
+                .execute(&self.pool)
+                .await
+                .map_err($crate::store::query_err("store a dead letter"))?;
+            Ok(())
+        }
+
+        async fn list_dead_letters(
+            &self,
+            source: Option<&str>,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::DeadLetter>, $crate::store::StoreError> {
+            let sql = format!(
+                "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY received_at, id LIMIT $2",
+                $crate::store::jobs::DEAD_LETTER_COLUMNS
+            );
+            let rows: Vec<$crate::store::DeadLetterRow> = sqlx::query_as(&$sql(&sql))
+                .bind(source)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::store::query_err("list dead letters"))?;
+            Ok(rows
+                .into_iter()
+                .map($crate::store::DeadLetter::from_parts)
+                .collect())
+        }
+
+        async fn get_dead_letter(
+            &self,
+            id: &str,
+        ) -> Result<Option<$crate::store::DeadLetter>, $crate::store::StoreError> {
+            let sql = format!("{} WHERE id = $1", $crate::store::jobs::DEAD_LETTER_COLUMNS);
+            let row: Option<$crate::store::DeadLetterRow> = sqlx::query_as(&$sql(&sql))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err($crate::store::query_err("read a dead letter"))?;
+            Ok(row.map($crate::store::DeadLetter::from_parts))
+        }
+
+        async fn refail_dead_letter(
+            &self,
+            id: &str,
+            error: &str,
+            failed_at: &str,
+        ) -> Result<(), $crate::store::StoreError> {
+            self.writable()?;
+            sqlx::query(&$sql($crate::store::jobs::DEAD_LETTER_REFAIL))
+                .bind(id)
+                .bind(error)
+                .bind(failed_at)
+                .execute(&self.pool)
+                .await
+                .map_err($crate::store::query_err("record a failed replay"))?;
+            Ok(())
+        }
+
+        async fn delete_dead_letter(&self, id: &str) -> Result<bool, $crate::store::StoreError> {
+            self.writable()?;
+            Ok(sqlx::query(&$sql("DELETE FROM driftd_dead_letters WHERE id = $1"))
+                .bind(id)
+                .execute(&self.pool)
+                .await
+                .map_err($crate::store::query_err("delete a dead letter"))?
+                .rows_affected()
+                > 0)
+        }
+
+        async fn count_dead_letters(
+            &self,
+        ) -> Result<Vec<(String, i64)>, $crate::store::StoreError> {
+            sqlx::query_as(&$sql($crate::store::jobs::DEAD_LETTER_COUNT))
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::store::query_err("count dead letters"))
+        }
+    };
+}
+pub(crate) use dead_letter_methods;

@@ -15,8 +15,8 @@ use super::pg_schema::{self, PgColumn};
 use super::shape::{self, Shape};
 use super::write::{self, WriteTx};
 use super::{
-    check_columns, index_row, jobs, lock_key, query_err, Change, ChangeResult, DeadLetter,
-    DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError, Written,
+    check_columns, index_row, jobs, lock_key, query_err, Change, ChangeResult, Ledger, Mirror,
+    PassWrite, ResourceLock, ScanQuery, StoreError, Written,
 };
 use crate::config::{ColumnType, Ident, TableSpec};
 use crate::diff::LocalIndex;
@@ -297,6 +297,11 @@ impl PgStore {
     }
 }
 
+/// Shared `$n` SQL is PostgreSQL's own.
+fn pg_sql(sql: &str) -> &str {
+    sql
+}
+
 /// A PostgreSQL write transaction, with the store for the column types.
 struct PgWrite<'c> {
     store: &'c PgStore,
@@ -304,6 +309,11 @@ struct PgWrite<'c> {
 }
 
 impl PgStore {
+    /// driftd's own tables can always be tried: there is no file to lose.
+    fn writable(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     async fn write_tx(&self) -> Result<PgWrite<'_>, StoreError> {
         Ok(PgWrite {
             store: self,
@@ -676,82 +686,7 @@ impl Ledger for PgStore {
             .rows_affected())
     }
 
-    async fn add_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
-        sqlx::query(jobs::DEAD_LETTER_INSERT)
-            .bind(&d.id)
-            .bind(&d.source)
-            .bind(&d.event)
-            .bind(&d.error)
-            .bind(serde_json::to_string(&d.headers).unwrap_or_default())
-            .bind(&d.raw)
-            .bind(&d.received_at)
-            .bind(&d.failed_at)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("store a dead letter"))?;
-        Ok(())
-    }
-
-    async fn list_dead_letters(
-        &self,
-        source: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let sql = format!(
-            "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY received_at, id LIMIT $2",
-            jobs::DEAD_LETTER_COLUMNS
-        );
-        let rows: Vec<DeadLetterRow> = sqlx::query_as(&sql)
-            .bind(source)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("list dead letters"))?;
-        Ok(rows.into_iter().map(DeadLetter::from_parts).collect())
-    }
-
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
-        let sql = format!("{} WHERE id = $1", jobs::DEAD_LETTER_COLUMNS);
-        let row: Option<DeadLetterRow> = sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_err("read a dead letter"))?;
-        Ok(row.map(DeadLetter::from_parts))
-    }
-
-    async fn refail_dead_letter(
-        &self,
-        id: &str,
-        error: &str,
-        failed_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(jobs::DEAD_LETTER_REFAIL)
-            .bind(id)
-            .bind(error)
-            .bind(failed_at)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("record a failed replay"))?;
-        Ok(())
-    }
-
-    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(sqlx::query("DELETE FROM driftd_dead_letters WHERE id = $1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("delete a dead letter"))?
-            .rows_affected()
-            > 0)
-    }
-
-    async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        sqlx::query_as(jobs::DEAD_LETTER_COUNT)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("count dead letters"))
-    }
+    jobs::dead_letter_methods!(pg_sql);
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)

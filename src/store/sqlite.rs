@@ -14,9 +14,8 @@ use super::shape::{self, Kind, Shape};
 use super::sqlite_schema::{affinity, column_collation};
 use super::write::{self, WriteTx};
 use super::{
-    check_columns, index_row, jobs, query_err, rows_per_statement, Change, ChangeResult,
-    DeadLetter, DeadLetterRow, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, StoreError,
-    Written,
+    check_columns, index_row, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger,
+    Mirror, PassWrite, ResourceLock, ScanQuery, StoreError, Written,
 };
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;
@@ -134,6 +133,12 @@ impl SqliteStore {
     /// The pool, for tests and the quickstart that seed tables.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Whether driftd's own tables can be written: the file is still the
+    /// one opened.
+    fn writable(&self) -> Result<(), StoreError> {
+        self.check_file()
     }
 
     async fn begin(&self) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, StoreError> {
@@ -658,6 +663,11 @@ impl Mirror for SqliteStore {
     }
 }
 
+/// Shared `$n` SQL as SQLite takes it (`?n`).
+fn sqlite_sql(sql: &str) -> String {
+    sql.replace('$', "?")
+}
+
 /// A JSON array of strings, for `json_each`.
 fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     serde_json::Value::Array(
@@ -892,84 +902,7 @@ impl Ledger for SqliteStore {
             .rows_affected())
     }
 
-    async fn add_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
-        self.check_file()?;
-        sqlx::query(&jobs::DEAD_LETTER_INSERT.replace('$', "?"))
-            .bind(&d.id)
-            .bind(&d.source)
-            .bind(&d.event)
-            .bind(&d.error)
-            .bind(serde_json::to_string(&d.headers).unwrap_or_default())
-            .bind(&d.raw)
-            .bind(&d.received_at)
-            .bind(&d.failed_at)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("store a dead letter"))?;
-        Ok(())
-    }
-
-    async fn list_dead_letters(
-        &self,
-        source: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<DeadLetter>, StoreError> {
-        let sql = format!(
-            "{} WHERE (?1 IS NULL OR source = ?1) ORDER BY received_at, id LIMIT ?2",
-            jobs::DEAD_LETTER_COLUMNS
-        );
-        let rows: Vec<DeadLetterRow> = sqlx::query_as(&sql)
-            .bind(source)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("list dead letters"))?;
-        Ok(rows.into_iter().map(DeadLetter::from_parts).collect())
-    }
-
-    async fn get_dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
-        let sql = format!("{} WHERE id = ?1", jobs::DEAD_LETTER_COLUMNS);
-        let row: Option<DeadLetterRow> = sqlx::query_as(&sql)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(query_err("read a dead letter"))?;
-        Ok(row.map(DeadLetter::from_parts))
-    }
-
-    async fn refail_dead_letter(
-        &self,
-        id: &str,
-        error: &str,
-        failed_at: &str,
-    ) -> Result<(), StoreError> {
-        sqlx::query(&jobs::DEAD_LETTER_REFAIL.replace('$', "?"))
-            .bind(id)
-            .bind(error)
-            .bind(failed_at)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("record a failed replay"))?;
-        Ok(())
-    }
-
-    async fn delete_dead_letter(&self, id: &str) -> Result<bool, StoreError> {
-        self.check_file()?;
-        Ok(sqlx::query("DELETE FROM driftd_dead_letters WHERE id = ?1")
-            .bind(id)
-            .execute(&self.pool)
-            .await
-            .map_err(query_err("delete a dead letter"))?
-            .rows_affected()
-            > 0)
-    }
-
-    async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
-        sqlx::query_as(jobs::DEAD_LETTER_COUNT)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(query_err("count dead letters"))
-    }
+    jobs::dead_letter_methods!(sqlite_sql);
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)

@@ -111,8 +111,16 @@ pub(crate) async fn changes<T: WriteTx>(
 ) -> Result<Vec<ChangeResult>, StoreError> {
     let seq = tx.fence(resource, true).await?;
     let mut results = vec![ChangeResult::Applied; changes.len()];
-    for round in rounds(changes) {
-        let these: Vec<Change> = round.iter().map(|&i| changes[i].clone()).collect();
+    let rounds = rounds(changes);
+    for round in &rounds {
+        // Usually one round of every change: no copy then.
+        let copied: Vec<Change>;
+        let these: &[Change] = if rounds.len() == 1 {
+            changes
+        } else {
+            copied = round.iter().map(|&i| changes[i].clone()).collect();
+            &copied
+        };
         let versioned: Vec<&str> = these
             .iter()
             .filter(|c| c.version.is_some())
@@ -123,8 +131,8 @@ pub(crate) async fn changes<T: WriteTx>(
         } else {
             tx.versions(resource, &versioned).await?
         };
-        let judged = judge_versions(&these, &stored);
-        let batch = ChangeBatch::new(&these, &judged);
+        let judged = judge_versions(these, &stored);
+        let batch = ChangeBatch::new(these, &judged);
         if !batch.upserts.is_empty() {
             // Revives soft-deleted rows, updates live ones, inserts the rest.
             tx.update_rows(spec, &batch.upserts).await?;
