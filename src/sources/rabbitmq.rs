@@ -60,7 +60,8 @@ pub async fn run(ctx: SourceContext) {
                     return;
                 }
                 Err(e) => {
-                    let text = crate::redact::scrub(&format!("{e:#}"), url.expose_secret());
+                    let text =
+                        crate::redact::scrub(&crate::pass::error_chain(e.as_ref()), url.expose_secret());
                     tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source stopped consuming; reconnecting");
                     ctx.status.down(&text);
                 }
