@@ -91,9 +91,9 @@ struct Target {
     spec: TableSpec,
     decoder: RowDecoder,
     client: Option<Arc<Client>>,
-    /// Whether the store has inspected the table (PostgreSQL casts values
-    /// to the column types it read).
-    prepared: std::sync::atomic::AtomicBool,
+    /// What the store learnt inspecting the table (PostgreSQL casts values
+    /// to the column types it read): the limits the columns put on values.
+    shape: std::sync::OnceLock<crate::store::Shape>,
 }
 
 /// The event side of driftd, shared by every source.
@@ -145,7 +145,7 @@ impl Events {
                     spec: res.table_spec(),
                     decoder: RowDecoder::new(res),
                     client,
-                    prepared: std::sync::atomic::AtomicBool::new(false),
+                    shape: std::sync::OnceLock::new(),
                 },
             );
         }
@@ -361,14 +361,34 @@ impl Events {
         let Some(target) = self.targets.get(resource) else {
             return Ok(());
         };
-        if !target.prepared.load(std::sync::atomic::Ordering::Acquire) {
-            // A table driftd cannot mirror is the operator's to fix: the
-            // batch goes back to the source, nothing is dead-lettered.
-            self.store.prepare(&target.spec).await?;
-            target
-                .prepared
-                .store(true, std::sync::atomic::Ordering::Release);
+        let shape = match target.shape.get() {
+            Some(shape) => shape,
+            None => {
+                // A table driftd cannot mirror is the operator's to fix: the
+                // batch goes back to the source, nothing is dead-lettered.
+                let shape = self.store.prepare(&target.spec).await?;
+                target.shape.get_or_init(|| shape)
+            }
+        };
+        // A value the column would change (round, truncate) is refused as a
+        // pass refuses it: applied, it would not be what upstream holds.
+        let mut group = group;
+        let mut fits = Group::default();
+        for (change, i) in group.changes.drain(..).zip(group.owners.drain(..)) {
+            match change
+                .row
+                .as_ref()
+                .map(|r| shape.check_row(&target.spec, r))
+            {
+                Some(Err(e)) => {
+                    verdicts[i].outcome = "dead_lettered";
+                    verdicts[i].error =
+                        Some(format!("a value does not fit its column unchanged: {e}"));
+                }
+                _ => fits.add(i, change),
+            }
         }
+        let group = fits;
         let results = match self
             .store
             .apply_changes(&target.spec, resource, &group.changes)

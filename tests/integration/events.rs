@@ -601,3 +601,52 @@ both_backends!(
     a_pass_in_another_process_yields_to_events,
     the_journal_fences_every_pass_write,
 );
+
+/// A value PostgreSQL would round into its column (`numeric(5,2)` given
+/// `1.234`) is refused naming the column, as a pass refuses it; applied,
+/// the row would not be what upstream holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_the_column_would_change_is_dead_lettered() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.exec("CREATE TABLE items (id TEXT PRIMARY KEY, price NUMERIC(5,2))")
+        .await;
+    let toml = format!(
+        r#"
+[store]
+url = "{url}"
+[resources.items]
+key = {{ upstream = "/id", column = "id" }}
+local = {{ table = "items" }}
+upstream = {{ base_url = "http://127.0.0.1:9", list_path = "/items", key_order = "asc" }}
+columns = {{ price = {{ from = "/price", type = "numeric" }} }}
+[sources.bus]
+kind = "webhook"
+name_pointer = "/name"
+[sources.bus.events]
+item_saved = {{ resource = "items", op = "upsert", key = "/data/id", payload = "/data" }}
+"#,
+        url = db.url
+    );
+    let s = Arc::new(Settings::from_toml_str(&toml, "items.toml").unwrap());
+    let events = engine(&s).await;
+    let out = events
+        .deliver(
+            "bus",
+            &[
+                message("item_saved", json!({"id": "a", "price": "1.234"})),
+                message("item_saved", json!({"id": "b", "price": "1.23"})),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "dead_lettered", "{out:?}");
+    assert!(
+        out[0].error.as_deref().unwrap().contains("price"),
+        "{out:?}"
+    );
+    assert_eq!(out[1].outcome, "applied", "{out:?}");
+    assert_eq!(
+        db.text("SELECT CAST(price AS TEXT) FROM items").await,
+        vec![Some("1.23".to_string())]
+    );
+}
