@@ -195,6 +195,43 @@ CTL
   echo "RabbitMQ $("$ctl" version 2>/dev/null) on 127.0.0.1:$port"
 }
 
+start_redis() {
+  local bin=/usr/bin/redis-server port dir pid deadline
+  if [ ! -x "$bin" ]; then
+    apt_install redis-server
+    # apt may have started the packaged server on 6379: the tests use only
+    # their own.
+    if command -v invoke-rc.d >/dev/null; then
+      invoke-rc.d redis-server stop >/dev/null 2>&1 || true
+    fi
+  fi
+  [ -x "$bin" ] || die "redis-server not found after installing it"
+  port=${DRIFTD_TEST_REDIS_PORT:-56379}
+  dir=$DRIFTD_TEST_ROOT/redis
+  if [ -f "$dir/pid" ]; then
+    kill "$(cat "$dir/pid")" 2>/dev/null || true
+    sleep 0.5
+  fi
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  ! listening "$port" || die "127.0.0.1:$port is taken (another test run?): set DRIFTD_TEST_REDIS_PORT"
+  # In memory only: nothing is saved, nothing read back on start.
+  "$bin" --bind 127.0.0.1 --port "$port" --dir "$dir" --save '' --appendonly no \
+    --daemonize no --logfile "$dir/server.log" --pidfile "$dir/pid" &
+  pid=$!
+  STOP_ACTIONS+=("kill $pid 2>/dev/null")
+  deadline=$((SECONDS + 30))
+  until listening "$port"; do
+    if ! kill -0 "$pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      cat "$dir/server.log" >&2 2>/dev/null
+      die "Redis did not start on 127.0.0.1:$port"
+    fi
+    sleep 0.2
+  done
+  export DRIFTD_TEST_REDIS_URL="redis://127.0.0.1:$port/"
+  echo "Redis $("$bin" --version | sed -n 's/.*v=\([^ ]*\).*/\1/p') on 127.0.0.1:$port"
+}
+
 STOP_ACTIONS=()
 stop_services() {
   local a

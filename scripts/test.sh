@@ -9,6 +9,7 @@ trap stop_services EXIT
 
 start_postgres
 start_rabbitmq
+start_redis
 ensure_prometheus
 
 if [ $# -gt 0 ]; then

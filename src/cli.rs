@@ -331,14 +331,7 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
             writeln!(
                 out,
                 "  broker    {}",
-                match (&r.url, &r.url_env, r.resolve_url()) {
-                    (Some(u), _, _) => redact::mask_url(u.expose_secret()),
-                    (None, Some(var), Ok(_)) => format!("from {var} (set, hidden)"),
-                    (None, Some(var), Err(_)) => {
-                        format!("from {var} (NOT SET: `driftd run` needs it)")
-                    }
-                    (None, None, _) => "none".into(),
-                }
+                source_url(&r.url, &r.url_env, r.resolve_url())
             )?;
             writeln!(
                 out,
@@ -354,6 +347,27 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
                     "  warning   event {event} is mapped, but no binding lets it into the queue"
                 )?;
             }
+        }
+        if let Some(r) = &src.redis {
+            writeln!(
+                out,
+                "  server    {}",
+                source_url(&r.url, &r.url_env, r.resolve_url())
+            )?;
+            writeln!(
+                out,
+                "  stream    {} group {} as consumer {} (new group starts at {}), body in field `{}`",
+                r.stream,
+                r.group,
+                r.consumer_name(),
+                r.group_start,
+                r.body_field
+            )?;
+            writeln!(
+                out,
+                "  claims    entries idle {}s on another consumer; dead letter after {} deliveries",
+                r.claim_idle_secs, r.max_deliveries
+            )?;
         }
         for (event, m) in &src.events {
             writeln!(
@@ -539,5 +553,19 @@ impl Progress for TerminalProgress {
             rows as f64 / secs
         );
         let _ = std::io::stderr().flush();
+    }
+}
+
+/// A source's URL as `check` shows it: masked, or where it comes from.
+fn source_url(
+    url: &Option<secrecy::SecretString>,
+    url_env: &Option<String>,
+    resolved: Result<secrecy::SecretString, String>,
+) -> String {
+    match (url, url_env, resolved) {
+        (Some(u), _, _) => redact::mask_url(u.expose_secret()),
+        (None, Some(var), Ok(_)) => format!("from {var} (set, hidden)"),
+        (None, Some(var), Err(_)) => format!("from {var} (NOT SET: `driftd run` needs it)"),
+        (None, None, _) => "none".into(),
     }
 }

@@ -58,10 +58,13 @@ impl Daemon {
         }
         // A source's broker URL from a variable must be there to run.
         for (name, src) in &settings.sources {
-            if let Some(r) = &src.rabbitmq {
-                r.resolve_url().map_err(|e| {
-                    anyhow::anyhow!("{}: sources.{name}.{e}", settings.source.display())
-                })?;
+            let url = match (&src.rabbitmq, &src.redis) {
+                (Some(r), _) => Some(r.resolve_url()),
+                (None, Some(r)) => Some(r.resolve_url()),
+                (None, None) => None,
+            };
+            if let Some(Err(e)) = url {
+                anyhow::bail!("{}: sources.{name}.{e}", settings.source.display());
             }
         }
         let metrics = Arc::new(Metrics::new());

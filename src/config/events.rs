@@ -1,5 +1,5 @@
-//! The live half's settings: event sources (a RabbitMQ queue, a webhook)
-//! and how their messages map onto resources.
+//! The live half's settings: event sources (a RabbitMQ queue, a Redis
+//! stream, a webhook) and how their messages map onto resources.
 
 use std::collections::BTreeMap;
 
@@ -12,10 +12,11 @@ use super::{check_pointer, problem, FieldProblem};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// `rabbitmq` or `webhook`.
+    /// `rabbitmq`, `redis` or `webhook`.
     pub kind: SourceKind,
-    /// The message header holding the event name (default `name`, as
-    /// wazo-bus sends it), unless `name_pointer` is set.
+    /// The message header (for a Redis stream: the entry's field) holding
+    /// the event name (default `name`, as wazo-bus sends it), unless
+    /// `name_pointer` is set.
     #[serde(default)]
     pub name_header: Option<String>,
     /// A JSON pointer to the event name in the body, instead of a header.
@@ -33,6 +34,8 @@ pub struct SourceConfig {
     pub events: BTreeMap<String, EventMapping>,
     #[serde(default)]
     pub rabbitmq: Option<RabbitConfig>,
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
 }
 
 fn default_batch() -> usize {
@@ -43,6 +46,7 @@ fn default_batch() -> usize {
 #[serde(rename_all = "snake_case")]
 pub enum SourceKind {
     Rabbitmq,
+    Redis,
     Webhook,
 }
 
@@ -50,6 +54,7 @@ impl SourceKind {
     pub fn as_str(self) -> &'static str {
         match self {
             SourceKind::Rabbitmq => "rabbitmq",
+            SourceKind::Redis => "redis",
             SourceKind::Webhook => "webhook",
         }
     }
@@ -91,15 +96,7 @@ pub struct RabbitConfig {
 impl RabbitConfig {
     /// The broker URL, from `url` or the variable `url_env` names.
     pub fn resolve_url(&self) -> Result<SecretString, String> {
-        match (&self.url, &self.url_env) {
-            (Some(u), _) => Ok(u.clone()),
-            (None, Some(var)) => std::env::var(var)
-                .ok()
-                .filter(|v| !v.trim().is_empty())
-                .map(SecretString::from)
-                .ok_or_else(|| format!("rabbitmq.url_env: environment variable {var} is not set")),
-            (None, None) => Err("rabbitmq.url is missing".into()),
-        }
+        resolve_url("rabbitmq", &self.url, &self.url_env)
     }
 
     /// The broker bindings, as `check` prints them.
@@ -121,6 +118,121 @@ impl RabbitConfig {
             _ => self.routing_keys.clone(),
         }
     }
+}
+
+/// A URL from the config or from the variable it names; `section` prefixes
+/// the error.
+fn resolve_url(
+    section: &str,
+    url: &Option<SecretString>,
+    url_env: &Option<String>,
+) -> Result<SecretString, String> {
+    match (url, url_env) {
+        (Some(u), _) => Ok(u.clone()),
+        (None, Some(var)) => std::env::var(var)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(SecretString::from)
+            .ok_or_else(|| format!("{section}.url_env: environment variable {var} is not set")),
+        (None, None) => Err(format!("{section}.url is missing")),
+    }
+}
+
+/// The server side of a `redis` source: a stream read through a consumer
+/// group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://[:password@]host:6379/db`; a secret, never logged.
+    #[serde(default)]
+    pub url: Option<SecretString>,
+    /// Or the variable holding it.
+    #[serde(default)]
+    pub url_env: Option<String>,
+    /// The stream's key.
+    pub stream: String,
+    /// The consumer group (created if absent).
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// This consumer's name in the group. Keep it stable across restarts:
+    /// entries read but not acknowledged before a crash are read again
+    /// under the same name at start. Default: `driftd-<hostname>`.
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// Where a group created by driftd starts: `0`, the whole stream (a
+    /// mirror wants every entry still kept), or `$`, only new entries.
+    #[serde(default = "default_group_start")]
+    pub group_start: String,
+    /// The entry field holding the JSON body; the other fields are the
+    /// message's headers (the event name among them, `name_header`).
+    #[serde(default = "default_body_field")]
+    pub body_field: String,
+    /// How long one XREADGROUP waits for entries.
+    #[serde(default = "default_block_ms")]
+    pub block_ms: u64,
+    /// Entries pending this long on another consumer are taken over
+    /// (XAUTOCLAIM): that consumer is taken for dead.
+    #[serde(default = "default_claim_idle")]
+    pub claim_idle_secs: f64,
+    /// How often to look for such entries.
+    #[serde(default = "default_claim_every")]
+    pub claim_every_secs: f64,
+    /// An entry delivered more times than this without being settled (it
+    /// crashed or hung every consumer that took it) becomes a dead letter.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u64,
+    /// The longest pause between reconnection attempts.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_secs: f64,
+}
+
+impl RedisConfig {
+    /// The server URL, from `url` or the variable `url_env` names.
+    pub fn resolve_url(&self) -> Result<SecretString, String> {
+        resolve_url("redis", &self.url, &self.url_env)
+    }
+
+    /// This consumer's name in the group.
+    pub fn consumer_name(&self) -> String {
+        if let Some(c) = &self.consumer {
+            return c.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "local".into());
+        format!("driftd-{host}")
+    }
+}
+
+fn default_group() -> String {
+    "driftd".into()
+}
+
+fn default_group_start() -> String {
+    "0".into()
+}
+
+fn default_body_field() -> String {
+    "payload".into()
+}
+
+fn default_block_ms() -> u64 {
+    2000
+}
+
+fn default_claim_idle() -> f64 {
+    60.0
+}
+
+fn default_claim_every() -> f64 {
+    15.0
+}
+
+fn default_max_deliveries() -> u64 {
+    5
 }
 
 fn default_exchange_type() -> String {
@@ -330,7 +442,7 @@ pub(super) fn validate_source(
                 "a rabbitmq source needs [sources.<name>.rabbitmq] with url, exchange and queue",
             ))
         }
-        (SourceKind::Webhook, Some(_)) => {
+        (SourceKind::Webhook | SourceKind::Redis, Some(_)) => {
             return Err(problem("rabbitmq", "is only for kind = \"rabbitmq\""))
         }
         (SourceKind::Rabbitmq, Some(r)) => {
@@ -367,9 +479,67 @@ pub(super) fn validate_source(
                 _ => {}
             }
         }
-        (SourceKind::Webhook, None) => {}
+        (SourceKind::Webhook, None) | (SourceKind::Redis, None) => {}
+    }
+    match (src.kind, &src.redis) {
+        (SourceKind::Redis, None) => {
+            return Err(problem(
+                "redis",
+                "a redis source needs [sources.<name>.redis] with url and stream",
+            ))
+        }
+        (SourceKind::Redis, Some(r)) => validate_redis(r)?,
+        (_, Some(_)) => return Err(problem("redis", "is only for kind = \"redis\"")),
+        (_, None) => {}
     }
     Ok(())
+}
+
+fn validate_redis(r: &RedisConfig) -> Result<(), FieldProblem> {
+    if r.stream.trim().is_empty() {
+        return Err(problem("redis.stream", "must name the stream's key"));
+    }
+    if r.group.trim().is_empty() {
+        return Err(problem("redis.group", "must name the consumer group"));
+    }
+    if r.consumer.as_deref().is_some_and(|c| c.trim().is_empty()) {
+        return Err(problem("redis.consumer", "must not be empty"));
+    }
+    if r.group_start != "0" && r.group_start != "$" {
+        return Err(problem(
+            "redis.group_start",
+            "must be \"0\" (the whole stream) or \"$\" (new entries only)",
+        ));
+    }
+    if r.body_field.is_empty() {
+        return Err(problem(
+            "redis.body_field",
+            "must name the entry's JSON field",
+        ));
+    }
+    if !(1..=60_000).contains(&r.block_ms) {
+        return Err(problem("redis.block_ms", "must be between 1 and 60000"));
+    }
+    for (field, v) in [
+        ("redis.claim_idle_secs", r.claim_idle_secs),
+        ("redis.claim_every_secs", r.claim_every_secs),
+        ("redis.max_backoff_secs", r.max_backoff_secs),
+    ] {
+        if !(v > 0.0 && v <= 86_400.0) {
+            return Err(problem(field, "must be between 0 and 86400 seconds"));
+        }
+    }
+    if r.max_deliveries == 0 {
+        return Err(problem("redis.max_deliveries", "must be at least 1"));
+    }
+    match (&r.url, &r.url_env) {
+        (Some(_), Some(_)) => Err(problem("redis.url_env", "set url or url_env, not both")),
+        (None, None) => Err(problem(
+            "redis.url",
+            "missing: set url (redis://host:6379/0) or url_env",
+        )),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

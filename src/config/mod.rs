@@ -21,7 +21,9 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 pub mod events;
-pub use events::{EventMapping, EventOp, RabbitConfig, SourceConfig, SourceKind, VersionKind};
+pub use events::{
+    EventMapping, EventOp, RabbitConfig, RedisConfig, SourceConfig, SourceKind, VersionKind,
+};
 
 /// A configuration problem, naming where it is: the file, the resource and
 /// the field.
@@ -1299,6 +1301,46 @@ columns = { name = { from = "/name" } }
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.base_url"), "{err}");
+    }
+
+    #[test]
+    fn bad_redis_sources_are_refused_naming_the_field() {
+        let source = |redis: &str| {
+            format!(
+                "{MINIMAL}\n[sources.bus]\nkind = \"redis\"\n[sources.bus.events]\nuser_created = {{ resource = \"users\", op = \"upsert\", key = \"/id\" }}\n{redis}"
+            )
+        };
+        let ok = source("[sources.bus.redis]\nurl = \"redis://127.0.0.1/\"\nstream = \"s\"\n");
+        let s = Settings::from_toml_str(&ok, "t.toml").unwrap();
+        assert_eq!(s.sources["bus"].redis.as_ref().unwrap().group, "driftd");
+        for (redis, field) in [
+            ("", "sources.bus.redis"),
+            (
+                "[sources.bus.redis]\nurl = \"redis://h/\"\nstream = \" \"\n",
+                "redis.stream",
+            ),
+            ("[sources.bus.redis]\nstream = \"s\"\n", "redis.url"),
+            (
+                "[sources.bus.redis]\nurl = \"redis://h/\"\nstream = \"s\"\ngroup_start = \"1\"\n",
+                "redis.group_start",
+            ),
+            (
+                "[sources.bus.redis]\nurl = \"redis://h/\"\nstream = \"s\"\nmax_deliveries = 0\n",
+                "redis.max_deliveries",
+            ),
+            (
+                "[sources.bus.redis]\nurl = \"redis://h/\"\nstream = \"s\"\nclaim_idle_secs = -1\n",
+                "redis.claim_idle_secs",
+            ),
+        ] {
+            let err = Settings::from_toml_str(&source(redis), "t.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(field) && err.contains("t.toml"),
+                "{field}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct Envelope {
     pub body: Vec<u8>,
     /// RFC 3339.
     pub received_at: String,
+    /// Where the message sits in its source, if it has a place (a Redis
+    /// stream entry's id).
+    pub position: Option<String>,
 }
 
 impl Envelope {
@@ -37,6 +40,7 @@ impl Envelope {
             headers,
             body,
             received_at: crate::store::now_rfc3339(),
+            position: None,
         }
     }
 }
@@ -209,6 +213,7 @@ impl Events {
             headers: letter.headers.clone(),
             body: letter.raw.clone(),
             received_at: letter.received_at.clone(),
+            position: None,
         };
         let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
         let verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
@@ -223,6 +228,21 @@ impl Events {
         }
         self.refresh_dead_letters().await;
         Ok(verdict)
+    }
+
+    /// Keeps a message as a dead letter without trying it (a source gave up
+    /// on it); counted as dead-lettered. Returns the letter's id.
+    pub async fn bury(
+        &self,
+        source: &str,
+        env: &Envelope,
+        error: &str,
+    ) -> Result<String, StoreError> {
+        let letter = letter_for(source, None, error, env);
+        self.store.add_dead_letter(&letter).await?;
+        tracing::warn!(source, dead_letter = %letter.id, error, "message kept as a dead letter");
+        self.metrics.event(source, "", "dead_lettered");
+        Ok(letter.id)
     }
 
     /// Sets the dead-letter gauge from the table.
@@ -311,23 +331,12 @@ impl Events {
         }
         for (v, env) in verdicts.iter_mut().zip(batch) {
             if v.outcome == "dead_lettered" && dead_letter {
-                // Text columns cannot hold NUL (PostgreSQL): a message that
-                // carries one must still be kept, not block the queue.
-                let letter = DeadLetter {
-                    id: uuid::Uuid::new_v4().to_string(),
-                    source: source.to_string(),
-                    event: v.event.as_deref().map(no_nul),
-                    error: no_nul(v.error.as_deref().unwrap_or_default()),
-                    headers: env
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (no_nul(k), no_nul(v)))
-                        .collect(),
-                    body: String::new(),
-                    raw: env.body.clone(),
-                    received_at: env.received_at.clone(),
-                    failed_at: crate::store::now_rfc3339(),
-                };
+                let letter = letter_for(
+                    source,
+                    v.event.as_deref(),
+                    v.error.as_deref().unwrap_or_default(),
+                    env,
+                );
                 self.store.add_dead_letter(&letter).await?;
                 tracing::warn!(
                     source,
@@ -607,6 +616,27 @@ async fn refetch(
             "refetch of `{key}` failed after retries: {}",
             crate::pass::error_chain(&e)
         )),
+    }
+}
+
+/// The dead letter keeping `env`.
+fn letter_for(source: &str, event: Option<&str>, error: &str, env: &Envelope) -> DeadLetter {
+    // Text columns cannot hold NUL (PostgreSQL): a message that carries one
+    // must still be kept, not block the source.
+    DeadLetter {
+        id: uuid::Uuid::new_v4().to_string(),
+        source: source.to_string(),
+        event: event.map(no_nul),
+        error: no_nul(error),
+        headers: env
+            .headers
+            .iter()
+            .map(|(k, v)| (no_nul(k), no_nul(v)))
+            .collect(),
+        body: String::new(),
+        raw: env.body.clone(),
+        received_at: env.received_at.clone(),
+        failed_at: crate::store::now_rfc3339(),
     }
 }
 

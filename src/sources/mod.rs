@@ -1,5 +1,5 @@
 //! Event sources started by `driftd run`: a RabbitMQ queue
-//! ([`rabbitmq`]) and the admin server's webhook
+//! ([`rabbitmq`]), a Redis stream ([`redis`]) and the admin server's webhook
 //! (`POST /v1/events/{source}`). Each source gets a [`SourceContext`]: its
 //! config, the shared [`Events`] engine it hands messages to, its status
 //! slot and the shutdown signal. Delivery is at least once: a source
@@ -7,9 +7,15 @@
 //! after its change was committed or its dead letter stored.
 
 pub mod rabbitmq;
+pub mod redis;
 
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
 
 use serde::Serialize;
 use tokio::task::JoinHandle;
@@ -103,6 +109,17 @@ impl StatusHandle {
         });
     }
 
+    /// Back to `connected` after `down` without a new connection (the
+    /// database came back).
+    pub fn recovered(&self) {
+        self.update(|s| {
+            if !s.connected {
+                s.state = "connected";
+                s.connected = true;
+            }
+        });
+    }
+
     pub fn down(&self, error: &str) {
         let error = error.to_string();
         self.update(|s| {
@@ -141,7 +158,7 @@ pub fn start_all(
         let status = sources.add(name, cfg.kind);
         match cfg.kind {
             SourceKind::Webhook => events.metrics().source_connected(name, true),
-            SourceKind::Rabbitmq => {
+            SourceKind::Rabbitmq | SourceKind::Redis => {
                 let ctx = SourceContext {
                     name: name.clone(),
                     config: cfg.clone(),
@@ -149,9 +166,97 @@ pub fn start_all(
                     status,
                     shutdown: shutdown.child_token(),
                 };
-                tasks.push(tokio::spawn(rabbitmq::run(ctx)));
+                tasks.push(match cfg.kind {
+                    SourceKind::Redis => tokio::spawn(redis::run(ctx)),
+                    _ => tokio::spawn(rabbitmq::run(ctx)),
+                });
             }
         }
     }
     (sources, tasks)
+}
+
+/// The pause before a source reconnects: doubles after each failure up to
+/// a limit, back to the minimum once a connection consumes.
+pub struct Backoff {
+    ms: AtomicU64,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            ms: AtomicU64::new(min.as_millis() as u64),
+            min,
+            max,
+        }
+    }
+
+    /// A connection is up: the next failure waits the minimum again.
+    pub fn reset(&self) {
+        self.ms
+            .store(self.min.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn current(&self) -> Duration {
+        Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
+
+    fn grow(&self) {
+        let next = (self.current() * 2).min(self.max);
+        self.ms.store(next.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Runs `consume` (one connection's life, `Ok` on shutdown) until
+/// shutdown, reconnecting after a failure with a growing, jittered pause;
+/// each failure is logged (the URL scrubbed) and shown in the status.
+pub(crate) async fn keep_consuming<F, Fut>(
+    ctx: &SourceContext,
+    url: Result<SecretString, String>,
+    max_backoff_secs: f64,
+    mut consume: F,
+) where
+    F: FnMut(SecretString, Arc<Backoff>) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let url = match url {
+        Ok(u) => u,
+        Err(e) => {
+            // `driftd run` checks this before starting; a variable unset
+            // since is reported, not retried.
+            tracing::error!(error = %e, "source not started");
+            ctx.status.down(&e);
+            return;
+        }
+    };
+    let backoff = Arc::new(Backoff::new(
+        Duration::from_millis(250),
+        Duration::from_secs_f64(max_backoff_secs),
+    ));
+    loop {
+        let outcome = consume(url.clone(), backoff.clone()).await;
+        ctx.events.metrics().source_connected(&ctx.name, false);
+        match outcome {
+            Ok(()) => {
+                tracing::info!("source stopped");
+                return;
+            }
+            Err(e) => {
+                let text = crate::redact::scrub(
+                    &crate::pass::error_chain(e.as_ref()),
+                    url.expose_secret(),
+                );
+                tracing::warn!(error = %text, retry_in_ms = backoff.current().as_millis() as u64, "source stopped consuming; reconnecting");
+                ctx.status.down(&text);
+            }
+        }
+        let pause = backoff.current().mul_f64(0.5 + fastrand::f64() / 2.0);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        backoff.grow();
+    }
 }

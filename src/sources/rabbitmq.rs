@@ -25,8 +25,6 @@ use super::SourceContext;
 use crate::config::RabbitConfig;
 use crate::engine::events::Envelope;
 
-/// The shortest pause between connection attempts.
-const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// How long a connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The pause after the database refused a batch, before consuming again.
@@ -35,44 +33,19 @@ const STORE_PAUSE: Duration = Duration::from_secs(1);
 /// Consumes until shutdown, reconnecting as needed.
 pub async fn run(ctx: SourceContext) {
     let span = tracing::info_span!("source", source = %ctx.name, kind = "rabbitmq");
-    async move {
+    async {
         let Some(rabbit) = ctx.config.rabbitmq.clone() else {
             return;
         };
-        let url = match rabbit.resolve_url() {
-            Ok(u) => u,
-            Err(e) => {
-                // `driftd run` checks this before starting; a variable
-                // unset since is reported, not retried.
-                tracing::error!(error = %e, "source not started");
-                ctx.status.down(&e);
-                return;
-            }
-        };
-        let max = Duration::from_secs_f64(rabbit.max_backoff_secs);
-        let mut backoff = MIN_BACKOFF;
-        loop {
-            let outcome = consume(&ctx, &rabbit, url.expose_secret(), &mut backoff).await;
-            ctx.events.metrics().source_connected(&ctx.name, false);
-            match outcome {
-                Ok(()) => {
-                    tracing::info!("source stopped");
-                    return;
-                }
-                Err(e) => {
-                    let text =
-                        crate::redact::scrub(&crate::pass::error_chain(e.as_ref()), url.expose_secret());
-                    tracing::warn!(error = %text, retry_in_ms = backoff.as_millis() as u64, "source stopped consuming; reconnecting");
-                    ctx.status.down(&text);
-                }
-            }
-            let pause = backoff.mul_f64(0.5 + fastrand::f64() / 2.0);
-            tokio::select! {
-                _ = ctx.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
-            }
-            backoff = (backoff * 2).min(max);
-        }
+        let ctx = &ctx;
+        let rabbit = &rabbit;
+        super::keep_consuming(
+            ctx,
+            rabbit.resolve_url(),
+            rabbit.max_backoff_secs,
+            |url, backoff| async move { consume(ctx, rabbit, url.expose_secret(), &backoff).await },
+        )
+        .await
     }
     .instrument(span)
     .await
@@ -83,7 +56,7 @@ async fn consume(
     ctx: &SourceContext,
     rabbit: &RabbitConfig,
     url: &str,
-    backoff: &mut Duration,
+    backoff: &super::Backoff,
 ) -> anyhow::Result<()> {
     let conn = tokio::time::timeout(
         CONNECT_TIMEOUT,
@@ -104,7 +77,7 @@ async fn consume(
             FieldTable::default(),
         )
         .await?;
-    *backoff = MIN_BACKOFF;
+    backoff.reset();
     ctx.status.connected();
     ctx.events.metrics().source_connected(&ctx.name, true);
     tracing::info!(queue = %rabbit.queue, exchange = %rabbit.exchange, "consuming");

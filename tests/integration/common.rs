@@ -341,3 +341,30 @@ macro_rules! both_backends {
         }
     };
 }
+
+/// Waits until `check` holds, or fails after `within`.
+pub async fn eventually<F, Fut>(within: std::time::Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(e) if std::time::Instant::now() >= deadline => panic!("{what}: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// A worker's `GET /v1/sources`.
+pub async fn sources(base: &str) -> Json {
+    let body = reqwest::get(format!("{base}/v1/sources"))
+        .await
+        .expect("GET /v1/sources")
+        .text()
+        .await
+        .expect("its body");
+    serde_json::from_str(&body).expect("JSON")
+}

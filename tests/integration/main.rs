@@ -20,3 +20,4 @@ mod review3;
 mod review4;
 mod security;
 mod sqlite_file;
+mod streams;

@@ -209,22 +209,6 @@ async fn drop_queue(n: &Names) {
         .unwrap();
 }
 
-/// Waits until `check` holds, or fails after `within`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        match check().await {
-            Ok(()) => return,
-            Err(e) if Instant::now() >= deadline => panic!("{what}: {e}"),
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-}
-
 /// Starts a worker and waits until its source consumes; returns it and its
 /// admin URL.
 async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {

@@ -751,16 +751,6 @@ where
     }
 }
 
-async fn sources(base: &str) -> Json {
-    let body = reqwest::get(format!("{base}/v1/sources"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    serde_json::from_str(&body).unwrap()
-}
-
 /// Promise 1 and ordered apply ("two consumers never apply a queue's
 /// events out of order (a create after its delete)"). With batch_size 1
 /// and a prefetch window, `user_created U` is being applied when the
