@@ -80,6 +80,14 @@ pub enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// Apply a Redis source's stream again from the start of its last
+    /// reprovision (or --from an entry id; 0 is the beginning): rebuilds a
+    /// table emptied by hand.
+    Replay {
+        source: String,
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// See drift found and repaired: a sample upstream and a seeded SQLite file.
     Quickstart {
         /// Keep serving the sample upstream afterwards (Ctrl-C to stop).
@@ -187,6 +195,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(report::exit::OK)
         }
         Command::DeadLetters { action } => dead_letters(&cli.config, action).await,
+        Command::Replay { source, from } => replay(&cli.config, &source, from).await,
         Command::Quickstart { serve } => crate::quickstart::run(serve).await,
         Command::SampleUpstream {
             listen,
@@ -250,6 +259,23 @@ async fn dead_letters(path: &std::path::Path, action: DeadLetterAction) -> anyho
         }
     }
     emit(&out)?;
+    Ok(report::exit::OK)
+}
+
+async fn replay(path: &std::path::Path, source: &str, from: Option<String>) -> anyhow::Result<i32> {
+    let settings = Arc::new(load_settings(path)?);
+    if !settings.sources.contains_key(source) {
+        let known: Vec<&str> = settings.sources.keys().map(String::as_str).collect();
+        anyhow::bail!(
+            "unknown source `{source}` in {} (known: {})",
+            path.display(),
+            known.join(", ")
+        );
+    }
+    let store = Arc::new(open_store(&settings).await?);
+    let events = crate::engine::events::Events::new(settings, store, Arc::new(Metrics::new()))?;
+    let done = crate::sources::redis::replay(&events, source, from).await?;
+    emit(&format!("{}\n", serde_json::to_string(&done)?))?;
     Ok(report::exit::OK)
 }
 

@@ -64,15 +64,18 @@ pub enum Trigger {
     Http,
     Cli,
     Startup,
+    /// The purge that completes a reprovision.
+    Reprovision,
 }
 
 impl Trigger {
     /// Every trigger, for metric series that exist from the start.
-    pub const ALL: [Trigger; 4] = [
+    pub const ALL: [Trigger; 5] = [
         Trigger::Schedule,
         Trigger::Http,
         Trigger::Cli,
         Trigger::Startup,
+        Trigger::Reprovision,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,6 +84,7 @@ impl Trigger {
             Trigger::Http => "http",
             Trigger::Cli => "cli",
             Trigger::Startup => "startup",
+            Trigger::Reprovision => "reprovision",
         }
     }
 }

@@ -36,6 +36,40 @@ pub struct SourceConfig {
     pub rabbitmq: Option<RabbitConfig>,
     #[serde(default)]
     pub redis: Option<RedisConfig>,
+    /// Control events marking a producer re-sending everything.
+    #[serde(default)]
+    pub reprovision: Option<ReprovisionConfig>,
+}
+
+/// `[sources.<name>.reprovision]`: a producer re-sends every row between a
+/// start and a completion event; what it did not re-send is purged then.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReprovisionConfig {
+    /// The event name that starts a reprovision.
+    pub started: String,
+    /// The event name that completes it; without one, `quiet_secs` does.
+    #[serde(default)]
+    pub completed: Option<String>,
+    /// A JSON pointer to the reprovision's id in both events' bodies: a
+    /// completion must carry the id of the open reprovision.
+    #[serde(default)]
+    pub id_pointer: Option<String>,
+    /// The resources it re-sends (default: every resource the source maps).
+    #[serde(default)]
+    pub resources: Vec<String>,
+    /// Completes after this long without any event from the source (for
+    /// producers that send no completion event).
+    #[serde(default)]
+    pub quiet_secs: Option<f64>,
+    /// Abandoned (nothing purged) when not complete this long after it
+    /// started.
+    #[serde(default = "default_reprovision_timeout")]
+    pub timeout_secs: f64,
+}
+
+fn default_reprovision_timeout() -> f64 {
+    86_400.0
 }
 
 fn default_batch() -> usize {
@@ -481,6 +515,9 @@ pub(super) fn validate_source(
         }
         (SourceKind::Webhook, None) | (SourceKind::Redis, None) => {}
     }
+    if let Some(r) = &mut src.reprovision {
+        validate_reprovision(r, &src.events)?;
+    }
     match (src.kind, &src.redis) {
         (SourceKind::Redis, None) => {
             return Err(problem(
@@ -491,6 +528,71 @@ pub(super) fn validate_source(
         (SourceKind::Redis, Some(r)) => validate_redis(r)?,
         (_, Some(_)) => return Err(problem("redis", "is only for kind = \"redis\"")),
         (_, None) => {}
+    }
+    Ok(())
+}
+
+fn validate_reprovision(
+    r: &mut ReprovisionConfig,
+    events: &BTreeMap<String, EventMapping>,
+) -> Result<(), FieldProblem> {
+    if r.started.trim().is_empty() {
+        return Err(problem("reprovision.started", "must name the start event"));
+    }
+    for (field, name) in [
+        ("reprovision.started", Some(&r.started)),
+        ("reprovision.completed", r.completed.as_ref()),
+    ] {
+        if let Some(name) = name {
+            if events.contains_key(name) {
+                return Err(problem(
+                    field,
+                    format!("`{name}` is also mapped in events: a control event changes no row"),
+                ));
+            }
+        }
+    }
+    if r.completed.as_ref() == Some(&r.started) {
+        return Err(problem(
+            "reprovision.completed",
+            "must differ from `started`",
+        ));
+    }
+    if r.completed.is_none() && r.quiet_secs.is_none() {
+        return Err(problem(
+            "reprovision.completed",
+            "set the completion event, or quiet_secs for producers that send none",
+        ));
+    }
+    if let Some(p) = &r.id_pointer {
+        check_pointer("reprovision.id_pointer", p)?;
+    }
+    if let Some(q) = r.quiet_secs {
+        if !(q > 0.0 && q <= 86_400.0) {
+            return Err(problem(
+                "reprovision.quiet_secs",
+                "must be between 0 and 86400 seconds",
+            ));
+        }
+    }
+    if !(r.timeout_secs > 0.0 && r.timeout_secs <= 7.0 * 86_400.0) {
+        return Err(problem(
+            "reprovision.timeout_secs",
+            "must be between 0 and 604800 seconds (a week)",
+        ));
+    }
+    let mapped: std::collections::BTreeSet<&str> =
+        events.values().map(|e| e.resource.as_str()).collect();
+    if r.resources.is_empty() {
+        r.resources = mapped.iter().map(|s| s.to_string()).collect();
+    }
+    for res in &r.resources {
+        if !mapped.contains(res.as_str()) {
+            return Err(problem(
+                "reprovision.resources",
+                format!("`{res}` is not a resource this source's events map"),
+            ));
+        }
     }
     Ok(())
 }

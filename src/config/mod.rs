@@ -22,7 +22,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod events;
 pub use events::{
-    EventMapping, EventOp, RabbitConfig, RedisConfig, SourceConfig, SourceKind, VersionKind,
+    EventMapping, EventOp, RabbitConfig, RedisConfig, ReprovisionConfig, SourceConfig, SourceKind,
+    VersionKind,
 };
 
 /// A configuration problem, naming where it is: the file, the resource and

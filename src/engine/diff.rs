@@ -136,6 +136,11 @@ impl LocalIndex {
         self.table.is_empty()
     }
 
+    /// Every key, in no order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.table.iter().map(|s| Self::key_of(&self.arena, s))
+    }
+
     /// Forgets which rows were seen.
     fn clear_seen(&mut self) {
         for slot in self.table.iter_mut() {

@@ -91,8 +91,8 @@ pub enum ReplayError {
 }
 
 /// A resource as events write it.
-struct Target {
-    spec: TableSpec,
+pub(super) struct Target {
+    pub(super) spec: TableSpec,
     decoder: RowDecoder,
     client: Option<Arc<Client>>,
     /// What the store learnt inspecting the table (PostgreSQL casts values
@@ -105,7 +105,9 @@ pub struct Events {
     settings: Arc<Settings>,
     store: Arc<AnyStore>,
     metrics: Arc<Metrics>,
-    targets: HashMap<String, Target>,
+    pub(super) targets: HashMap<String, Target>,
+    /// Each source's open reprovision, once read (see [`super::reprovision`]).
+    pub(super) reprovisions: super::reprovision::Tracker,
 }
 
 /// A message, understood.
@@ -119,6 +121,11 @@ enum Prepared {
     },
     Ignored {
         name: String,
+    },
+    /// A reprovision's start or completion.
+    Control {
+        name: String,
+        control: super::reprovision::Control,
     },
     Invalid {
         name: Option<String>,
@@ -162,6 +169,7 @@ impl Events {
             store,
             metrics,
             targets,
+            reprovisions: Default::default(),
         })
     }
 
@@ -278,17 +286,28 @@ impl Events {
             prepared.extend(futures_util::future::join_all(futures).await);
         }
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(batch.len());
+        // Which messages re-send a row (for an open reprovision).
+        let mut resends: Vec<bool> = Vec::with_capacity(batch.len());
+        // Control events: their message, and how many groups come before.
+        let mut controls: Vec<(usize, usize, super::reprovision::Control)> = Vec::new();
         // Runs of consecutive changes to one resource, in order of arrival:
         // a batch is applied in the order it was sent, across resources too
         // (a child created before its parent's delete is purged with it; a
         // parent added before its child exists when the child arrives).
         let mut groups: Vec<(String, Group)> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
+            resends.push(matches!(&p, Prepared::Change { change, .. } if change.row.is_some()));
             match p {
                 Prepared::Ignored { name } => {
                     let mut v = Verdict::new("ignored");
                     v.event = Some(name);
                     verdicts.push(v);
+                }
+                Prepared::Control { name, control } => {
+                    let mut v = Verdict::new("applied");
+                    v.event = Some(name);
+                    verdicts.push(v);
+                    controls.push((i, groups.len(), control));
                 }
                 Prepared::Invalid {
                     name,
@@ -315,8 +334,11 @@ impl Events {
                     if let Some(t) = time {
                         self.metrics.event_lag(source, unix_now() - t);
                     }
+                    // A control event ends the run: what comes after it is
+                    // applied after it.
+                    let after_control = controls.last().is_some_and(|c| c.1 == groups.len());
                     match groups.last_mut() {
-                        Some((r, g)) if *r == resource => g.add(i, change),
+                        Some((r, g)) if *r == resource && !after_control => g.add(i, change),
                         _ => {
                             let mut g = Group::default();
                             g.add(i, change);
@@ -326,9 +348,26 @@ impl Events {
                 }
             }
         }
+        let mut groups = groups.into_iter();
+        let mut applied_groups = 0;
+        let mut marked = 0;
+        for (at, before, control) in controls {
+            for (resource, group) in groups.by_ref().take(before - applied_groups) {
+                self.apply_group(&resource, group, &mut verdicts).await?;
+            }
+            applied_groups = before;
+            self.mark_resent(source, &verdicts[marked..at], &resends[marked..at])
+                .await?;
+            marked = at + 1;
+            let position = batch.get(at).and_then(|e| e.position.clone());
+            self.control(source, control, position, &mut verdicts[at])
+                .await?;
+        }
         for (resource, group) in groups {
             self.apply_group(&resource, group, &mut verdicts).await?;
         }
+        self.mark_resent(source, &verdicts[marked..], &resends[marked..])
+            .await?;
         for (v, env) in verdicts.iter_mut().zip(batch) {
             if v.outcome == "dead_lettered" && dead_letter {
                 let letter = letter_for(
@@ -510,6 +549,13 @@ impl Events {
             };
             return invalid(None, None, place);
         };
+        if let Some(r) = &cfg.reprovision {
+            match super::reprovision::Control::read(r, &name, &body) {
+                Ok(Some(control)) => return Prepared::Control { name, control },
+                Ok(None) => {}
+                Err(e) => return invalid(Some(&name), None, e),
+            }
+        }
         let Some(mapping) = cfg.events.get(&name) else {
             return Prepared::Ignored { name };
         };

@@ -10,6 +10,7 @@ pub mod diff;
 pub mod events;
 pub mod guard;
 pub mod pass;
+pub mod reprovision;
 pub mod upstream;
 
 use crate::config::ChildLink;

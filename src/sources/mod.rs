@@ -173,6 +173,26 @@ pub fn start_all(
             }
         }
     }
+    if events
+        .settings()
+        .sources
+        .values()
+        .any(|s| s.reprovision.is_some())
+    {
+        let shutdown = shutdown.child_token();
+        tasks.push(tokio::spawn(async move {
+            // Quiet reprovisions complete, timed-out ones are abandoned.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if let Err(e) = events.tick_reprovisions().await {
+                    tracing::warn!(error = %e, "cannot check open reprovisions; retrying");
+                }
+            }
+        }));
+    }
     (sources, tasks)
 }
 

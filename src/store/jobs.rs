@@ -62,6 +62,34 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             "CREATE INDEX driftd_dead_letters_source ON driftd_dead_letters (source, failed_at)",
         ],
     ),
+    (
+        3,
+        &[
+            // Reprovisions (a producer re-sending everything): `marks` holds
+            // each resource's journal mark when it started, `position` the
+            // stream id of its start event.
+            "CREATE TABLE driftd_reprovisions (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            event_id TEXT,
+            position TEXT,
+            marks TEXT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            jobs TEXT,
+            started_at TEXT NOT NULL,
+            ended_at TEXT
+        )",
+            "CREATE INDEX driftd_reprovisions_source ON driftd_reprovisions (source, started_at)",
+            // The keys a reprovision re-sent.
+            "CREATE TABLE driftd_reprovision_keys (
+            reprovision TEXT NOT NULL,
+            resource TEXT NOT NULL,
+            key TEXT NOT NULL,
+            PRIMARY KEY (reprovision, resource, key)
+        )",
+        ],
+    ),
 ];
 
 /// Locks the resource's write fence without moving its mark: `$1` resource.
@@ -200,6 +228,7 @@ pub(crate) fn from_row(row: JobRow) -> Result<Job, StoreError> {
         "http" => Trigger::Http,
         "cli" => Trigger::Cli,
         "startup" => Trigger::Startup,
+        "reprovision" => Trigger::Reprovision,
         other => return Err(bad("trigger", other)),
     };
     Ok(Job {
@@ -222,6 +251,110 @@ pub(crate) fn from_row(row: JobRow) -> Result<Job, StoreError> {
 /// (written out once here, expanded in each backend's `impl Ledger`):
 /// `$sql` turns this module's `$n` SQL into the backend's; each write first
 /// asks the store's `writable()`.
+/// The [`super::Ledger`] methods of reprovisions, the same SQL on both
+/// backends (`$sql` rewrites parameters).
+macro_rules! reprovision_methods {
+    ($sql:path) => {
+        async fn save_reprovision(
+            &self,
+            r: &$crate::store::Reprovision,
+        ) -> Result<(), $crate::store::StoreError> {
+            self.writable()?;
+            sqlx::query(&$sql(
+                "INSERT INTO driftd_reprovisions (id, source, event_id, position, marks, state, reason, jobs, started_at, ended_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO UPDATE SET \
+                 state = excluded.state, reason = excluded.reason, jobs = excluded.jobs, ended_at = excluded.ended_at",
+            ))
+            .bind(&r.id)
+            .bind(&r.source)
+            .bind(&r.event_id)
+            .bind(&r.position)
+            .bind(serde_json::to_string(&r.marks).unwrap_or_default())
+            .bind(&r.state)
+            .bind(&r.reason)
+            .bind(serde_json::to_string(&r.jobs).unwrap_or_default())
+            .bind(&r.started_at)
+            .bind(&r.ended_at)
+            .execute(&self.pool)
+            .await
+            .map_err($crate::store::query_err("save a reprovision"))?;
+            if r.state != "open" {
+                sqlx::query(&$sql("DELETE FROM driftd_reprovision_keys WHERE reprovision = $1"))
+                    .bind(&r.id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::store::query_err("forget a reprovision's keys"))?;
+            }
+            Ok(())
+        }
+
+        async fn reprovisions(
+            &self,
+            source: &str,
+            limit: i64,
+        ) -> Result<Vec<$crate::store::Reprovision>, $crate::store::StoreError> {
+            let rows: Vec<$crate::store::ReprovisionRow> = sqlx::query_as(&$sql(
+                "SELECT id, source, event_id, position, marks, state, reason, jobs, started_at, ended_at \
+                 FROM driftd_reprovisions WHERE source = $1 ORDER BY started_at DESC, id LIMIT $2",
+            ))
+            .bind(source)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err($crate::store::query_err("read reprovisions"))?;
+            Ok(rows
+                .into_iter()
+                .map($crate::store::Reprovision::from_row)
+                .collect())
+        }
+
+        async fn mark_resent(
+            &self,
+            reprovision: &str,
+            resource: &str,
+            keys: &[&str],
+        ) -> Result<(), $crate::store::StoreError> {
+            self.writable()?;
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err($crate::store::query_err("begin marking re-sent keys"))?;
+            for key in keys {
+                sqlx::query(&$sql(
+                    "INSERT INTO driftd_reprovision_keys (reprovision, resource, key) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                ))
+                .bind(reprovision)
+                .bind(resource)
+                .bind(*key)
+                .execute(&mut *tx)
+                .await
+                .map_err($crate::store::query_err("mark a re-sent key"))?;
+            }
+            tx.commit()
+                .await
+                .map_err($crate::store::query_err("commit re-sent keys"))
+        }
+
+        async fn resent_keys(
+            &self,
+            reprovision: &str,
+            resource: &str,
+        ) -> Result<Vec<String>, $crate::store::StoreError> {
+            sqlx::query_scalar(&$sql(
+                "SELECT key FROM driftd_reprovision_keys WHERE reprovision = $1 AND resource = $2",
+            ))
+            .bind(reprovision)
+            .bind(resource)
+            .fetch_all(&self.pool)
+            .await
+            .map_err($crate::store::query_err("read re-sent keys"))
+        }
+    };
+}
+pub(crate) use reprovision_methods;
+
 macro_rules! dead_letter_methods {
     ($sql:path) => {
         async fn add_dead_letter(

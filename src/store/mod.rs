@@ -319,6 +319,35 @@ pub trait Ledger: Send + Sync {
         &self,
     ) -> impl Future<Output = Result<Vec<(String, i64)>, StoreError>> + Send;
 
+    /// Creates or updates a reprovision; once it is no longer open, its
+    /// re-sent keys are forgotten.
+    fn save_reprovision(
+        &self,
+        r: &Reprovision,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// A source's reprovisions, newest first, at most `limit`.
+    fn reprovisions(
+        &self,
+        source: &str,
+        limit: i64,
+    ) -> impl Future<Output = Result<Vec<Reprovision>, StoreError>> + Send;
+
+    /// Records that `keys` of `resource` were re-sent during `reprovision`.
+    fn mark_resent(
+        &self,
+        reprovision: &str,
+        resource: &str,
+        keys: &[&str],
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The keys of `resource` re-sent during `reprovision`.
+    fn resent_keys(
+        &self,
+        reprovision: &str,
+        resource: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// Takes the resource's lock if free; `None` if another process holds it.
     fn try_lock(
         &self,
@@ -381,6 +410,61 @@ pub(crate) type DeadLetterRow = (
     String,
     String,
 );
+
+/// A reprovision: a producer re-sending everything, from its start event
+/// to its completion.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Reprovision {
+    pub id: String,
+    pub source: String,
+    /// The producer's id for it, when the start event carries one.
+    pub event_id: Option<String>,
+    /// The stream id of the start event.
+    pub position: Option<String>,
+    /// Each resource's journal mark when it started.
+    pub marks: std::collections::BTreeMap<String, i64>,
+    /// `open`, `completed`, `abandoned` or `guard_tripped`.
+    pub state: String,
+    pub reason: Option<String>,
+    /// The purge jobs of its completion.
+    pub jobs: Vec<String>,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+}
+
+pub(crate) type ReprovisionRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
+impl Reprovision {
+    pub(crate) fn from_row(
+        (id, source, event_id, position, marks, state, reason, jobs, started_at, ended_at): ReprovisionRow,
+    ) -> Reprovision {
+        Reprovision {
+            id,
+            source,
+            event_id,
+            position,
+            marks: serde_json::from_str(&marks).unwrap_or_default(),
+            state,
+            reason,
+            jobs: jobs
+                .and_then(|j| serde_json::from_str(&j).ok())
+                .unwrap_or_default(),
+            started_at,
+            ended_at,
+        }
+    }
+}
 
 /// The backend chosen by the store URL.
 pub enum AnyStore {
@@ -606,6 +690,27 @@ impl Ledger for AnyStore {
     }
     async fn count_dead_letters(&self) -> Result<Vec<(String, i64)>, StoreError> {
         delegate!(self, count_dead_letters())
+    }
+    async fn save_reprovision(&self, r: &Reprovision) -> Result<(), StoreError> {
+        delegate!(self, save_reprovision(r))
+    }
+    async fn reprovisions(&self, source: &str, limit: i64) -> Result<Vec<Reprovision>, StoreError> {
+        delegate!(self, reprovisions(source, limit))
+    }
+    async fn mark_resent(
+        &self,
+        reprovision: &str,
+        resource: &str,
+        keys: &[&str],
+    ) -> Result<(), StoreError> {
+        delegate!(self, mark_resent(reprovision, resource, keys))
+    }
+    async fn resent_keys(
+        &self,
+        reprovision: &str,
+        resource: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        delegate!(self, resent_keys(reprovision, resource))
     }
     async fn try_lock(&self, resource: &str) -> Result<Option<ResourceLock>, StoreError> {
         delegate!(self, try_lock(resource))

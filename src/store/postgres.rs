@@ -687,6 +687,7 @@ impl Ledger for PgStore {
     }
 
     jobs::dead_letter_methods!(pg_sql);
+    jobs::reprovision_methods!(pg_sql);
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)

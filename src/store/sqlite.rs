@@ -903,6 +903,7 @@ impl Ledger for SqliteStore {
     }
 
     jobs::dead_letter_methods!(sqlite_sql);
+    jobs::reprovision_methods!(sqlite_sql);
 
     async fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
         let rows: Vec<jobs::JobRow> = sqlx::query_as(jobs::UNFINISHED)

@@ -38,6 +38,37 @@ pub fn stream_name() -> String {
     format!("driftd-test-{:x}", fastrand::u64(..))
 }
 
+/// What every test here starts with: an empty `users` table, an upstream
+/// (for refetches), a directory, a stream name of its own.
+struct Setup {
+    db: TestDb,
+    _up: Arc<driftd::sample::SampleUpstream>,
+    addr: std::net::SocketAddr,
+    dir: tempfile::TempDir,
+    stream: String,
+}
+
+async fn setup(backend: Backend) -> Setup {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(0)).await;
+    Setup {
+        db,
+        _up,
+        addr,
+        dir: tempfile::tempdir().unwrap(),
+        stream: stream_name(),
+    }
+}
+
+async fn drop_stream(con: &mut MultiplexedConnection, stream: &str) {
+    let _: i64 = redis::cmd("DEL")
+        .arg(stream)
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
 /// `[sources.bus]` reading `stream`; `extra` goes in `[sources.bus.redis]`.
 pub fn source(stream: &str, extra: &str) -> String {
     format!(
@@ -153,11 +184,13 @@ async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
 }
 
 async fn entries_show_up_within_a_second(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    db.create_users().await;
-    let (_up, addr) = upstream(users(0)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stream = stream_name();
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
     let (d, base) = start_connected(settings(&db, addr, dir.path(), &source(&stream, ""))).await;
     let s = sources(&base).await;
     assert_eq!(s["sources"][0]["kind"], "redis", "{s}");
@@ -219,11 +252,7 @@ async fn entries_show_up_within_a_second(backend: Backend) {
         "{metrics}"
     );
     assert!(d.stop().await);
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    drop_stream(&mut con, &stream).await;
 }
 
 /// A `driftd run` process.
@@ -252,11 +281,13 @@ fn spawn_run(config: &std::path::Path) -> Process {
 /// yet acknowledged), twice: every entry is applied, in order (a user
 /// deleted after its creation stays deleted), none is left pending.
 async fn sigkill_mid_stream_loses_none(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    db.create_users().await;
-    let (_up, addr) = upstream(users(0)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stream = stream_name();
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
     let schedules = dir.path().join("schedules");
     std::fs::create_dir(&schedules).unwrap();
     let cfg = ConfigBuilder {
@@ -361,21 +392,19 @@ async fn sigkill_mid_stream_loses_none(backend: Backend) {
         );
     }
     drop(run);
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    drop_stream(&mut con, &stream).await;
 }
 
 /// A consumer that read entries and died: after `claim_idle_secs` driftd
 /// takes them over and applies them.
 async fn entries_of_a_dead_consumer_are_taken_over(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    db.create_users().await;
-    let (_up, addr) = upstream(users(0)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stream = stream_name();
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
     let mut con = redis().await;
     raw(
         &mut con,
@@ -424,22 +453,20 @@ async fn entries_of_a_dead_consumer_are_taken_over(backend: Backend) {
     })
     .await;
     assert!(d.stop().await);
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    drop_stream(&mut con, &stream).await;
 }
 
 /// An entry that was delivered more than `max_deliveries` times (it killed
 /// every consumer that took it) is kept as a dead letter, not applied; the
 /// entries after it flow.
 async fn an_entry_delivered_too_often_becomes_a_dead_letter(backend: Backend) {
-    let db = TestDb::new(backend).await;
-    db.create_users().await;
-    let (_up, addr) = upstream(users(0)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let stream = stream_name();
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
     let mut con = redis().await;
     raw(
         &mut con,
@@ -514,11 +541,321 @@ async fn an_entry_delivered_too_often_becomes_a_dead_letter(backend: Backend) {
     assert_eq!(status, 200, "{v}");
     assert_eq!(db.count("users").await, 2);
     assert!(d.stop().await);
-    let _: i64 = redis::cmd("DEL")
-        .arg(&stream)
-        .query_async(&mut con)
+    drop_stream(&mut con, &stream).await;
+}
+
+/// `[sources.bus]` with reprovision control events.
+fn reprovision_source(stream: &str, reprovision: &str) -> String {
+    format!(
+        "{}\n[sources.bus.reprovision]\nstarted = \"ReprovisionStarted\"\nid_pointer = \"/data/id\"\n{reprovision}\n",
+        source(stream, "")
+    )
+}
+
+async fn wait_rows(db: &TestDb, want: i64, what: &str) {
+    eventually(Duration::from_secs(5), what, || async {
+        let n = db.count("users").await;
+        (n == want)
+            .then_some(())
+            .ok_or(format!("{n} rows, want {want}"))
+    })
+    .await;
+}
+
+async fn reprovisions(settings: &Settings) -> Vec<driftd::store::Reprovision> {
+    use driftd::store::Ledger;
+    let store = driftd::store::AnyStore::open(&settings.store.url, 2)
         .await
         .unwrap();
+    store.reprovisions("bus", 10).await.unwrap()
+}
+
+fn key(u: &Json) -> String {
+    u["uuid"].as_str().unwrap().to_string()
+}
+
+/// A reprovision cycle: the old rows serve until the completion, then
+/// exactly the rows not re-sent (and not written by a live event since the
+/// start) are purged, as a job of their own. `driftd replay` then rebuilds
+/// the table after it was emptied by hand.
+async fn a_reprovision_purges_exactly_what_was_not_resent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(0)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let schedules = dir.path().join("schedules");
+    std::fs::create_dir(&schedules).unwrap();
+    let stream = stream_name();
+    let src = reprovision_source(&stream, "completed = \"ReprovisionCompleted\"");
+    let s = settings(&db, addr, &schedules, &src);
+    let (d, base) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = users(22);
+    for u in &all[..20] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 20, "the first generation applied").await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "r1"}),
+    )
+    .await;
+    // Re-sent: users 0..15, user 3 with a new name.
+    for (i, u) in all[..15].iter().enumerate() {
+        let mut u = u.clone();
+        if i == 3 {
+            u["firstname"] = json!("Renamed");
+        }
+        add(&mut con, &stream, "user_created", &u).await;
+    }
+    // Live traffic meanwhile: user 15 edited, user 20 created, user 14
+    // deleted.
+    let mut edited = all[15].clone();
+    edited["firstname"] = json!("Live");
+    add(&mut con, &stream, "user_edited", &edited).await;
+    add(&mut con, &stream, "user_created", &all[20]).await;
+    add(
+        &mut con,
+        &stream,
+        "user_deleted",
+        &json!({"uuid": all[14]["uuid"]}),
+    )
+    .await;
+    // The old rows serve until the reprovision completes: 20 + 1 - 1.
+    wait_rows(&db, 20, "old rows kept while the reprovision runs").await;
+    // A completion of another reprovision id is ignored.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r0"}),
+    )
+    .await;
+    add(&mut con, &stream, "user_created", &all[21]).await;
+    wait_rows(&db, 21, "nothing purged by a foreign completion").await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r1"}),
+    )
+    .await;
+    // 0..14 re-sent (14 deleted live), 15 edited live, 20 and 21 created
+    // live: 16..19 purged.
+    let mut want: std::collections::BTreeSet<String> = all[..14].iter().map(key).collect();
+    for i in [15, 20, 21] {
+        want.insert(key(&all[i]));
+    }
+    eventually(
+        Duration::from_secs(5),
+        "exactly the rows not re-sent purged",
+        || {
+            let db = &db;
+            let want = want.clone();
+            async move {
+                let keys = db.keys("users").await;
+                (keys == want)
+                    .then_some(())
+                    .ok_or(format!("{} rows", keys.len()))
+            }
+        },
+    )
+    .await;
+    let renamed = db
+        .text(&format!(
+            "SELECT firstname FROM users WHERE CAST(uuid AS TEXT) = '{}'",
+            key(&all[3])
+        ))
+        .await;
+    assert_eq!(renamed, vec![Some("Renamed".to_string())]);
+    let r = reprovisions(&s).await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].state, "completed", "{r:?}");
+    assert_eq!(r[0].event_id.as_deref(), Some("r1"));
+    assert_eq!(r[0].jobs.len(), 1);
+    let (status, job) = crate::daemon::api(
+        "GET",
+        &format!("{base}/v1/jobs/{}", r[0].jobs[0]),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["trigger"], "reprovision", "{job}");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["report"]["actions"]["purge"], 4, "{job}");
+    assert!(d.stop().await);
+
+    // Emptied by hand, the table is rebuilt from the stream, from the
+    // reprovision's start on; nothing is purged by the replay.
+    db.exec("DELETE FROM users").await;
+    let config = dir.path().join("driftd.toml");
+    let cfg = ConfigBuilder {
+        tail: format!("{}{}", open_worker_tail(&schedules), src),
+        ..ConfigBuilder::default()
+    };
+    std::fs::write(&config, cfg.toml(&db, addr)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .args(["replay", "bus", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["from"].as_str(),
+        r[0].position.as_deref(),
+        "{report}"
+    );
+    assert_eq!(db.keys("users").await, want, "{report}");
+    drop_stream(&mut con, &stream).await;
+}
+
+/// A new start before the completion abandons the open reprovision, and a
+/// timeout abandons one that never completes: neither purges anything.
+async fn an_abandoned_reprovision_purges_nothing(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let src = reprovision_source(
+        &stream,
+        "completed = \"ReprovisionCompleted\"\ntimeout_secs = 2",
+    );
+    let s = settings(&db, addr, dir.path(), &src);
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = users(10);
+    for u in &all {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 10, "seeded").await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "r1"}),
+    )
+    .await;
+    for u in &all[..3] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "r2"}),
+    )
+    .await;
+    add(&mut con, &stream, "user_created", &all[0]).await;
+    // The abandoned one's completion changes nothing.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r1"}),
+    )
+    .await;
+    eventually(Duration::from_secs(5), "r1 abandoned, r2 times out", || {
+        let s = s.clone();
+        async move {
+            let r = reprovisions(&s).await;
+            let states: Vec<&str> = r.iter().map(|r| r.state.as_str()).collect();
+            (states == ["abandoned", "abandoned"])
+                .then_some(())
+                .ok_or(format!("{states:?}"))
+        }
+    })
+    .await;
+    // Completed after its timeout: too late, nothing is open.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r2"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(db.count("users").await, 10);
+    let r = reprovisions(&s).await;
+    assert!(r.iter().all(|r| r.jobs.is_empty()), "{r:?}");
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+}
+
+/// Without a completion event, a quiet source completes the reprovision;
+/// one that re-sent too little trips the purge guard and purges nothing.
+async fn a_quiet_reprovision_completes_behind_the_purge_guard(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let cfg = ConfigBuilder {
+        tail: format!(
+            "{}{}",
+            open_worker_tail(dir.path()),
+            reprovision_source(&stream, "quiet_secs = 1")
+        ),
+        policy: "max_purge_fraction = 0.5\nmax_purge_count = 1000".into(),
+        ..ConfigBuilder::default()
+    };
+    let s = Arc::new(cfg.settings(&db, addr));
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = users(10);
+    for u in &all {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 10, "seeded").await;
+    // Re-sends 7 of 10: 3 purged once quiet.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "q1"}),
+    )
+    .await;
+    for u in &all[..7] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 7, "the rows not re-sent purged once quiet").await;
+    // Re-sends 2 of 7: 71% would go, above the 50% guard.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "q2"}),
+    )
+    .await;
+    for u in &all[..2] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    eventually(Duration::from_secs(5), "q2 ends guard-tripped", || {
+        let s = s.clone();
+        async move {
+            let r = reprovisions(&s).await;
+            let states: Vec<&str> = r.iter().map(|r| r.state.as_str()).collect();
+            (states == ["guard_tripped", "completed"])
+                .then_some(())
+                .ok_or(format!("{states:?}"))
+        }
+    })
+    .await;
+    assert_eq!(db.count("users").await, 7);
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
 }
 
 both_backends!(
@@ -526,4 +863,7 @@ both_backends!(
     sigkill_mid_stream_loses_none,
     entries_of_a_dead_consumer_are_taken_over,
     an_entry_delivered_too_often_becomes_a_dead_letter,
+    a_reprovision_purges_exactly_what_was_not_resent,
+    an_abandoned_reprovision_purges_nothing,
+    a_quiet_reprovision_completes_behind_the_purge_guard,
 );

@@ -1,0 +1,421 @@
+//! Reprovisions: a producer re-sends every row between a start event and a
+//! completion event (or, for producers that send none, a quiet time). The
+//! table is never cleared: old rows serve until the new generation is
+//! complete. At the start, each resource's journal mark is taken; every
+//! row re-sent meanwhile is recorded; at completion, the rows that were not
+//! re-sent are purged, resource by resource, as a job of its own (trigger
+//! `reprovision`) behind the same purge guard as a pass, and fenced like a
+//! pass from the mark, so that a row an event wrote after the start is never
+//! purged. A new start before the completion, or the timeout, abandons the
+//! open reprovision: nothing is purged.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+use tracing::Instrument;
+
+use super::events::{Events, Verdict};
+use crate::config::ReprovisionConfig;
+use crate::decode::resolve;
+use crate::diff::Plan;
+use crate::jobs::{Job, JobStatus, Trigger};
+use crate::model::Key;
+use crate::store::{Ledger, Mirror, PassWrite, Reprovision, StoreError};
+use crate::vocab::{Actions, Counts, Mode, Outcome, PassReport, Samples, Timings};
+
+/// A control event, read.
+#[derive(Debug, Clone)]
+pub enum Control {
+    Started { id: Option<String> },
+    Completed { id: Option<String> },
+}
+
+impl Control {
+    /// The control event `name` is, if any; an error when it lacks the id
+    /// the config asks for.
+    pub fn read(
+        cfg: &ReprovisionConfig,
+        name: &str,
+        body: &Json,
+    ) -> Result<Option<Control>, String> {
+        let started = name == cfg.started;
+        if !started && cfg.completed.as_deref() != Some(name) {
+            return Ok(None);
+        }
+        let id = match &cfg.id_pointer {
+            None => None,
+            Some(p) => match resolve(body, p) {
+                Some(Json::String(s)) => Some(s.clone()),
+                Some(Json::Number(n)) => Some(n.to_string()),
+                _ => return Err(format!("no reprovision id (a string or number) at `{p}`")),
+            },
+        };
+        Ok(Some(if started {
+            Control::Started { id }
+        } else {
+            Control::Completed { id }
+        }))
+    }
+}
+
+/// What the events engine keeps of reprovisions: each source's open one
+/// (read once), and when each source last delivered.
+#[derive(Default)]
+pub struct Tracker {
+    open: tokio::sync::Mutex<HashMap<String, Option<Reprovision>>>,
+    activity: std::sync::Mutex<HashMap<String, Instant>>,
+}
+
+impl Events {
+    /// The source's open reprovision, read from the ledger the first time.
+    async fn open_reprovision(
+        &self,
+        open: &mut HashMap<String, Option<Reprovision>>,
+        source: &str,
+    ) -> Result<Option<Reprovision>, StoreError> {
+        if let Some(r) = open.get(source) {
+            return Ok(r.clone());
+        }
+        let r = self
+            .store()
+            .reprovisions(source, 1)
+            .await?
+            .into_iter()
+            .find(|r| r.state == "open");
+        open.insert(source.to_string(), r.clone());
+        Ok(r)
+    }
+
+    /// Records the keys `verdicts` re-sent, if a reprovision is open.
+    pub(super) async fn mark_resent(
+        &self,
+        source: &str,
+        verdicts: &[Verdict],
+        resends: &[bool],
+    ) -> Result<(), StoreError> {
+        if self
+            .settings()
+            .sources
+            .get(source)
+            .is_none_or(|s| s.reprovision.is_none())
+        {
+            return Ok(());
+        }
+        self.touch(source);
+        let mut open = self.reprovisions.open.lock().await;
+        let Some(r) = self.open_reprovision(&mut open, source).await? else {
+            return Ok(());
+        };
+        let mut by_resource: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (v, resend) in verdicts.iter().zip(resends) {
+            // A re-sent row counts even when it was stale or refused: its
+            // old row must not be purged for it.
+            if let (true, Some(res), Some(key)) = (*resend, &v.resource, &v.key) {
+                if r.marks.contains_key(res) {
+                    by_resource.entry(res).or_default().push(key);
+                }
+            }
+        }
+        for (res, keys) in by_resource {
+            self.store().mark_resent(&r.id, res, &keys).await?;
+        }
+        Ok(())
+    }
+
+    fn touch(&self, source: &str) {
+        let mut a = self
+            .reprovisions
+            .activity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        a.insert(source.to_string(), Instant::now());
+    }
+
+    /// Handles a start or completion event of `source`.
+    pub(super) async fn control(
+        &self,
+        source: &str,
+        control: Control,
+        position: Option<String>,
+        verdict: &mut Verdict,
+    ) -> Result<(), StoreError> {
+        let Some(cfg) = self
+            .settings()
+            .sources
+            .get(source)
+            .and_then(|s| s.reprovision.clone())
+        else {
+            return Ok(());
+        };
+        self.touch(source);
+        let mut open = self.reprovisions.open.lock().await;
+        let current = self.open_reprovision(&mut open, source).await?;
+        match control {
+            Control::Started { id } => {
+                // The same start delivered again (a crash before its
+                // acknowledgement) changes nothing.
+                let last = self.store().reprovisions(source, 1).await?.pop();
+                if let Some(last) = &last {
+                    let same_entry = position.is_some() && last.position == position;
+                    let same_id = position.is_none() && id.is_some() && last.event_id == id;
+                    if same_entry || same_id {
+                        verdict.outcome = "stale";
+                        return Ok(());
+                    }
+                }
+                if let Some(mut old) = current {
+                    old.state = "abandoned".into();
+                    old.reason = Some("a new reprovision started before it completed".into());
+                    old.ended_at = Some(crate::store::now_rfc3339());
+                    self.store().save_reprovision(&old).await?;
+                    tracing::warn!(source, reprovision = %old.id, "reprovision abandoned: a new one started before it completed; nothing purged");
+                }
+                let mut marks = std::collections::BTreeMap::new();
+                for res in &cfg.resources {
+                    marks.insert(res.clone(), self.store().journal_mark(res).await?);
+                }
+                let r = Reprovision {
+                    id: uuid::Uuid::new_v4().to_string(),
+                    source: source.to_string(),
+                    event_id: id,
+                    position,
+                    marks,
+                    state: "open".into(),
+                    reason: None,
+                    jobs: Vec::new(),
+                    started_at: crate::store::now_rfc3339(),
+                    ended_at: None,
+                };
+                self.store().save_reprovision(&r).await?;
+                tracing::info!(source, reprovision = %r.id, event_id = r.event_id.as_deref().unwrap_or(""), position = r.position.as_deref().unwrap_or(""), "reprovision started");
+                open.insert(source.to_string(), Some(r));
+            }
+            Control::Completed { id } => {
+                let Some(r) = current else {
+                    verdict.outcome = "ignored";
+                    verdict.error = Some("no reprovision is open".into());
+                    return Ok(());
+                };
+                if cfg.id_pointer.is_some() && r.event_id != id {
+                    verdict.outcome = "ignored";
+                    verdict.error = Some(format!(
+                        "completes reprovision `{}`, but `{}` is open",
+                        id.unwrap_or_default(),
+                        r.event_id.clone().unwrap_or_default()
+                    ));
+                    return Ok(());
+                }
+                self.complete(r).await?;
+                open.insert(source.to_string(), None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes quiet reprovisions and abandons timed-out ones; run about
+    /// every second by `driftd run`.
+    pub async fn tick_reprovisions(&self) -> Result<(), StoreError> {
+        for (source, cfg) in &self.settings().sources {
+            let Some(rc) = &cfg.reprovision else { continue };
+            let mut open = self.reprovisions.open.lock().await;
+            let Some(mut r) = self.open_reprovision(&mut open, source).await? else {
+                continue;
+            };
+            let age = chrono::DateTime::parse_from_rfc3339(&r.started_at)
+                .map(|t| (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_milliseconds())
+                .unwrap_or(0)
+                .max(0) as f64
+                / 1000.0;
+            if age > rc.timeout_secs {
+                r.state = "abandoned".into();
+                r.reason = Some(format!("not complete within {}s", rc.timeout_secs));
+                r.ended_at = Some(crate::store::now_rfc3339());
+                self.store().save_reprovision(&r).await?;
+                tracing::warn!(source, reprovision = %r.id, "reprovision abandoned: timed out; nothing purged");
+                open.insert(source.clone(), None);
+                continue;
+            }
+            let Some(quiet) = rc.quiet_secs else { continue };
+            let last = {
+                let mut a = self
+                    .reprovisions
+                    .activity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                // Since start (of driftd) at least.
+                *a.entry(source.clone()).or_insert_with(Instant::now)
+            };
+            if last.elapsed() >= Duration::from_secs_f64(quiet) {
+                tracing::info!(source, reprovision = %r.id, quiet_secs = quiet, "reprovision complete: the source has been quiet");
+                self.complete(r).await?;
+                open.insert(source.clone(), None);
+            }
+        }
+        Ok(())
+    }
+
+    /// Purges, per resource, the rows the reprovision did not re-send.
+    async fn complete(&self, mut r: Reprovision) -> Result<(), StoreError> {
+        let mut tripped = Vec::new();
+        for (resource, mark) in r.marks.clone() {
+            let job = self.purge_unsent(&r, &resource, mark).await?;
+            if job.status != JobStatus::Succeeded {
+                tripped.push(format!(
+                    "{resource}: {}",
+                    job.reason
+                        .clone()
+                        .unwrap_or_else(|| job.status.as_str().into())
+                ));
+            }
+            r.jobs.push(job.id.to_string());
+        }
+        r.state = if tripped.is_empty() {
+            "completed"
+        } else {
+            "guard_tripped"
+        }
+        .into();
+        r.reason = (!tripped.is_empty()).then(|| tripped.join("; "));
+        r.ended_at = Some(crate::store::now_rfc3339());
+        self.store().save_reprovision(&r).await?;
+        tracing::info!(source = %r.source, reprovision = %r.id, state = %r.state, jobs = ?r.jobs, "reprovision ended");
+        Ok(())
+    }
+
+    /// One resource's purge job: the local rows not re-sent, behind the
+    /// purge guard, fenced from the start's mark.
+    async fn purge_unsent(
+        &self,
+        r: &Reprovision,
+        resource: &str,
+        mark: i64,
+    ) -> Result<Job, StoreError> {
+        let span = tracing::info_span!("reprovision_purge", resource, reprovision = %r.id);
+        self.purge_unsent_in(r, resource, mark)
+            .instrument(span)
+            .await
+    }
+
+    async fn purge_unsent_in(
+        &self,
+        r: &Reprovision,
+        resource: &str,
+        mark: i64,
+    ) -> Result<Job, StoreError> {
+        let mut job = Job::queued(
+            resource,
+            Trigger::Reprovision,
+            Mode::PurgeOnly,
+            false,
+            false,
+        );
+        job.status = JobStatus::Running;
+        job.started_at = Some(crate::jobs::now());
+        self.store().save_job(&job).await?;
+        let started = Instant::now();
+        let (Some(res), Some(target)) = (
+            self.settings().resources.get(resource),
+            self.targets.get(resource),
+        ) else {
+            job.finish(JobStatus::Failed, Some("unknown resource".into()));
+            self.store().save_job(&job).await?;
+            return Ok(job);
+        };
+        let spec = &target.spec;
+        self.store().prepare(spec).await?;
+        let local = self.store().scan(spec).await?;
+        let resent: HashSet<String> = self
+            .store()
+            .resent_keys(&r.id, resource)
+            .await?
+            .into_iter()
+            .collect();
+        let purge: Vec<Key> = local
+            .keys()
+            .filter(|k| !resent.contains(*k))
+            .map(|k| Key(k.into()))
+            .collect();
+        let plan = Plan {
+            local_rows: local.len() as u64,
+            upstream_rows: (local.len() - purge.len()) as u64,
+            purge,
+            ..Plan::default()
+        };
+        drop(local);
+        let mut report = PassReport {
+            resource: resource.to_string(),
+            mode: Mode::PurgeOnly,
+            dry_run: false,
+            forced: false,
+            started_at: job.started_at.clone().unwrap_or_default(),
+            duration_ms: 0,
+            outcome: Outcome::InSync,
+            local_rows: plan.local_rows,
+            upstream_rows: plan.upstream_rows,
+            upstream_pages: 0,
+            upstream_relists: 0,
+            found: Counts {
+                extra: plan.purge.len() as u64,
+                ..Counts::default()
+            },
+            left: Counts::default(),
+            actions: Actions {
+                purge: plan.purge.len() as u64,
+                ..Actions::default()
+            },
+            keys: Samples {
+                purge: plan.purge.iter().take(10).map(|k| k.to_string()).collect(),
+                ..Samples::default()
+            },
+            guard: None,
+            error: None,
+            timings: Timings::default(),
+        };
+        if plan.purge.is_empty() {
+            // Everything was re-sent.
+        } else if !res.policy.purge_extra {
+            report.outcome = Outcome::DriftLeft;
+            report.left.extra = plan.purge.len() as u64;
+            report.actions.purge = 0;
+        } else if let Some(trip) = crate::guard::judge(&plan, &res.policy) {
+            tracing::warn!(guard = trip.name(), error = %trip, "reprovision purge refused by a guard; nothing purged");
+            report.outcome = Outcome::GuardTripped;
+            report.guard = Some(trip);
+        } else {
+            let mut done = Actions::default();
+            for chunk in plan.purge.chunks(res.policy.batch_size) {
+                let written = self
+                    .store()
+                    .write_pass(spec, resource, mark, PassWrite::Purge(chunk))
+                    .await?;
+                done.purge += written.done;
+                done.yielded += written.yielded.len() as u64;
+                let purged: Vec<Key> = chunk
+                    .iter()
+                    .filter(|k| !written.yielded.contains(k))
+                    .cloned()
+                    .collect();
+                for (child, n) in
+                    super::cascade(self.store().as_ref(), &res.children, resource, &purged).await?
+                {
+                    *done.cascaded.entry(child).or_default() += n;
+                }
+            }
+            report.actions = done;
+            report.outcome = Outcome::Repaired;
+        }
+        report.duration_ms = started.elapsed().as_millis() as u64;
+        report.timings.apply_ms = report.duration_ms;
+        tracing::info!(
+            outcome = report.outcome.as_str(),
+            local = report.local_rows,
+            resent = report.upstream_rows,
+            purged = report.actions.purge,
+            "reprovision purge done"
+        );
+        job.finish_with(&report);
+        self.store().save_job(&job).await?;
+        Ok(job)
+    }
+}
