@@ -27,21 +27,15 @@ use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 
 use driftd::sample::user;
 
+mod common;
+
 const PREFETCH: u16 = 1000;
 const BATCH: usize = 500;
 
 fn main() {
-    let benching = std::env::args().any(|a| a == "--bench");
-    let events: usize = std::env::var("DRIFTD_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if benching { 100_000 } else { 2_000 });
-    let amqp = std::env::var("DRIFTD_TEST_AMQP_URL").expect(
-        "DRIFTD_TEST_AMQP_URL is not set: run ./scripts/bench.sh events (it starts RabbitMQ)",
-    );
-    let pg = std::env::var("DRIFTD_TEST_PG_URL").expect(
-        "DRIFTD_TEST_PG_URL is not set: run ./scripts/bench.sh events (it starts PostgreSQL)",
-    );
+    let events = common::messages();
+    let amqp = common::server("DRIFTD_TEST_AMQP_URL", "events");
+    let pg = common::server("DRIFTD_TEST_PG_URL", "events");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -114,7 +108,7 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
     let floor_before = started.elapsed().as_secs_f64();
 
     // driftd: the worker's RabbitMQ source into PostgreSQL.
-    let db = fresh_pg_db(pg_admin).await;
+    let db = common::fresh_pg_db(pg_admin, "driftd_bench_events").await;
     let dir = tempfile::tempdir().expect("temp dir");
     let settings = Arc::new(
         driftd::config::Settings::from_toml_str(
@@ -158,7 +152,6 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
     let started = Instant::now();
     ack_only(&conn, &floor_after, events).await;
     let floor_after_s = started.elapsed().as_secs_f64();
-    let floor = floor_before.min(floor_after_s);
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
         .fetch_one(&pool)
         .await
@@ -172,29 +165,7 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
         let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
     }
 
-    let floor_rate = events as f64 / floor;
-    let rate = events as f64 / applied_in;
-    println!(
-        "{:<34} {:>10} {:>10} {:>12}",
-        "consumer", "events", "wall s", "events/s"
-    );
-    for (name, wall) in [
-        ("ack-only, before driftd", floor_before),
-        ("ack-only, after driftd", floor_after_s),
-    ] {
-        println!(
-            "{name:<34} {events:>10} {wall:>10.2} {:>12.0}",
-            events as f64 / wall
-        );
-    }
-    println!(
-        "{:<34} {events:>10} {applied_in:>10.2} {rate:>12.0}",
-        "driftd -> PostgreSQL (applied)"
-    );
-    println!(
-        "driftd applies at {:.0}% of the faster ack-only rate ({floor_rate:.0} events/s)",
-        100.0 * rate / floor_rate
-    );
+    common::print_rates("events", events, floor_before, floor_after_s, applied_in);
 }
 
 /// Publishes `n` events with confirms, a window at a time.
@@ -289,28 +260,7 @@ async fn ack_only(conn: &Connection, queue: &str, n: usize) {
 fn config(db: &str, amqp: &str, exchange: &str, queue: &str, dir: &std::path::Path) -> String {
     format!(
         r#"
-[store]
-url = "{db}"
-max_connections = 4
-[admin]
-listen = "127.0.0.1:0"
-allow_unauthenticated = true
-[daemon]
-schedules_dir = "{dir}"
-[resources.users]
-key = {{ upstream = "/uuid", column = "uuid", type = "uuid" }}
-local = {{ table = "users" }}
-[resources.users.upstream]
-base_url = "http://127.0.0.1:9"
-list_path = "/0.1/users"
-key_order = "asc"
-[resources.users.columns]
-tenant_uuid = {{ from = "/tenant_uuid", type = "uuid" }}
-firstname = {{ from = "/firstname" }}
-lastname = {{ from = "/lastname" }}
-email = {{ from = "/email" }}
-enabled = {{ from = "/enabled", type = "boolean" }}
-extension = {{ from = "/extension", type = "integer" }}
+{head}
 [sources.wazo]
 kind = "rabbitmq"
 name_header = "name"
@@ -325,28 +275,6 @@ prefetch = {PREFETCH}
 [sources.wazo.events]
 user_created = {{ resource = "users", op = "upsert", key = "/data/uuid", payload = "/data" }}
 "#,
-        dir = dir.display()
+        head = common::worker_config(db, dir)
     )
-}
-
-async fn fresh_pg_db(admin: &str) -> String {
-    let pool = sqlx::PgPool::connect(admin)
-        .await
-        .expect("connect PostgreSQL");
-    sqlx::query("DROP DATABASE IF EXISTS driftd_bench_events")
-        .execute(&pool)
-        .await
-        .expect("drop");
-    sqlx::query("CREATE DATABASE driftd_bench_events")
-        .execute(&pool)
-        .await
-        .expect("create");
-    let i = admin.rfind('/').expect("db url");
-    let url = format!("{}/driftd_bench_events", &admin[..i]);
-    let db = sqlx::PgPool::connect(&url).await.expect("bench db");
-    sqlx::query("CREATE TABLE users (uuid UUID PRIMARY KEY, tenant_uuid UUID, firstname TEXT, lastname TEXT, email TEXT, enabled BOOLEAN, extension INTEGER)")
-        .execute(&db)
-        .await
-        .expect("create users");
-    url
 }

@@ -3,6 +3,8 @@
 #   ./scripts/bench.sh          the pass benchmark, SQLite and PostgreSQL
 #   ./scripts/bench.sh events   events from RabbitMQ into PostgreSQL, against
 #                               an ack-only consumer of the same queue
+#   ./scripts/bench.sh streams  entries from a Redis stream into PostgreSQL,
+#                               against an ack-only XREADGROUP consumer
 # DRIFTD_BENCH_ROWS=100000 (pass) or DRIFTD_BENCH_EVENTS=20000 (events)
 # for a shorter run.
 set -euo pipefail
@@ -16,5 +18,9 @@ case "${1:-pass}" in
     start_rabbitmq
     cargo bench --bench events --locked
     ;;
-  *) die "unknown benchmark ${1}: pass or events" ;;
+  streams)
+    start_redis
+    cargo bench --bench streams --locked
+    ;;
+  *) die "unknown benchmark ${1}: pass, events or streams" ;;
 esac
