@@ -214,10 +214,19 @@ impl Events {
     }
 
     /// Completes quiet reprovisions and abandons timed-out ones; run about
-    /// every second by `driftd run`.
-    pub async fn tick_reprovisions(&self) -> Result<(), StoreError> {
+    /// every second by `driftd run`. Quiet time only counts while the
+    /// source is `connected` (consuming, its database usable): a source
+    /// that cannot read may have re-sent rows waiting, which must not be
+    /// purged.
+    pub async fn tick_reprovisions(
+        &self,
+        connected: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<(), StoreError> {
         for (source, cfg) in &self.settings().sources {
             let Some(rc) = &cfg.reprovision else { continue };
+            if !connected(source) {
+                self.touch(source);
+            }
             let mut open = self.reprovisions.open.lock().await;
             let Some(mut r) = self.open_reprovision(&mut open, source).await? else {
                 continue;

@@ -180,14 +180,17 @@ pub fn start_all(
         .any(|s| s.reprovision.is_some())
     {
         let shutdown = shutdown.child_token();
+        let statuses = sources.clone();
         tasks.push(tokio::spawn(async move {
+            let connected =
+                move |name: &str| statuses.lock().get(name).is_some_and(|s| s.connected);
             // Quiet reprovisions complete, timed-out ones are abandoned.
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if let Err(e) = events.tick_reprovisions().await {
+                if let Err(e) = events.tick_reprovisions(&connected).await {
                     tracing::warn!(error = %e, "cannot check open reprovisions; retrying");
                 }
             }

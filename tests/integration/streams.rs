@@ -858,7 +858,50 @@ async fn a_quiet_reprovision_completes_behind_the_purge_guard(backend: Backend) 
     drop_stream(&mut con, &stream).await;
 }
 
+/// Quiet time counts only while the source is connected: a source that
+/// cannot read may have re-sent rows waiting, which must not be purged.
+async fn quiet_time_does_not_count_while_the_source_is_down(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, "quiet_secs = 1.5"),
+    );
+    let events = crate::events::engine(&s).await;
+    let msg = |name: &str, data: &Json| {
+        driftd::engine::events::Envelope::new(
+            [("name".to_string(), name.to_string())].into(),
+            json!({"name": name, "data": data}).to_string().into_bytes(),
+        )
+    };
+    let all = users(10);
+    let mut batch: Vec<_> = all.iter().map(|u| msg("user_created", u)).collect();
+    batch.push(msg("ReprovisionStarted", &json!({"id": "d1"})));
+    batch.extend(all[..6].iter().map(|u| msg("user_created", u)));
+    events.deliver("bus", &batch).await.unwrap();
+    assert_eq!(db.count("users").await, 10);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    events.tick_reprovisions(&|_| false).await.unwrap();
+    assert_eq!(reprovisions(&s).await[0].state, "open");
+    assert_eq!(db.count("users").await, 10, "nothing purged while down");
+    // Back: the quiet time starts again.
+    events.tick_reprovisions(&|_| true).await.unwrap();
+    assert_eq!(reprovisions(&s).await[0].state, "open");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    events.tick_reprovisions(&|_| true).await.unwrap();
+    assert_eq!(reprovisions(&s).await[0].state, "completed");
+    assert_eq!(db.count("users").await, 6);
+}
+
 both_backends!(
+    quiet_time_does_not_count_while_the_source_is_down,
     entries_show_up_within_a_second,
     sigkill_mid_stream_loses_none,
     entries_of_a_dead_consumer_are_taken_over,
