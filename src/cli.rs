@@ -126,6 +126,7 @@ pub enum ModeArg {
     Full,
     PurgeOnly,
     RepairOnly,
+    Incremental,
 }
 
 impl From<ModeArg> for Mode {
@@ -134,6 +135,7 @@ impl From<ModeArg> for Mode {
             ModeArg::Full => Mode::Full,
             ModeArg::PurgeOnly => Mode::PurgeOnly,
             ModeArg::RepairOnly => Mode::RepairOnly,
+            ModeArg::Incremental => Mode::Incremental,
         }
     }
 }

@@ -19,7 +19,7 @@
 //! ```toml
 //! [[schedule]]
 //! resource = "users"
-//! mode = "full"            # full | purge-only | repair-only
+//! mode = "full"            # full | purge-only | repair-only | incremental
 //! cron = "*/15 * * * *"
 //! timezone = "Europe/Paris" # default UTC
 //! jitter_secs = 30          # random delay 0..jitter, spreads replicas
@@ -393,6 +393,15 @@ fn load_file(path: &Path, settings: &Settings) -> Result<Vec<Entry>, ScheduleErr
             return Err(bad(
                 "resource",
                 format!("unknown resource `{}`", e.resource),
+            ));
+        }
+        if e.mode == Mode::Incremental && settings.resources[&e.resource].incremental.is_none() {
+            return Err(bad(
+                "mode",
+                format!(
+                    "incremental runs need [resources.{}.incremental] in the config (the change feed)",
+                    e.resource
+                ),
             ));
         }
         let (cron6, parsed) = parse_cron(&e.cron).map_err(|p| bad("cron", p))?;

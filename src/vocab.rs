@@ -17,6 +17,9 @@ pub enum Mode {
     PurgeOnly,
     /// Only insert missing and repair stale rows.
     RepairOnly,
+    /// Apply what upstream's change feed lists since the stored checkpoint
+    /// (`[resources.<name>.incremental]`).
+    Incremental,
 }
 
 impl Mode {
@@ -25,13 +28,19 @@ impl Mode {
             Mode::Full => "full",
             Mode::PurgeOnly => "purge-only",
             Mode::RepairOnly => "repair-only",
+            Mode::Incremental => "incremental",
         }
     }
 
     pub fn parse(s: &str) -> Option<Mode> {
-        [Mode::Full, Mode::PurgeOnly, Mode::RepairOnly]
-            .into_iter()
-            .find(|m| m.as_str() == s)
+        [
+            Mode::Full,
+            Mode::PurgeOnly,
+            Mode::RepairOnly,
+            Mode::Incremental,
+        ]
+        .into_iter()
+        .find(|m| m.as_str() == s)
     }
 }
 

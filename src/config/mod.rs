@@ -248,6 +248,91 @@ pub struct ResourceConfig {
     /// Resources that name this one as their parent (filled at load).
     #[serde(skip)]
     pub children: Vec<ChildLink>,
+    /// Upstream's change feed, for `incremental` runs.
+    #[serde(default)]
+    pub incremental: Option<IncrementalConfig>,
+}
+
+/// `[resources.<name>.incremental]`: an upstream that lists the changes
+/// since a revision or time. driftd keeps where it got to (the
+/// checkpoint) in its own tables, in the transaction that applied the
+/// changes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncrementalConfig {
+    /// The change feed's path (default: `upstream.list_path`).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// The query parameter carrying the checkpoint, e.g. `since`.
+    pub since_param: String,
+    /// Other query parameters, e.g. a page size.
+    #[serde(default)]
+    pub query: BTreeMap<String, String>,
+    /// A JSON pointer to the next checkpoint in each response.
+    pub cursor_pointer: String,
+    /// A JSON pointer to the changed items (default: `upstream.items_pointer`).
+    #[serde(default)]
+    pub items_pointer: Option<String>,
+    /// A JSON pointer into an item: when it holds `deleted_value`, the item
+    /// is a deletion (only its key is read).
+    #[serde(default)]
+    pub deleted_pointer: Option<String>,
+    #[serde(default = "default_deleted_value")]
+    pub deleted_value: serde_json::Value,
+    /// The checkpoint of the first run.
+    #[serde(default = "default_initial_checkpoint")]
+    pub initial: String,
+    /// Pages in one run, at most.
+    #[serde(default = "default_incremental_pages")]
+    pub max_pages: u64,
+}
+
+fn default_deleted_value() -> serde_json::Value {
+    serde_json::Value::Bool(true)
+}
+
+fn default_initial_checkpoint() -> String {
+    "0".into()
+}
+
+fn default_incremental_pages() -> u64 {
+    100_000
+}
+
+impl IncrementalConfig {
+    fn validate(&mut self, upstream: &UpstreamConfig) -> Result<(), FieldProblem> {
+        if let Some(p) = &self.path {
+            if !p.starts_with('/') {
+                return Err(problem("incremental.path", "must start with /"));
+            }
+        }
+        if self.since_param.trim().is_empty() {
+            return Err(problem(
+                "incremental.since_param",
+                "must name the query parameter that carries the checkpoint",
+            ));
+        }
+        check_pointer("incremental.cursor_pointer", &self.cursor_pointer)?;
+        if self.cursor_pointer.is_empty() {
+            return Err(problem(
+                "incremental.cursor_pointer",
+                "must point at the next checkpoint in the response",
+            ));
+        }
+        if self.items_pointer.is_none() {
+            self.items_pointer = Some(upstream.items_pointer.clone());
+        }
+        if let Some(p) = &self.items_pointer {
+            check_pointer("incremental.items_pointer", p)?;
+        }
+        if let Some(p) = &self.deleted_pointer {
+            check_pointer("incremental.deleted_pointer", p)?;
+        }
+        if self.max_pages == 0 {
+            return Err(problem("incremental.max_pages", "must be at least 1"));
+        }
+        Ok(())
+    }
 }
 
 /// `parent = { resource = "tenants", column = "tenant_uuid" }`: this
@@ -1013,6 +1098,9 @@ impl ResourceConfig {
             )
         })?;
         self.upstream.validate()?;
+        if let Some(inc) = &mut self.incremental {
+            inc.validate(&self.upstream)?;
+        }
         check_pointer("key.upstream", &self.key.upstream)?;
         if self.key.upstream.is_empty() {
             return Err(problem("key.upstream", "must point into the item"));

@@ -439,7 +439,7 @@ impl Events {
         let group = fits;
         let results = match self
             .store
-            .apply_changes(&target.spec, resource, &group.changes)
+            .apply_changes(&target.spec, resource, &group.changes, None)
             .await
         {
             Ok(results) => results.into_iter().map(Ok).collect(),
@@ -452,7 +452,7 @@ impl Events {
                 for change in &group.changes {
                     match self
                         .store
-                        .apply_changes(&target.spec, resource, std::slice::from_ref(change))
+                        .apply_changes(&target.spec, resource, std::slice::from_ref(change), None)
                         .await
                     {
                         Ok(mut r) => results.push(Ok(r.pop().unwrap_or(ChangeResult::Applied))),

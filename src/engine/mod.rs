@@ -9,6 +9,7 @@ pub mod decode;
 pub mod diff;
 pub mod events;
 pub mod guard;
+pub mod incremental;
 pub mod pass;
 pub mod reprovision;
 pub mod upstream;

@@ -69,6 +69,8 @@ pub enum PassError {
     Cancelled,
     #[error("upstream task ended unexpectedly: {0}")]
     Task(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 impl PassError {
@@ -81,6 +83,7 @@ impl PassError {
             PassError::Canary(_)
             | PassError::DoesNotFit(_)
             | PassError::Task(_)
+            | PassError::Config(_)
             | PassError::Cancelled => false,
         }
     }
@@ -149,7 +152,13 @@ pub async fn run_pass<S: Store>(
             error: None,
             timings: Timings::default(),
         };
-        match execute(store, name, res, opts, hooks, &mut report).await {
+        let done = if opts.mode == Mode::Incremental {
+            super::incremental::execute(store, name, res, opts.dry_run, opts.force, hooks, &mut report)
+                .await
+        } else {
+            execute(store, name, res, opts, hooks, &mut report).await
+        };
+        match done {
             Ok(()) => {}
             Err(PassError::Cancelled) => {
                 report.outcome = Outcome::Cancelled;

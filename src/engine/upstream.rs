@@ -229,6 +229,33 @@ impl Client {
         Ok((status, headers, body))
     }
 
+    /// GETs `path` (under the base URL) with `params`, retrying transient
+    /// failures; the body of a 2xx answer, an error for any other.
+    pub async fn get_path(
+        &self,
+        path: &str,
+        params: &[(&str, &str)],
+    ) -> Result<bytes::Bytes, UpstreamError> {
+        let root = self.base.as_str().trim_end_matches('/');
+        let mut url = Url::parse(&format!("{root}{path}"))
+            .map_err(|e| UpstreamError::Config(format!("url of `{path}`: {e}")))?;
+        if !params.is_empty() {
+            let mut q = url.query_pairs_mut();
+            for (k, v) in params {
+                q.append_pair(k, v);
+            }
+        }
+        let (status, _, body) = self.get(&url).await?;
+        if !status.is_success() {
+            return Err(UpstreamError::Status {
+                url: url.to_string(),
+                status: status.as_u16(),
+                body: snippet(&body),
+            });
+        }
+        Ok(body)
+    }
+
     /// Checks one key with the get-by-key endpoint: 404 is gone, 2xx is
     /// present, anything else is an error (and the candidate is kept).
     pub async fn confirm(&self, key: &str) -> Result<Presence, UpstreamError> {

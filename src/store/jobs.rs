@@ -90,7 +90,26 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
         )",
         ],
     ),
+    (
+        4,
+        &[
+            // Where each resource's incremental runs got to in upstream's
+            // change feed, written with the changes it covers.
+            "CREATE TABLE driftd_checkpoints (
+            resource TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )",
+        ],
+    ),
 ];
+
+/// Stores a checkpoint: `$1` resource, `$2` value, `$3` time.
+pub(crate) const CHECKPOINT_SAVE: &str =
+    "INSERT INTO driftd_checkpoints (resource, value, updated_at) VALUES ($1, $2, $3) \
+     ON CONFLICT (resource) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at";
+
+pub(crate) const CHECKPOINT_GET: &str = "SELECT value FROM driftd_checkpoints WHERE resource = $1";
 
 /// Locks the resource's write fence without moving its mark: `$1` resource.
 pub(crate) const FENCE_LOCK: &str =
@@ -335,6 +354,17 @@ macro_rules! reprovision_methods {
             tx.commit()
                 .await
                 .map_err($crate::store::query_err("commit re-sent keys"))
+        }
+
+        async fn checkpoint(
+            &self,
+            resource: &str,
+        ) -> Result<Option<String>, $crate::store::StoreError> {
+            sqlx::query_scalar(&$sql($crate::store::jobs::CHECKPOINT_GET))
+                .bind(resource)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err($crate::store::query_err("read a checkpoint"))
         }
 
         async fn resent_keys(

@@ -226,12 +226,14 @@ pub trait Mirror: Send + Sync {
 
     /// Applies events' changes (one per key) in one transaction and
     /// journals their keys; a change older than the key's journaled version
-    /// is skipped as stale.
+    /// is skipped as stale. With `checkpoint`, stores it as the resource's
+    /// checkpoint in the same transaction.
     fn apply_changes(
         &self,
         spec: &TableSpec,
         resource: &str,
         changes: &[Change],
+        checkpoint: Option<&str>,
     ) -> impl Future<Output = Result<Vec<ChangeResult>, StoreError>> + Send;
 
     /// Purges (or soft-deletes) the rows whose `column` holds one of
@@ -340,6 +342,12 @@ pub trait Ledger: Send + Sync {
         resource: &str,
         keys: &[&str],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The resource's checkpoint in upstream's change feed, if stored.
+    fn checkpoint(
+        &self,
+        resource: &str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
     /// The keys of `resource` re-sent during `reprovision`.
     fn resent_keys(
@@ -620,8 +628,9 @@ impl Mirror for AnyStore {
         spec: &TableSpec,
         resource: &str,
         changes: &[Change],
+        checkpoint: Option<&str>,
     ) -> Result<Vec<ChangeResult>, StoreError> {
-        delegate!(self, apply_changes(spec, resource, changes))
+        delegate!(self, apply_changes(spec, resource, changes, checkpoint))
     }
     async fn purge_children(
         &self,
@@ -704,6 +713,9 @@ impl Ledger for AnyStore {
         keys: &[&str],
     ) -> Result<(), StoreError> {
         delegate!(self, mark_resent(reprovision, resource, keys))
+    }
+    async fn checkpoint(&self, resource: &str) -> Result<Option<String>, StoreError> {
+        delegate!(self, checkpoint(resource))
     }
     async fn resent_keys(
         &self,

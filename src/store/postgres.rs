@@ -427,6 +427,17 @@ impl WriteTx for PgWrite<'_> {
         Ok(keys.into_iter().map(|k| Key(k.into())).collect())
     }
 
+    async fn save_checkpoint(&mut self, resource: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(jobs::CHECKPOINT_SAVE)
+            .bind(resource)
+            .bind(value)
+            .bind(super::now_rfc3339())
+            .execute(&mut *self.tx)
+            .await
+            .map_err(query_err("store the checkpoint"))?;
+        Ok(())
+    }
+
     async fn commit(self, what: &str) -> Result<(), StoreError> {
         self.tx.commit().await.map_err(query_err(what))
     }
@@ -557,8 +568,9 @@ impl Mirror for PgStore {
         spec: &TableSpec,
         resource: &str,
         changes: &[Change],
+        checkpoint: Option<&str>,
     ) -> Result<Vec<ChangeResult>, StoreError> {
-        write::changes(self.write_tx().await?, spec, resource, changes).await
+        write::changes(self.write_tx().await?, spec, resource, changes, checkpoint).await
     }
 
     async fn purge_children(

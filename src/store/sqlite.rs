@@ -632,8 +632,16 @@ impl Mirror for SqliteStore {
         spec: &TableSpec,
         resource: &str,
         changes: &[Change],
+        checkpoint: Option<&str>,
     ) -> Result<Vec<ChangeResult>, StoreError> {
-        write::changes(SqliteWrite(self.begin().await?), spec, resource, changes).await
+        write::changes(
+            SqliteWrite(self.begin().await?),
+            spec,
+            resource,
+            changes,
+            checkpoint,
+        )
+        .await
     }
 
     async fn purge_children(
@@ -803,6 +811,17 @@ impl WriteTx for SqliteWrite<'_> {
             .await
             .map_err(query_err(format!("find children in {}", spec.table)))?;
         Ok(keys.into_iter().map(|k| Key(k.into())).collect())
+    }
+
+    async fn save_checkpoint(&mut self, resource: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(&jobs::CHECKPOINT_SAVE.replace('$', "?"))
+            .bind(resource)
+            .bind(value)
+            .bind(super::now_rfc3339())
+            .execute(&mut *self.0)
+            .await
+            .map_err(query_err("store the checkpoint"))?;
+        Ok(())
     }
 
     async fn commit(self, what: &str) -> Result<(), StoreError> {

@@ -62,6 +62,12 @@ pub(crate) trait WriteTx: Send {
         column: &Ident,
         parents: &[Key],
     ) -> impl Future<Output = Result<Vec<Key>, StoreError>> + Send;
+    /// Stores the resource's checkpoint (`driftd_checkpoints`).
+    fn save_checkpoint(
+        &mut self,
+        resource: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     fn commit(self, what: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
@@ -108,6 +114,7 @@ pub(crate) async fn changes<T: WriteTx>(
     spec: &TableSpec,
     resource: &str,
     changes: &[Change],
+    checkpoint: Option<&str>,
 ) -> Result<Vec<ChangeResult>, StoreError> {
     let seq = tx.fence(resource, true).await?;
     let mut results = vec![ChangeResult::Applied; changes.len()];
@@ -145,6 +152,9 @@ pub(crate) async fn changes<T: WriteTx>(
         for (&i, r) in round.iter().zip(judged) {
             results[i] = r;
         }
+    }
+    if let Some(value) = checkpoint {
+        tx.save_checkpoint(resource, value).await?;
     }
     tx.commit("commit events").await?;
     Ok(results)

@@ -368,3 +368,29 @@ pub async fn sources(base: &str) -> Json {
         .expect("its body");
     serde_json::from_str(&body).expect("JSON")
 }
+
+/// Asserts that `users` holds exactly the keys of `expected`, and (for a
+/// sample, every `step`th) the expected `firstname`.
+pub async fn assert_users(
+    db: &TestDb,
+    expected: &std::collections::BTreeMap<String, Json>,
+    step: usize,
+) {
+    assert_eq!(
+        db.keys("users").await,
+        expected.keys().cloned().collect(),
+        "the table holds exactly the users expected"
+    );
+    for (key, u) in expected.iter().step_by(step) {
+        let got = db
+            .text(&format!(
+                "SELECT firstname FROM users WHERE CAST(uuid AS TEXT) = '{key}'"
+            ))
+            .await;
+        assert_eq!(
+            got,
+            vec![u["firstname"].as_str().map(str::to_string)],
+            "{key}"
+        );
+    }
+}

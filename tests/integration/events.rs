@@ -586,6 +586,7 @@ async fn the_journal_fences_every_pass_write(backend: Backend) {
                 row: None,
                 version: None,
             }],
+            None,
         )
         .await
         .unwrap();

@@ -8,6 +8,7 @@ mod daemon;
 mod equality;
 mod events;
 mod guards;
+mod incremental;
 mod live;
 mod outage;
 mod prometheus;

@@ -378,19 +378,7 @@ async fn sigkill_mid_stream_loses_none(backend: Backend) {
         }
     })
     .await;
-    assert_eq!(db.keys("users").await, expected.keys().cloned().collect());
-    for (key, u) in expected.iter().step_by(5) {
-        let got = db
-            .text(&format!(
-                "SELECT firstname FROM users WHERE CAST(uuid AS TEXT) = '{key}'"
-            ))
-            .await;
-        assert_eq!(
-            got,
-            vec![u["firstname"].as_str().map(str::to_string)],
-            "{key}"
-        );
-    }
+    assert_users(&db, &expected, 5).await;
     drop(run);
     drop_stream(&mut con, &stream).await;
 }
