@@ -352,6 +352,21 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
                 r.local.table, parent.column, parent.resource
             )?;
         }
+        if let Some(inc) = &r.incremental {
+            writeln!(
+                out,
+                "  feed      {}{}?{}=<checkpoint> (first {}), next checkpoint at {}{}",
+                u.base_url.trim_end_matches('/'),
+                inc.path.as_deref().unwrap_or(&u.list_path),
+                inc.since_param,
+                inc.initial,
+                inc.cursor_pointer,
+                match &inc.deleted_pointer {
+                    Some(p) => format!(", deleted when {p} = {}", inc.deleted_value),
+                    None => String::new(),
+                }
+            )?;
+        }
     }
     for (name, src) in &settings.sources {
         writeln!(out, "source {name} ({})", src.kind.as_str())?;
@@ -395,6 +410,24 @@ async fn check(path: &std::path::Path) -> anyhow::Result<i32> {
                 out,
                 "  claims    entries idle {}s on another consumer; dead letter after {} deliveries",
                 r.claim_idle_secs, r.max_deliveries
+            )?;
+        }
+        if let Some(r) = &src.reprovision {
+            writeln!(
+                out,
+                "  reprovision {} .. {} of {}{}; abandoned after {}s",
+                r.started,
+                match (&r.completed, r.quiet_secs) {
+                    (Some(c), _) => c.clone(),
+                    (None, Some(q)) => format!("{q}s quiet"),
+                    (None, None) => "?".into(),
+                },
+                r.resources.join(", "),
+                match &r.id_pointer {
+                    Some(p) => format!(" (id at {p})"),
+                    None => String::new(),
+                },
+                r.timeout_secs
             )?;
         }
         for (event, m) in &src.events {

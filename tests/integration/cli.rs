@@ -169,6 +169,13 @@ fn shipped_examples_validate() {
                 ),
             ],
         ),
+        (
+            "examples/data-service-redis/driftd.toml",
+            vec![
+                ("DATA_TOKEN", "example-token"),
+                ("FEED_REDIS_URL", "redis://:bus-secret@127.0.0.1:6379/0"),
+            ],
+        ),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
             .args(["check", "--config", path])
