@@ -221,7 +221,9 @@ impl Job {
     /// Jobs recorded before `drift_found` existed ended `succeeded` after a
     /// dry run with drift too; their report tells them apart.
     pub fn is_success(&self) -> bool {
-        if self.status != JobStatus::Succeeded {
+        // An incremental run applies what the change feed said; it cannot
+        // see what the feed never reported.
+        if self.status != JobStatus::Succeeded || self.mode == Mode::Incremental {
             return false;
         }
         if !self.dry_run {
@@ -299,6 +301,15 @@ mod tests {
         let mut job = Job::queued("users", Trigger::Http, Mode::Full, true, false);
         job.finish_with(&report("dry_run", true, 3));
         job.status = JobStatus::Succeeded;
+        assert!(!job.is_success());
+    }
+
+    #[test]
+    fn incremental_runs_are_not_successes() {
+        // It applied what the feed listed; a full pass proves the table.
+        let mut job = Job::queued("users", Trigger::Schedule, Mode::Incremental, false, false);
+        job.finish_with(&report("repaired", false, 0));
+        assert_eq!(job.status, JobStatus::Succeeded);
         assert!(!job.is_success());
     }
 

@@ -238,6 +238,21 @@ impl Metrics {
         if report.outcome == Outcome::Failed || report.outcome == Outcome::Cancelled {
             return;
         }
+        // An incremental run sees changes, not the table: the drift and row
+        // gauges and the last success stay the full passes'.
+        let incremental = report.mode == crate::vocab::Mode::Incremental;
+        if incremental {
+            if report.outcome != Outcome::GuardTripped {
+                let dry = if report.dry_run { "true" } else { "false" };
+                for (action, n) in [
+                    ("update", report.actions.update),
+                    ("purge", report.actions.purge),
+                ] {
+                    self.actions.with_label_values(&[r, action, dry]).inc_by(n);
+                }
+            }
+            return;
+        }
         for (kind, n) in [
             ("missing", report.found.missing),
             ("stale", report.found.stale),
