@@ -517,6 +517,14 @@ pub(super) fn validate_source(
     }
     if let Some(r) = &mut src.reprovision {
         validate_reprovision(r, &src.events)?;
+        // A stream entry's id tells a redelivered control event from a new
+        // one; other sources' messages have no place: only the id can.
+        if src.kind != SourceKind::Redis && r.id_pointer.is_none() {
+            return Err(problem(
+                "reprovision.id_pointer",
+                "is needed on a source other than redis: without it, a start or completion delivered again cannot be told from a new one",
+            ));
+        }
     }
     match (src.kind, &src.redis) {
         (SourceKind::Redis, None) => {

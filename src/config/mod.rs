@@ -890,6 +890,28 @@ impl Settings {
             events::validate_source(src, &self.resources)
                 .map_err(|(field, problem)| global(&format!("sources.{name}.{field}"), problem))?;
         }
+        // A reprovision purges what its source did not re-send: rows
+        // another source wrote would go with them.
+        for (name, src) in &self.sources {
+            let Some(r) = &src.reprovision else { continue };
+            for (other, o) in &self.sources {
+                if other == name {
+                    continue;
+                }
+                if let Some(res) = r
+                    .resources
+                    .iter()
+                    .find(|res| o.events.values().any(|e| &e.resource == *res))
+                {
+                    return Err(global(
+                        &format!("sources.{name}.reprovision.resources"),
+                        format!(
+                            "`{res}` is also written by source `{other}`: a reprovision of `{name}` would purge the rows `{other}` wrote"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 

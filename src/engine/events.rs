@@ -131,7 +131,20 @@ enum Prepared {
         name: Option<String>,
         resource: Option<String>,
         error: String,
+        /// The key, when it could be read.
+        key: Option<Key>,
+        resend: Resend,
     },
+}
+
+/// Whether a message re-sends a row, as an open reprovision records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Resend {
+    No,
+    /// The row of the verdict's key.
+    Key,
+    /// Perhaps a row, but which one cannot be read.
+    Unknown,
 }
 
 impl Events {
@@ -201,6 +214,18 @@ impl Events {
             self.refresh_dead_letters().await;
         }
         Ok(verdicts)
+    }
+
+    /// Applies messages delivered before once more (`driftd replay`): like
+    /// [`Events::deliver`], but what cannot be applied is not stored again
+    /// as a dead letter (its first delivery stored it), and nothing is
+    /// counted in the metrics.
+    pub async fn redeliver(
+        &self,
+        source: &str,
+        batch: &[Envelope],
+    ) -> Result<Vec<Verdict>, StoreError> {
+        self.settle(source, batch, false).await
     }
 
     /// Applies a dead letter again; deletes it once it applies. A letter
@@ -287,7 +312,7 @@ impl Events {
         }
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(batch.len());
         // Which messages re-send a row (for an open reprovision).
-        let mut resends: Vec<bool> = Vec::with_capacity(batch.len());
+        let mut resends: Vec<Resend> = Vec::with_capacity(batch.len());
         // Control events: their message, and how many groups come before.
         let mut controls: Vec<(usize, usize, super::reprovision::Control)> = Vec::new();
         // Runs of consecutive changes to one resource, in order of arrival:
@@ -296,7 +321,11 @@ impl Events {
         // parent added before its child exists when the child arrives).
         let mut groups: Vec<(String, Group)> = Vec::new();
         for (i, p) in prepared.into_iter().enumerate() {
-            resends.push(matches!(&p, Prepared::Change { change, .. } if change.row.is_some()));
+            resends.push(match &p {
+                Prepared::Change { change, .. } if change.row.is_some() => Resend::Key,
+                Prepared::Invalid { resend, .. } => *resend,
+                _ => Resend::No,
+            });
             match p {
                 Prepared::Ignored { name } => {
                     let mut v = Verdict::new("ignored");
@@ -313,10 +342,13 @@ impl Events {
                     name,
                     resource,
                     error,
+                    key,
+                    ..
                 } => {
                     let mut v = Verdict::new("dead_lettered");
                     v.event = name;
                     v.resource = resource;
+                    v.key = key.map(|k| k.to_string());
                     v.error = Some(error);
                     verdicts.push(v);
                 }
@@ -516,29 +548,34 @@ impl Events {
 
     /// Reads one message by the source's mapping; refetches if asked.
     async fn prepare(&self, cfg: &SourceConfig, env: &Envelope) -> Prepared {
+        // What cannot be read might have re-sent any row.
         let invalid =
             |name: Option<&str>, resource: Option<&str>, error: String| Prepared::Invalid {
                 name: name.map(str::to_string),
                 resource: resource.map(str::to_string),
                 error,
+                key: None,
+                resend: Resend::Unknown,
+            };
+        // A change to a known key that cannot be applied still re-sent it
+        // (unless it deletes it).
+        let failed =
+            |name: &str, resource: &str, key: &Key, op: EventOp, error: String| Prepared::Invalid {
+                name: Some(name.to_string()),
+                resource: Some(resource.to_string()),
+                error,
+                key: Some(key.clone()),
+                resend: if op == EventOp::Delete {
+                    Resend::No
+                } else {
+                    Resend::Key
+                },
             };
         let body: Json = match serde_json::from_slice(&env.body) {
             Ok(b) => b,
             Err(e) => return invalid(None, None, format!("the body is not JSON: {e}")),
         };
-        let name = match &cfg.name_pointer {
-            Some(p) => resolve(&body, p).and_then(Json::as_str).map(str::to_string),
-            None => {
-                let header = cfg.name_header.as_deref().unwrap_or("name");
-                // HTTP header names arrive lower-cased: match any case.
-                env.headers.get(header).cloned().or_else(|| {
-                    env.headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case(header))
-                        .map(|(_, v)| v.clone())
-                })
-            }
-        };
+        let name = name_of(cfg, env, &body);
         let Some(name) = name else {
             let place = match &cfg.name_pointer {
                 Some(p) => format!("no event name (a string) at `{p}` in the body"),
@@ -553,7 +590,15 @@ impl Events {
             match super::reprovision::Control::read(r, &name, &body) {
                 Ok(Some(control)) => return Prepared::Control { name, control },
                 Ok(None) => {}
-                Err(e) => return invalid(Some(&name), None, e),
+                Err(error) => {
+                    return Prepared::Invalid {
+                        name: Some(name),
+                        resource: None,
+                        error,
+                        key: None,
+                        resend: Resend::No,
+                    }
+                }
             }
         }
         let Some(mapping) = cfg.events.get(&name) else {
@@ -569,11 +614,17 @@ impl Events {
         let key = match key_from_json(resolve(&body, &mapping.key), res.key.kind) {
             Ok(k) => k,
             Err(e) => {
-                return invalid(
-                    Some(&name),
-                    Some(resource),
-                    format!("key at `{}`: {e}", mapping.key),
-                )
+                return Prepared::Invalid {
+                    name: Some(name),
+                    resource: Some(resource.to_string()),
+                    error: format!("key at `{}`: {e}", mapping.key),
+                    key: None,
+                    resend: if mapping.op == EventOp::Delete {
+                        Resend::No
+                    } else {
+                        Resend::Unknown
+                    },
+                }
             }
         };
         let version = match &mapping.version {
@@ -582,7 +633,9 @@ impl Events {
                 None | Some(Json::Null) => None,
                 Some(v) => match mapping.version_kind.sortable(v) {
                     Ok(v) => Some(v),
-                    Err(e) => return invalid(Some(&name), Some(resource), format!("`{p}`: {e}")),
+                    Err(e) => {
+                        return failed(&name, resource, &key, mapping.op, format!("`{p}`: {e}"))
+                    }
                 },
             },
         };
@@ -595,20 +648,22 @@ impl Events {
             EventOp::Delete => None,
             EventOp::Upsert => {
                 let Some(item) = resolve(&body, &mapping.payload) else {
-                    return invalid(
-                        Some(&name),
-                        Some(resource),
+                    return failed(
+                        &name,
+                        resource,
+                        &key,
+                        mapping.op,
                         format!("no payload at `{}`", mapping.payload),
                     );
                 };
                 match row_for(target, res, item, &key) {
                     Ok(row) => Some(row),
-                    Err(e) => return invalid(Some(&name), Some(resource), e),
+                    Err(e) => return failed(&name, resource, &key, mapping.op, e),
                 }
             }
             EventOp::Refetch => match refetch(target, res, &key).await {
                 Ok(row) => row,
-                Err(e) => return invalid(Some(&name), Some(resource), e),
+                Err(e) => return failed(&name, resource, &key, mapping.op, e),
             },
         };
         Prepared::Change {
@@ -616,6 +671,33 @@ impl Events {
             resource: resource.to_string(),
             change: Change { key, row, version },
             time,
+        }
+    }
+}
+
+/// The event name of a message: from its header, or from its body.
+pub(super) fn event_name(cfg: &SourceConfig, env: &Envelope) -> Option<String> {
+    match &cfg.name_pointer {
+        Some(_) => {
+            let body: Json = serde_json::from_slice(&env.body).ok()?;
+            name_of(cfg, env, &body)
+        }
+        None => name_of(cfg, env, &Json::Null),
+    }
+}
+
+fn name_of(cfg: &SourceConfig, env: &Envelope, body: &Json) -> Option<String> {
+    match &cfg.name_pointer {
+        Some(p) => resolve(body, p).and_then(Json::as_str).map(str::to_string),
+        None => {
+            let header = cfg.name_header.as_deref().unwrap_or("name");
+            // HTTP header names arrive lower-cased: match any case.
+            env.headers.get(header).cloned().or_else(|| {
+                env.headers
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(header))
+                    .map(|(_, v)| v.clone())
+            })
         }
     }
 }

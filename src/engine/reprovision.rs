@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value as Json;
 use tracing::Instrument;
 
-use super::events::{Events, Verdict};
+use super::events::{Events, Resend, Verdict};
+
+/// The re-sent key recorded for a message that may have re-sent a row but
+/// could not be read: no key is empty.
+const UNKNOWN: &str = "";
 use crate::config::ReprovisionConfig;
 use crate::decode::resolve;
 use crate::diff::Plan;
@@ -92,7 +96,7 @@ impl Events {
         &self,
         source: &str,
         verdicts: &[Verdict],
-        resends: &[bool],
+        resends: &[Resend],
     ) -> Result<(), StoreError> {
         if self
             .settings()
@@ -109,12 +113,25 @@ impl Events {
         };
         let mut by_resource: HashMap<&str, Vec<&str>> = HashMap::new();
         for (v, resend) in verdicts.iter().zip(resends) {
-            // A re-sent row counts even when it was stale or refused: its
-            // old row must not be purged for it.
-            if let (true, Some(res), Some(key)) = (*resend, &v.resource, &v.key) {
-                if r.marks.contains_key(res) {
+            match (resend, &v.resource, &v.key) {
+                // A re-sent row counts even when it was stale or refused:
+                // its old row must not be purged for it.
+                (Resend::Key, Some(res), Some(key)) if r.marks.contains_key(res) => {
                     by_resource.entry(res).or_default().push(key);
                 }
+                // A message that may have re-sent a row nobody can name:
+                // the resource (or every one) cannot be purged.
+                (Resend::Unknown, Some(res), _) | (Resend::Key, Some(res), None)
+                    if r.marks.contains_key(res) =>
+                {
+                    by_resource.entry(res).or_default().push(UNKNOWN);
+                }
+                (Resend::Unknown, None, _) => {
+                    for res in r.marks.keys() {
+                        by_resource.entry(res).or_default().push(UNKNOWN);
+                    }
+                }
+                _ => {}
             }
         }
         for (res, keys) in by_resource {
@@ -123,7 +140,31 @@ impl Events {
         Ok(())
     }
 
-    fn touch(&self, source: &str) {
+    /// Whether `source` has reprovisions configured.
+    pub fn reprovisions_of(&self, source: &str) -> bool {
+        self.settings()
+            .sources
+            .get(source)
+            .is_some_and(|s| s.reprovision.is_some())
+    }
+
+    /// Whether `env` is `source`'s reprovision completion event.
+    pub fn is_completion(&self, source: &str, env: &super::events::Envelope) -> bool {
+        let Some(cfg) = self.settings().sources.get(source) else {
+            return false;
+        };
+        let Some(completed) = cfg
+            .reprovision
+            .as_ref()
+            .and_then(|r| r.completed.as_deref())
+        else {
+            return false;
+        };
+        super::events::event_name(cfg, env).as_deref() == Some(completed)
+    }
+
+    /// Restarts `source`'s quiet time: something may still come.
+    pub fn touch(&self, source: &str) {
         let mut a = self
             .reprovisions
             .activity
@@ -153,16 +194,23 @@ impl Events {
         let current = self.open_reprovision(&mut open, source).await?;
         match control {
             Control::Started { id } => {
-                // The same start delivered again (a crash before its
-                // acknowledgement) changes nothing.
-                let last = self.store().reprovisions(source, 1).await?.pop();
-                if let Some(last) = &last {
-                    let same_entry = position.is_some() && last.position == position;
-                    let same_id = position.is_none() && id.is_some() && last.event_id == id;
-                    if same_entry || same_id {
-                        verdict.outcome = "stale";
-                        return Ok(());
-                    }
+                // A start seen before (delivered again after a crash, or
+                // re-read by `driftd replay`) changes nothing: on a stream,
+                // a start not after the last one's entry; elsewhere, an id
+                // already used.
+                let recent = self.store().reprovisions(source, 100).await?;
+                let seen = match (position.as_deref().and_then(stream_order), recent.first()) {
+                    (Some(p), Some(last)) => last
+                        .position
+                        .as_deref()
+                        .and_then(stream_order)
+                        .is_some_and(|lp| p <= lp),
+                    (None, _) => id.is_some() && recent.iter().any(|r| r.event_id == id),
+                    (Some(_), None) => false,
+                };
+                if seen {
+                    verdict.outcome = "stale";
+                    return Ok(());
                 }
                 if let Some(mut old) = current {
                     old.state = "abandoned".into();
@@ -197,6 +245,17 @@ impl Events {
                     verdict.error = Some("no reprovision is open".into());
                     return Ok(());
                 };
+                // A completion from before the open reprovision's start (one
+                // delivered again) is not its completion.
+                if let (Some(p), Some(start)) = (
+                    position.as_deref().and_then(stream_order),
+                    r.position.as_deref().and_then(stream_order),
+                ) {
+                    if p <= start {
+                        verdict.outcome = "stale";
+                        return Ok(());
+                    }
+                }
                 if cfg.id_pointer.is_some() && r.event_id != id {
                     verdict.outcome = "ignored";
                     verdict.error = Some(format!(
@@ -266,6 +325,17 @@ impl Events {
 
     /// Purges, per resource, the rows the reprovision did not re-send.
     async fn complete(&self, mut r: Reprovision) -> Result<(), StoreError> {
+        // Another process (`driftd replay`) may have ended it meanwhile.
+        let still_open = self
+            .store()
+            .reprovisions(&r.source, 100)
+            .await?
+            .iter()
+            .any(|x| x.id == r.id && x.state == "open");
+        if !still_open {
+            tracing::info!(source = %r.source, reprovision = %r.id, "reprovision already ended elsewhere");
+            return Ok(());
+        }
         let mut tripped = Vec::new();
         for (resource, mark) in r.marks.clone() {
             let job = self.purge_unsent(&r, &resource, mark).await?;
@@ -282,7 +352,7 @@ impl Events {
         r.state = if tripped.is_empty() {
             "completed"
         } else {
-            "guard_tripped"
+            "incomplete"
         }
         .into();
         r.reason = (!tripped.is_empty()).then(|| tripped.join("; "));
@@ -381,7 +451,14 @@ impl Events {
             error: None,
             timings: Timings::default(),
         };
-        if plan.purge.is_empty() {
+        if resent.contains(UNKNOWN) {
+            report.outcome = Outcome::Failed;
+            report.actions.purge = 0;
+            report.error = Some(
+                "some re-sent messages could not be read (see the dead letters): what was re-sent is not known, so nothing is purged".into(),
+            );
+            tracing::warn!("reprovision purge refused: some re-sent messages could not be read; nothing purged");
+        } else if plan.purge.is_empty() {
             // Everything was re-sent.
         } else if !res.policy.purge_extra {
             report.outcome = Outcome::DriftLeft;
@@ -426,5 +503,24 @@ impl Events {
         job.finish_with(&report);
         self.store().save_job(&job).await?;
         Ok(job)
+    }
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a pair that sorts like the stream.
+fn stream_order(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_sort_by_time_then_sequence() {
+        assert!(stream_order("9-5") < stream_order("10-0"));
+        assert!(stream_order("10-2") < stream_order("10-10"));
+        assert_eq!(stream_order("x"), None);
+        assert_eq!(stream_order("1-"), None);
     }
 }

@@ -135,7 +135,15 @@ async fn consume(
             _ = ctx.shutdown.cancelled() => return Ok(()),
             r = read_group(&mut con, redis, &consumer, count, Some(wait), ">") => r?,
         };
-        if !entries.is_empty() && !settle(ctx, redis, &mut con, &consumer, entries, false).await? {
+        if entries.is_empty() {
+            // Caught up. Entries still pending on another consumer may
+            // re-send rows: a reprovision is not quiet while they wait.
+            if ctx.events.reprovisions_of(&ctx.name)
+                && others_hold(&mut con, redis, &consumer, "+").await?
+            {
+                ctx.events.touch(&ctx.name);
+            }
+        } else if !settle(ctx, redis, &mut con, &consumer, entries, false).await? {
             return Ok(());
         }
     }
@@ -154,8 +162,9 @@ pub struct Replayed {
 /// Re-reads `source`'s stream from `from` (default: the start event of its
 /// last reprovision) to its end and applies every entry again, outside
 /// the consumer group (nothing is acknowledged or claimed): rebuilds a
-/// table emptied or damaged by hand. Idempotent; purges nothing a
-/// completion event did not purge already.
+/// table emptied or damaged by hand. Idempotent: control events already
+/// seen are stale, and what cannot be applied is reported, not stored as
+/// a dead letter again.
 pub async fn replay(
     events: &crate::engine::events::Events,
     source: &str,
@@ -211,7 +220,7 @@ pub async fn replay(
             .iter()
             .map(|e| e.envelope(&redis.body_field))
             .collect();
-        for v in events.deliver(source, &batch).await? {
+        for v in events.redeliver(source, &batch).await? {
             *out.outcomes.entry(v.outcome.to_string()).or_default() += 1;
         }
         out.entries += entries.len() as u64;
@@ -302,7 +311,7 @@ async fn claim(
         let (next, entries) = autoclaim_reply(reply)?;
         if !entries.is_empty() {
             tracing::warn!(entries = entries.len(), first = %entries[0].id, "took over entries left pending by another consumer");
-            if !settle(ctx, redis, con, consumer, entries, true).await? {
+            if !settle_now(ctx, redis, con, consumer, entries, true).await? {
                 return Ok(false);
             }
         }
@@ -313,10 +322,86 @@ async fn claim(
     }
 }
 
+/// Settles entries ([`settle_now`]), but holds a reprovision's completion
+/// back while another consumer of the group holds entries from before it:
+/// they may re-send rows, which the completion would purge. They are
+/// taken over (and applied) once idle `claim_idle_secs`. `false` on
+/// shutdown.
+async fn settle(
+    ctx: &SourceContext,
+    redis: &RedisConfig,
+    con: &mut MultiplexedConnection,
+    consumer: &str,
+    mut entries: Vec<Entry>,
+    redelivered: bool,
+) -> anyhow::Result<bool> {
+    let completion = ctx
+        .events
+        .reprovisions_of(&ctx.name)
+        .then(|| {
+            entries.iter().position(|e| {
+                ctx.events
+                    .is_completion(&ctx.name, &e.envelope(&redis.body_field))
+            })
+        })
+        .flatten();
+    let Some(at) = completion else {
+        return settle_now(ctx, redis, con, consumer, entries, redelivered).await;
+    };
+    let before = format!("({}", entries[at].id);
+    if !others_hold(con, redis, consumer, &before).await? {
+        return settle_now(ctx, redis, con, consumer, entries, redelivered).await;
+    }
+    let rest = entries.split_off(at);
+    if !entries.is_empty() && !settle_now(ctx, redis, con, consumer, entries, redelivered).await? {
+        return Ok(false);
+    }
+    tracing::warn!(entry = %rest[0].id, "reprovision completion held back: another consumer holds entries from before it; they are taken over once idle claim_idle_secs");
+    let pause = Duration::from_secs_f64(redis.claim_every_secs.min(1.0));
+    while others_hold(con, redis, consumer, &before).await? {
+        if !claim(ctx, redis, con, consumer).await? {
+            return Ok(false);
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    settle_now(ctx, redis, con, consumer, rest, redelivered).await
+}
+
+/// Whether a consumer of the group other than `consumer` holds pending
+/// entries up to `end` (an XPENDING range end: `+`, or `(id`).
+async fn others_hold(
+    con: &mut MultiplexedConnection,
+    redis: &RedisConfig,
+    consumer: &str,
+    end: &str,
+) -> anyhow::Result<bool> {
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(&redis.stream)
+        .arg(&redis.group)
+        .arg("-")
+        .arg(end)
+        .arg(1000)
+        .query_async(con)
+        .await
+        .map_err(|e| anyhow::anyhow!("XPENDING on `{}`: {e}", redis.stream))?;
+    for row in array(reply)? {
+        let row = array(row)?;
+        if let Some(c) = row.get(1) {
+            if text(c)? != consumer {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// Hands entries to the event engine and acknowledges them once settled;
 /// entries read before (`redelivered`) and delivered too often become
 /// dead letters. `false` on shutdown.
-async fn settle(
+async fn settle_now(
     ctx: &SourceContext,
     redis: &RedisConfig,
     con: &mut MultiplexedConnection,

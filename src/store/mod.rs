@@ -431,7 +431,8 @@ pub struct Reprovision {
     pub position: Option<String>,
     /// Each resource's journal mark when it started.
     pub marks: std::collections::BTreeMap<String, i64>,
-    /// `open`, `completed`, `abandoned` or `guard_tripped`.
+    /// `open`, `completed`, `abandoned`, or `incomplete` (a purge job did
+    /// not succeed: a guard tripped, or re-sent messages could not be read).
     pub state: String,
     pub reason: Option<String>,
     /// The purge jobs of its completion.

@@ -19,6 +19,7 @@ mod review;
 mod review2;
 mod review3;
 mod review4;
+mod review5;
 mod security;
 mod sqlite_file;
 mod streams;

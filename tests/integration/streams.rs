@@ -40,15 +40,15 @@ pub fn stream_name() -> String {
 
 /// What every test here starts with: an empty `users` table, an upstream
 /// (for refetches), a directory, a stream name of its own.
-struct Setup {
-    db: TestDb,
-    _up: Arc<driftd::sample::SampleUpstream>,
-    addr: std::net::SocketAddr,
-    dir: tempfile::TempDir,
-    stream: String,
+pub struct Setup {
+    pub db: TestDb,
+    pub _up: Arc<driftd::sample::SampleUpstream>,
+    pub addr: std::net::SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub stream: String,
 }
 
-async fn setup(backend: Backend) -> Setup {
+pub async fn setup(backend: Backend) -> Setup {
     let db = TestDb::new(backend).await;
     db.create_users().await;
     let (_up, addr) = upstream(users(0)).await;
@@ -94,7 +94,7 @@ user_deleted = {{ resource = "users", op = "delete", key = "/data/uuid" }}
     )
 }
 
-fn settings(
+pub fn settings(
     db: &TestDb,
     addr: std::net::SocketAddr,
     dir: &std::path::Path,
@@ -171,7 +171,7 @@ async fn pending(con: &mut MultiplexedConnection, stream: &str) -> BTreeMap<Stri
     out
 }
 
-async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
+pub async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
     let d = Daemon::start(settings).await.unwrap();
     let base = format!("http://{}", d.addr);
     eventually(Duration::from_secs(20), "the source connects", || async {
@@ -558,7 +558,7 @@ async fn reprovisions(settings: &Settings) -> Vec<driftd::store::Reprovision> {
     store.reprovisions("bus", 10).await.unwrap()
 }
 
-fn key(u: &Json) -> String {
+pub fn key(u: &Json) -> String {
     u["uuid"].as_str().unwrap().to_string()
 }
 
@@ -830,16 +830,20 @@ async fn a_quiet_reprovision_completes_behind_the_purge_guard(backend: Backend) 
     for u in &all[..2] {
         add(&mut con, &stream, "user_created", u).await;
     }
-    eventually(Duration::from_secs(5), "q2 ends guard-tripped", || {
-        let s = s.clone();
-        async move {
-            let r = reprovisions(&s).await;
-            let states: Vec<&str> = r.iter().map(|r| r.state.as_str()).collect();
-            (states == ["guard_tripped", "completed"])
-                .then_some(())
-                .ok_or(format!("{states:?}"))
-        }
-    })
+    eventually(
+        Duration::from_secs(5),
+        "q2 ends incomplete (guard tripped)",
+        || {
+            let s = s.clone();
+            async move {
+                let r = reprovisions(&s).await;
+                let states: Vec<&str> = r.iter().map(|r| r.state.as_str()).collect();
+                (states == ["incomplete", "completed"])
+                    .then_some(())
+                    .ok_or(format!("{states:?}"))
+            }
+        },
+    )
     .await;
     assert_eq!(db.count("users").await, 7);
     assert!(d.stop().await);
