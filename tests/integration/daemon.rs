@@ -75,7 +75,7 @@ pub async fn api(method: &str, url: &str, token: Option<&str>, body: Option<&str
 }
 
 /// Polls a job until it has ended.
-async fn wait_job(base: &str, id: &str) -> Json {
+pub async fn wait_job(base: &str, id: &str) -> Json {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (status, job) = api("GET", &format!("{base}/v1/jobs/{id}"), None, None).await;

@@ -328,3 +328,45 @@ name = {{ from = "/name" }}
         "{err}"
     );
 }
+
+/// Through the worker's API: the job records the incremental mode and
+/// succeeds, and it is not a last success (a full pass proves the table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_job_through_the_api_is_not_a_last_success() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.create_users().await;
+    let feed = Arc::new(Feed::default());
+    let expected = fill(&feed, 0, 60);
+    let addr = serve(feed.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let s = ConfigBuilder {
+        tail: format!("{FEED}{}", open_worker_tail(dir.path())),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, addr);
+    let d = driftd::daemon::Daemon::start(Arc::new(s)).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    let (status, body) = crate::daemon::api(
+        "POST",
+        &format!("{base}/v1/resources/users/reconcile"),
+        None,
+        Some(r#"{"mode": "incremental"}"#),
+    )
+    .await;
+    assert_eq!(status, 202, "{body}");
+    let job = crate::daemon::wait_job(&base, body["job_id"].as_str().unwrap()).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["mode"], "incremental", "{job}");
+    assert_users(&db, &expected, 7).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"driftd_last_success_timestamp_seconds{resource="users"} 0"#),
+        "{metrics}"
+    );
+    assert!(d.stop().await);
+}
