@@ -7,6 +7,13 @@
 //! like events, so a pass that began listing earlier leaves them alone. A
 //! change feed never reports a row deleted while it was not listening:
 //! full passes still run on their own schedule.
+//!
+//! A run reads the feed twice: first it only counts (the deletions, behind
+//! the purge guard; a cursor that cycles), then it applies. A guard that
+//! trips applies nothing, so the next run trips again: a broken feed cannot
+//! delete the table a few rows per run.
+
+use std::collections::{HashMap, HashSet};
 
 use serde_json::Value as Json;
 
@@ -33,166 +40,302 @@ pub(super) async fn execute<S: Store>(
             "mode incremental needs [resources.{name}.incremental] (the change feed's since_param and cursor_pointer)"
         )));
     };
-    let spec = res.table_spec();
-    let shape = store.prepare(&spec).await?;
     let mut client = Client::new(&res.upstream)?;
     if let Some(m) = &hooks.metrics {
         client = client.observed(name, m.clone());
     }
-    let decoder = RowDecoder::new(res);
-    let path = inc.path.as_deref().unwrap_or(&res.upstream.list_path);
-    let items_pointer = inc
-        .items_pointer
-        .as_deref()
-        .unwrap_or(&res.upstream.items_pointer);
-    let mut cursor = store
+    let feed = Feed {
+        store,
+        name,
+        res,
+        client,
+        decoder: RowDecoder::new(res),
+        spec: res.table_spec(),
+        path: inc.path.as_deref().unwrap_or(&res.upstream.list_path),
+        items_pointer: inc
+            .items_pointer
+            .as_deref()
+            .unwrap_or(&res.upstream.items_pointer),
+        inc,
+        hooks,
+    };
+    let shape = store.prepare(&feed.spec).await?;
+    let start = store
         .checkpoint(name)
         .await?
         .unwrap_or_else(|| inc.initial.clone());
-    tracing::info!(checkpoint = %cursor, "incremental run from the stored checkpoint");
-    let malformed = |cursor: &str, problem: String| {
-        PassError::Upstream(UpstreamError::Malformed {
-            url: format!("{path}?{}={cursor}", inc.since_param),
-            problem,
-        })
-    };
-    let mut deletes_seen = 0u64;
-    let mut changed = false;
-    for _ in 0..inc.max_pages {
-        if hooks.cancel.is_cancelled() {
-            return Err(PassError::Cancelled);
-        }
-        let mut params: Vec<(&str, &str)> = inc
-            .query
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        params.push((inc.since_param.as_str(), cursor.as_str()));
-        let body = client.get_path(path, &params).await?;
-        let page: Json = serde_json::from_slice(&body)
-            .map_err(|e| malformed(&cursor, format!("not JSON: {e}")))?;
-        let next = match resolve(&page, &inc.cursor_pointer) {
-            Some(Json::String(s)) => s.clone(),
-            Some(Json::Number(n)) => n.to_string(),
-            _ => {
-                return Err(malformed(
-                    &cursor,
-                    format!(
+    tracing::info!(checkpoint = %start, "incremental run from the stored checkpoint");
+    // First, count: nothing is applied if the run would delete too much.
+    let counted = feed.walk(&shape, &start, None, report).await?;
+    if counted.deletes > res.policy.max_purge_count && !force && res.policy.purge_extra {
+        report.guard = Some(GuardTrip::PurgeCount {
+            purge: counted.deletes,
+            max: res.policy.max_purge_count,
+        });
+        report.outcome = Outcome::GuardTripped;
+        tracing::warn!(deletes = counted.deletes, max = res.policy.max_purge_count, checkpoint = %start, "incremental run stopped before applying anything: the feed deletes more rows than policy.max_purge_count");
+        return Ok(());
+    }
+    if dry_run {
+        report.actions.update = counted.upserts;
+        report.actions.purge = counted.deletes;
+        report.outcome = outcome(
+            counted.upserts + counted.deletes > 0,
+            true,
+            &counted,
+            report,
+        );
+        return Ok(());
+    }
+    if counted.caught_up && counted.cursor == start {
+        // Nothing new: the feed's end is where the checkpoint is.
+        report.outcome = outcome(false, false, &counted, report);
+        return Ok(());
+    }
+    let counts = (
+        report.upstream_pages,
+        report.upstream_rows,
+        report.found.clone(),
+        report.left.clone(),
+    );
+    let applied = feed
+        .walk(&shape, &start, Some(counted.deletes.max(1)), report)
+        .await?;
+    // The second read is what was applied; report the counting read's view.
+    (
+        report.upstream_pages,
+        report.upstream_rows,
+        report.found,
+        report.left,
+    ) = counts;
+    report.outcome = outcome(applied.changed, false, &applied, report);
+    tracing::info!(checkpoint = %applied.cursor, pages = applied.pages, "incremental run done");
+    Ok(())
+}
+
+/// How a run ends: not at the end of the feed is a failure to say so;
+/// deletions left by policy are drift left.
+fn outcome(changed: bool, dry_run: bool, walked: &Walked, report: &mut PassReport) -> Outcome {
+    if !walked.caught_up {
+        report.error = Some(format!(
+            "stopped after incremental.max_pages = {} pages before the end of the feed; the next run goes on from the checkpoint",
+            walked.pages
+        ));
+        return Outcome::Failed;
+    }
+    match (dry_run, changed, report.left.extra > 0) {
+        (true, true, _) => Outcome::DryRun,
+        (false, _, true) => Outcome::DriftLeft,
+        (false, true, false) => Outcome::Repaired,
+        (_, false, _) => Outcome::InSync,
+    }
+}
+
+/// A resource's change feed, as one run reads it.
+struct Feed<'a, S> {
+    store: &'a S,
+    name: &'a str,
+    res: &'a ResourceConfig,
+    inc: &'a crate::config::IncrementalConfig,
+    client: Client,
+    decoder: RowDecoder,
+    spec: crate::config::TableSpec,
+    path: &'a str,
+    items_pointer: &'a str,
+    hooks: &'a Hooks<'a>,
+}
+
+/// What a read of the feed found.
+#[derive(Default)]
+struct Walked {
+    upserts: u64,
+    deletes: u64,
+    pages: u64,
+    changed: bool,
+    caught_up: bool,
+    cursor: String,
+}
+
+impl<S: Store> Feed<'_, S> {
+    /// Reads the feed from `start`; applies each page (with its checkpoint)
+    /// when `apply` gives the deletions the counting read allowed.
+    async fn walk(
+        &self,
+        shape: &crate::store::Shape,
+        start: &str,
+        apply: Option<u64>,
+        report: &mut PassReport,
+    ) -> Result<Walked, PassError> {
+        let (inc, res) = (self.inc, self.res);
+        let mut walked = Walked {
+            cursor: start.to_string(),
+            ..Walked::default()
+        };
+        report.upstream_pages = 0;
+        report.upstream_rows = 0;
+        report.found = Default::default();
+        report.left = Default::default();
+        let mut seen: HashSet<String> = HashSet::from([start.to_string()]);
+        while walked.pages < inc.max_pages {
+            if self.hooks.cancel.is_cancelled() {
+                return Err(PassError::Cancelled);
+            }
+            let cursor = walked.cursor.clone();
+            let malformed = |problem: String| {
+                PassError::Upstream(UpstreamError::Malformed {
+                    url: format!("{}?{}={cursor}", self.path, inc.since_param),
+                    problem,
+                })
+            };
+            let mut params: Vec<(&str, &str)> = inc
+                .query
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            params.push((inc.since_param.as_str(), cursor.as_str()));
+            let body = self.client.get_path(self.path, &params).await?;
+            let page: Json =
+                serde_json::from_slice(&body).map_err(|e| malformed(format!("not JSON: {e}")))?;
+            let next = match resolve(&page, &inc.cursor_pointer) {
+                Some(Json::String(s)) => s.clone(),
+                Some(Json::Number(n)) => n.to_string(),
+                _ => {
+                    return Err(malformed(format!(
                         "no next checkpoint (a string or number) at `{}`",
                         inc.cursor_pointer
-                    ),
-                ))
-            }
-        };
-        let Some(items) = resolve(&page, items_pointer).and_then(Json::as_array) else {
-            return Err(malformed(
-                &cursor,
-                format!("no array of changes at `{items_pointer}`"),
-            ));
-        };
-        report.upstream_pages += 1;
-        report.upstream_rows += items.len() as u64;
-        hooks
-            .progress
-            .listed(report.upstream_pages, report.upstream_rows);
-        if items.is_empty() && next == cursor {
-            break; // caught up
-        }
-        if !items.is_empty() && next == cursor {
-            return Err(malformed(
-                &cursor,
-                "the next checkpoint is the one asked for: the feed does not advance".into(),
-            ));
-        }
-        let mut changes = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let deleted = inc
-                .deleted_pointer
-                .as_deref()
-                .is_some_and(|p| resolve(item, p) == Some(&inc.deleted_value));
-            if deleted {
-                let key = key_from_json(resolve(item, &res.key.upstream), res.key.kind)
-                    .map_err(|e| malformed(&cursor, format!("change {i}: key: {e}")))?;
-                report.found.extra += 1;
-                if !res.policy.purge_extra {
-                    report.left.extra += 1;
-                    continue;
+                    )))
                 }
-                deletes_seen += 1;
-                changes.push(Change {
-                    key,
-                    row: None,
-                    version: None,
-                });
-            } else {
-                let row = decoder
-                    .item(item)
-                    .map_err(|e| malformed(&cursor, format!("change {i}: {e}")))?;
-                shape
-                    .check_row(&spec, &row)
-                    .map_err(|e| PassError::DoesNotFit(e.to_string()))?;
-                report.found.stale += 1;
-                changes.push(Change {
-                    key: row.key.clone(),
-                    row: Some(row),
-                    version: None,
-                });
+            };
+            let Some(items) = resolve(&page, self.items_pointer).and_then(Json::as_array) else {
+                return Err(malformed(format!(
+                    "no array of changes at `{}`",
+                    self.items_pointer
+                )));
+            };
+            walked.pages += 1;
+            report.upstream_pages += 1;
+            report.upstream_rows += items.len() as u64;
+            self.hooks
+                .progress
+                .listed(report.upstream_pages, report.upstream_rows);
+            if items.is_empty() && next == cursor {
+                walked.caught_up = true;
+                break;
+            }
+            if !seen.insert(next.clone()) {
+                return Err(malformed(format!(
+                    "the next checkpoint `{next}` was already visited in this run: the feed's cursor cycles"
+                )));
+            }
+            let mut changes = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let deleted = inc
+                    .deleted_pointer
+                    .as_deref()
+                    .is_some_and(|p| resolve(item, p) == Some(&inc.deleted_value));
+                if deleted {
+                    let key = key_from_json(resolve(item, &res.key.upstream), res.key.kind)
+                        .map_err(|e| malformed(format!("change {i}: key: {e}")))?;
+                    report.found.extra += 1;
+                    if !res.policy.purge_extra {
+                        report.left.extra += 1;
+                        continue;
+                    }
+                    walked.deletes += 1;
+                    changes.push(Change {
+                        key,
+                        row: None,
+                        version: None,
+                    });
+                } else {
+                    let row = self
+                        .decoder
+                        .item(item)
+                        .map_err(|e| malformed(format!("change {i}: {e}")))?;
+                    shape
+                        .check_row(&self.spec, &row)
+                        .map_err(|e| PassError::DoesNotFit(e.to_string()))?;
+                    report.found.stale += 1;
+                    walked.upserts += 1;
+                    changes.push(Change {
+                        key: row.key.clone(),
+                        row: Some(row),
+                        version: None,
+                    });
+                }
+            }
+            if let Some(allowed) = apply {
+                // The feed grew since it was counted: the guard holds.
+                if walked.deletes > allowed.max(self.res.policy.max_purge_count) {
+                    return Err(PassError::Config(format!(
+                        "the feed lists {} deletions now, more than the {allowed} counted and allowed; nothing more applied (run again)",
+                        walked.deletes
+                    )));
+                }
+                walked.changed |= self.apply(&changes, &next, report).await?;
+            }
+            walked.cursor = next;
+            if items.is_empty() {
+                walked.caught_up = true;
+                break;
             }
         }
-        // Deletions a feed lists are explicit, but a broken feed can list
-        // everything as deleted: the run stops before the page that takes
-        // it over the purge count (the pages before it stay applied).
-        if deletes_seen > res.policy.max_purge_count && !force && res.policy.purge_extra {
-            report.guard = Some(GuardTrip::PurgeCount {
-                purge: deletes_seen,
-                max: res.policy.max_purge_count,
-            });
-            report.outcome = Outcome::GuardTripped;
-            tracing::warn!(deletes = deletes_seen, max = res.policy.max_purge_count, checkpoint = %cursor, "incremental run stopped: the feed deletes more rows than policy.max_purge_count");
-            return Ok(());
+        Ok(walked)
+    }
+
+    /// Applies one page and stores its checkpoint. The children of parents
+    /// the page leaves deleted are purged before the checkpoint moves: a
+    /// cascade that fails is tried again by the next run.
+    async fn apply(
+        &self,
+        changes: &[Change],
+        next: &str,
+        report: &mut PassReport,
+    ) -> Result<bool, PassError> {
+        // Each key's last change in the page decides whether it ends
+        // deleted (a delete then a re-create leaves the parent alive).
+        let mut last: HashMap<&str, bool> = HashMap::new();
+        for c in changes {
+            last.insert(c.key.as_str(), c.row.is_none());
         }
-        if dry_run {
-            report.actions.update += changes.iter().filter(|c| c.row.is_some()).count() as u64;
-            report.actions.purge += changes.iter().filter(|c| c.row.is_none()).count() as u64;
-            changed |= !changes.is_empty();
-        } else {
-            let results = store
-                .apply_changes(&spec, name, &changes, Some(&next))
-                .await?;
-            let mut purged: Vec<Key> = Vec::new();
-            for (c, r) in changes.iter().zip(&results) {
-                if *r != ChangeResult::Applied {
-                    continue;
-                }
-                changed = true;
+        let gone: Vec<Key> = changes
+            .iter()
+            .filter(|c| c.row.is_none() && last.remove(c.key.as_str()) == Some(true))
+            .map(|c| c.key.clone())
+            .collect();
+        let cascades = !gone.is_empty() && !self.res.children.is_empty();
+        let checkpoint = (!cascades).then_some(next);
+        let results = self
+            .store
+            .apply_changes(&self.spec, self.name, changes, checkpoint)
+            .await?;
+        let mut changed = false;
+        for (c, r) in changes.iter().zip(&results) {
+            if *r != ChangeResult::Applied {
+                continue;
+            }
+            changed = true;
+            match &c.row {
+                Some(_) => report.actions.update += 1,
+                None => report.actions.purge += 1,
+            }
+            if report.keys.update.len() + report.keys.purge.len() < 10 {
                 match &c.row {
-                    Some(_) => report.actions.update += 1,
-                    None => {
-                        report.actions.purge += 1;
-                        purged.push(c.key.clone());
-                    }
-                }
-                if report.keys.update.len() + report.keys.purge.len() < 10 {
-                    match &c.row {
-                        Some(_) => report.keys.update.push(c.key.to_string()),
-                        None => report.keys.purge.push(c.key.to_string()),
-                    }
+                    Some(_) => report.keys.update.push(c.key.to_string()),
+                    None => report.keys.purge.push(c.key.to_string()),
                 }
             }
-            for (child, n) in super::cascade(store, &res.children, name, &purged).await? {
+        }
+        if cascades {
+            for (child, n) in
+                super::cascade(self.store, &self.res.children, self.name, &gone).await?
+            {
                 *report.actions.cascaded.entry(child).or_default() += n;
             }
+            self.store
+                .apply_changes(&self.spec, self.name, &[], Some(next))
+                .await?;
         }
-        cursor = next;
-        if items.is_empty() {
-            break;
-        }
+        Ok(changed)
     }
-    report.outcome = match (dry_run, changed) {
-        (true, true) => Outcome::DryRun,
-        (false, true) => Outcome::Repaired,
-        (_, false) => Outcome::InSync,
-    };
-    tracing::info!(checkpoint = %cursor, pages = report.upstream_pages, changes = report.upstream_rows, "incremental run reached the end of the feed");
-    Ok(())
 }

@@ -20,6 +20,7 @@ mod review2;
 mod review3;
 mod review4;
 mod review5;
+mod review6;
 mod security;
 mod sqlite_file;
 mod streams;
