@@ -127,21 +127,7 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
     // Done when every event is a row: a counter of applied events could
     // count a redelivered batch twice.
     let pool = sqlx::PgPool::connect(&db).await.expect("bench db");
-    loop {
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        if rows >= events as i64 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "driftd applied only {rows} of {events} events in 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let applied_in = started.elapsed().as_secs_f64();
+    let applied_in = common::until_rows(&pool, events, started).await;
     let sources = reqwest::get(format!("http://{}/v1/sources", daemon.addr))
         .await
         .expect("sources")

@@ -13,7 +13,7 @@
 //! Needs `DRIFTD_TEST_REDIS_URL` and `DRIFTD_TEST_PG_URL`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use redis::aio::MultiplexedConnection;
 use redis::Value;
@@ -101,21 +101,7 @@ user_created = {{ resource = "users", op = "upsert", key = "/data/uuid", payload
     let started = Instant::now();
     // Done when every entry is a row and acknowledged.
     let pool = sqlx::PgPool::connect(&db).await.expect("bench db");
-    loop {
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(&pool)
-            .await
-            .expect("count");
-        if rows >= n as i64 {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(600),
-            "driftd applied only {rows} of {n} entries in 10 minutes"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let applied_in = started.elapsed().as_secs_f64();
+    let applied_in = common::until_rows(&pool, n, started).await;
     daemon.stop().await;
     let pending: Value = redis::cmd("XPENDING")
         .arg(&stream)

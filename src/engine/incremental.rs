@@ -92,22 +92,9 @@ pub(super) async fn execute<S: Store>(
         report.outcome = outcome(false, false, &counted, report);
         return Ok(());
     }
-    let counts = (
-        report.upstream_pages,
-        report.upstream_rows,
-        report.found.clone(),
-        report.left.clone(),
-    );
     let applied = feed
         .walk(&shape, &start, Some(counted.deletes.max(1)), report)
         .await?;
-    // The second read is what was applied; report the counting read's view.
-    (
-        report.upstream_pages,
-        report.upstream_rows,
-        report.found,
-        report.left,
-    ) = counts;
     report.outcome = outcome(applied.changed, false, &applied, report);
     tracing::info!(checkpoint = %applied.cursor, pages = applied.pages, "incremental run done");
     Ok(())
@@ -171,10 +158,9 @@ impl<S: Store> Feed<'_, S> {
             cursor: start.to_string(),
             ..Walked::default()
         };
-        report.upstream_pages = 0;
-        report.upstream_rows = 0;
-        report.found = Default::default();
-        report.left = Default::default();
+        // The counting read reports what the feed holds; the applying read
+        // only what it applied.
+        let counting = apply.is_none();
         let mut seen: HashSet<String> = HashSet::from([start.to_string()]);
         while walked.pages < inc.max_pages {
             if self.hooks.cancel.is_cancelled() {
@@ -213,11 +199,13 @@ impl<S: Store> Feed<'_, S> {
                 )));
             };
             walked.pages += 1;
-            report.upstream_pages += 1;
-            report.upstream_rows += items.len() as u64;
-            self.hooks
-                .progress
-                .listed(report.upstream_pages, report.upstream_rows);
+            if counting {
+                report.upstream_pages += 1;
+                report.upstream_rows += items.len() as u64;
+                self.hooks
+                    .progress
+                    .listed(report.upstream_pages, report.upstream_rows);
+            }
             if items.is_empty() && next == cursor {
                 walked.caught_up = true;
                 break;
@@ -236,9 +224,13 @@ impl<S: Store> Feed<'_, S> {
                 if deleted {
                     let key = key_from_json(resolve(item, &res.key.upstream), res.key.kind)
                         .map_err(|e| malformed(format!("change {i}: key: {e}")))?;
-                    report.found.extra += 1;
+                    if counting {
+                        report.found.extra += 1;
+                    }
                     if !res.policy.purge_extra {
-                        report.left.extra += 1;
+                        if counting {
+                            report.left.extra += 1;
+                        }
                         continue;
                     }
                     walked.deletes += 1;
@@ -255,7 +247,9 @@ impl<S: Store> Feed<'_, S> {
                     shape
                         .check_row(&self.spec, &row)
                         .map_err(|e| PassError::DoesNotFit(e.to_string()))?;
-                    report.found.stale += 1;
+                    if counting {
+                        report.found.stale += 1;
+                    }
                     walked.upserts += 1;
                     changes.push(Change {
                         key: row.key.clone(),

@@ -98,12 +98,7 @@ impl Events {
         verdicts: &[Verdict],
         resends: &[Resend],
     ) -> Result<(), StoreError> {
-        if self
-            .settings()
-            .sources
-            .get(source)
-            .is_none_or(|s| s.reprovision.is_none())
-        {
+        if !self.reprovisions_of(source) {
             return Ok(());
         }
         self.touch(source);

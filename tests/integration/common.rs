@@ -394,3 +394,21 @@ pub async fn assert_users(
         );
     }
 }
+
+/// Starts a worker and waits until its (first) source consumes; returns it
+/// and its admin URL.
+pub async fn start_connected(settings: Arc<Settings>) -> (driftd::daemon::Daemon, String) {
+    let d = driftd::daemon::Daemon::start(settings).await.unwrap();
+    let base = format!("http://{}", d.addr);
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the source connects",
+        || async {
+            (sources(&base).await["sources"][0]["connected"] == true)
+                .then_some(())
+                .ok_or("not yet".into())
+        },
+    )
+    .await;
+    (d, base)
+}

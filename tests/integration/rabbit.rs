@@ -209,32 +209,6 @@ async fn drop_queue(n: &Names) {
         .unwrap();
 }
 
-/// Starts a worker and waits until its source consumes; returns it and its
-/// admin URL.
-async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
-    let d = Daemon::start(settings).await.unwrap();
-    let base = format!("http://{}", d.addr);
-    eventually(Duration::from_secs(20), "the source connects", || async {
-        source_connected(&base)
-            .await
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
-    (d, base)
-}
-
-async fn source_connected(base: &str) -> bool {
-    let body = reqwest::get(format!("{base}/v1/sources"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let v: Json = serde_json::from_str(&body).unwrap();
-    v["sources"][0]["connected"] == true
-}
-
 async fn events_on_the_bus_show_up_within_a_second(backend: Backend) {
     let _broker = BROKER.lock().await;
     let db = TestDb::new(backend).await;

@@ -12,9 +12,7 @@ use serde_json::{json, Value as Json};
 
 use crate::both_backends;
 use crate::common::*;
-use crate::streams::{
-    add, key, redis, settings, setup, source, start_connected, stream_name, Setup,
-};
+use crate::streams::{add, key, redis, settings, setup, source, stream_name, Setup};
 
 /// A message as the Redis source hands it over: name header, JSON body,
 /// the stream entry id as its position.

@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use driftd::config::Settings;
-use driftd::daemon::Daemon;
 use redis::aio::MultiplexedConnection;
 use redis::Value;
 use serde_json::{json, Value as Json};
@@ -127,6 +126,19 @@ pub async fn add(con: &mut MultiplexedConnection, stream: &str, name: &str, data
         .expect("XADD")
 }
 
+/// Waits until no entry of `stream` is pending in the group: every entry
+/// read was acknowledged.
+async fn all_acked(con: &MultiplexedConnection, stream: &str, within: Duration) {
+    eventually(within, "every entry acknowledged", || {
+        let mut con = con.clone();
+        async move {
+            let p = pending(&mut con, stream).await;
+            p.is_empty().then_some(()).ok_or(format!("pending: {p:?}"))
+        }
+    })
+    .await;
+}
+
 /// Runs a command; fails the test on an error.
 async fn raw(con: &mut MultiplexedConnection, args: &[&str]) -> Value {
     let mut cmd = redis::cmd(args[0]);
@@ -169,18 +181,6 @@ async fn pending(con: &mut MultiplexedConnection, stream: &str) -> BTreeMap<Stri
         }
     }
     out
-}
-
-pub async fn start_connected(settings: Arc<Settings>) -> (Daemon, String) {
-    let d = Daemon::start(settings).await.unwrap();
-    let base = format!("http://{}", d.addr);
-    eventually(Duration::from_secs(20), "the source connects", || async {
-        (sources(&base).await["sources"][0]["connected"] == true)
-            .then_some(())
-            .ok_or("not yet".into())
-    })
-    .await;
-    (d, base)
 }
 
 async fn entries_show_up_within_a_second(backend: Backend) {
@@ -229,15 +229,7 @@ async fn entries_show_up_within_a_second(backend: Backend) {
     })
     .await;
     // Acknowledged once applied: nothing pending.
-    eventually(Duration::from_secs(2), "every entry acknowledged", || {
-        let mut con = con.clone();
-        let stream = stream.clone();
-        async move {
-            let p = pending(&mut con, &stream).await;
-            p.is_empty().then_some(()).ok_or(format!("pending: {p:?}"))
-        }
-    })
-    .await;
+    all_acked(&con, &stream, Duration::from_secs(2)).await;
     let (_, readyz) = crate::daemon::api("GET", &format!("{base}/readyz"), None, None).await;
     assert_eq!(readyz["status"], "ready", "{readyz}");
     let metrics = reqwest::get(format!("{base}/metrics"))
@@ -369,15 +361,7 @@ async fn sigkill_mid_stream_loses_none(backend: Backend) {
         }
     })
     .await;
-    eventually(Duration::from_secs(5), "every entry acknowledged", || {
-        let mut con = con.clone();
-        let stream = stream.clone();
-        async move {
-            let p = pending(&mut con, &stream).await;
-            p.is_empty().then_some(()).ok_or(format!("pending: {p:?}"))
-        }
-    })
-    .await;
+    all_acked(&con, &stream, Duration::from_secs(5)).await;
     assert_users(&db, &expected, 5).await;
     drop(run);
     drop_stream(&mut con, &stream).await;
@@ -431,15 +415,7 @@ async fn entries_of_a_dead_consumer_are_taken_over(backend: Backend) {
         },
     )
     .await;
-    eventually(Duration::from_secs(2), "and acknowledged", || {
-        let mut con = con.clone();
-        let stream = stream.clone();
-        async move {
-            let p = pending(&mut con, &stream).await;
-            p.is_empty().then_some(()).ok_or(format!("pending: {p:?}"))
-        }
-    })
-    .await;
+    all_acked(&con, &stream, Duration::from_secs(2)).await;
     assert!(d.stop().await);
     drop_stream(&mut con, &stream).await;
 }
