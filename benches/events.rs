@@ -127,7 +127,7 @@ async fn run(events: usize, amqp: &str, pg_admin: &str) {
     // Done when every event is a row: a counter of applied events could
     // count a redelivered batch twice.
     let pool = sqlx::PgPool::connect(&db).await.expect("bench db");
-    let applied_in = common::until_rows(&pool, events, started).await;
+    let applied_in = until_rows(&pool, events, started).await;
     let sources = reqwest::get(format!("http://{}/v1/sources", daemon.addr))
         .await
         .expect("sources")
@@ -263,4 +263,24 @@ user_created = {{ resource = "users", op = "upsert", key = "/data/uuid", payload
 "#,
         head = common::worker_config(db, dir)
     )
+}
+
+/// Waits until `users` holds `n` rows (every message became a row: a
+/// counter of applied messages could count a redelivered batch twice);
+/// the seconds since `started`.
+pub async fn until_rows(pool: &sqlx::PgPool, n: usize, started: std::time::Instant) -> f64 {
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(pool)
+            .await
+            .expect("count");
+        if rows >= n as i64 {
+            return started.elapsed().as_secs_f64();
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(600),
+            "driftd applied only {rows} of {n} messages in 10 minutes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }

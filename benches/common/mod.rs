@@ -101,23 +101,3 @@ pub fn print_rates(unit: &str, n: usize, floor_before: f64, floor_after: f64, ap
         100.0 * rate / floor_rate
     );
 }
-
-/// Waits until `users` holds `n` rows (every message became a row: a
-/// counter of applied messages could count a redelivered batch twice);
-/// the seconds since `started`.
-pub async fn until_rows(pool: &sqlx::PgPool, n: usize, started: std::time::Instant) -> f64 {
-    loop {
-        let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(pool)
-            .await
-            .expect("count");
-        if rows >= n as i64 {
-            return started.elapsed().as_secs_f64();
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(600),
-            "driftd applied only {rows} of {n} messages in 10 minutes"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-}
