@@ -12,6 +12,7 @@ cd "$(dirname "$0")/.."
 source scripts/services.sh
 trap stop_services EXIT
 start_postgres
+ensure_floor_tools
 case "${1:-pass}" in
   pass) cargo bench --bench pass --locked ;;
   events)

@@ -37,6 +37,20 @@ listening() {
   fi
 }
 
+# The command-line tools the pass benchmark measures its floor with (its
+# smoke run is part of the suite): curl, and sqlite3 (psql comes with
+# PostgreSQL).
+ensure_floor_tools() {
+  local missing=()
+  command -v curl >/dev/null || missing+=(curl)
+  command -v sqlite3 >/dev/null || missing+=(sqlite3)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
+  command -v curl >/dev/null && command -v sqlite3 >/dev/null \
+    || die "curl and sqlite3 not found after install"
+}
+
 start_postgres() {
   local bin port data
   bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)

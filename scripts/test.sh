@@ -8,6 +8,7 @@ source scripts/services.sh
 trap stop_services EXIT
 
 start_postgres
+ensure_floor_tools
 start_rabbitmq
 start_redis
 ensure_prometheus

@@ -1,15 +1,18 @@
 //! Decoding upstream pages into typed rows.
 //!
-//! The fast path reads a page in one pass with serde, keeping only the
-//! fields the mapping needs and skipping the rest unparsed into a document;
-//! it applies when the items, total and next-cursor pointers are top-level
-//! fields (`/items`, `/total`, `/next`, or the body itself is the array).
-//! Any other shape goes through a `serde_json::Value` document. Both paths
-//! give the same rows and the same errors.
+//! The fast path reads a page in one pass with serde, descending only into
+//! the fields the mapping's pointers name (`/emails/0/address` walks into
+//! `emails`, its first element, its `address`) and skipping the rest
+//! unparsed: no document is built for an item. It applies when the items,
+//! total and next-cursor pointers are top-level fields (`/items`, `/total`,
+//! `/next`, or the body itself is the array). Any other shape goes through
+//! a `serde_json::Value` document. Both paths give the same rows and the
+//! same errors.
 
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::config::{ColumnType, KeyType, ResourceConfig};
@@ -102,10 +105,71 @@ struct FastPlan {
     items: Option<String>,
     total: Option<String>,
     next: Option<String>,
-    /// Distinct first tokens of the key and column pointers.
-    fields: Vec<String>,
-    /// For the key then each column: (index into `fields`, rest of pointer).
-    picks: Vec<(usize, String)>,
+    /// The key's and the columns' pointers as one tree over an item.
+    item: Node,
+    /// Pointers: the key's, then each column's.
+    picks: usize,
+}
+
+/// The pointers that pass through one value of an item: those ending here
+/// (`ends`, indexes into the picks), and those going on, by next token.
+#[derive(Debug, Default)]
+struct Node {
+    ends: Vec<usize>,
+    children: Vec<(String, Node)>,
+}
+
+impl Node {
+    fn add(&mut self, tokens: &[String], pick: usize) {
+        match tokens.split_first() {
+            None => self.ends.push(pick),
+            Some((first, rest)) => {
+                let at = match self.children.iter().position(|(t, _)| t == first) {
+                    Some(at) => at,
+                    None => {
+                        self.children.push((first.clone(), Node::default()));
+                        self.children.len() - 1
+                    }
+                };
+                self.children[at].1.add(rest, pick);
+            }
+        }
+    }
+
+    /// Sets every pick at or below this node to `value` (a `null` met on
+    /// the way is the value of the pointers that go through it).
+    fn fill_all(&self, slots: &mut [Option<Json>], value: &Json) {
+        for &p in &self.ends {
+            slots[p] = Some(value.clone());
+        }
+        for (_, child) in &self.children {
+            child.fill_all(slots, value);
+        }
+    }
+
+    /// Sets the picks at or below this node from a whole value, as
+    /// [`resolve`] would find them.
+    fn fill_from(&self, slots: &mut [Option<Json>], value: &Json) {
+        for &p in &self.ends {
+            slots[p] = Some(value.clone());
+        }
+        if value.is_null() {
+            for (_, child) in &self.children {
+                child.fill_all(slots, value);
+            }
+            return;
+        }
+        for (token, child) in &self.children {
+            let found = match value {
+                Json::Object(map) => map.get(token),
+                Json::Array(items) => token.parse::<usize>().ok().and_then(|i| items.get(i)),
+                _ => None,
+            };
+            if let Some(v) = found {
+                child.fill_from(slots, v);
+            }
+        }
+    }
 }
 
 impl RowDecoder {
@@ -155,27 +219,25 @@ impl RowDecoder {
             Some(p) => Some(top(p)?),
             None => None,
         };
-        let mut fields: Vec<String> = Vec::new();
-        let mut picks = Vec::new();
+        let mut item = Node::default();
         let pointers =
             std::iter::once(&self.key_pointer).chain(self.columns.iter().map(|c| &c.pointer));
+        let mut picks = 0;
         for pointer in pointers {
             // An empty pointer (the whole item) needs the document.
-            let s = split_pointer(pointer)?;
-            let at = match fields.iter().position(|f| *f == s.first) {
-                Some(at) => at,
-                None => {
-                    fields.push(s.first);
-                    fields.len() - 1
-                }
-            };
-            picks.push((at, s.rest));
+            let body = pointer.strip_prefix('/')?;
+            let tokens: Vec<String> = body
+                .split('/')
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            item.add(&tokens, picks);
+            picks += 1;
         }
         Some(FastPlan {
             items,
             total,
             next,
-            fields,
+            item,
             picks,
         })
     }
@@ -421,30 +483,132 @@ impl<'de> Visitor<'de> for ItemSeed<'_> {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(f, "item {} to be an object", self.index)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Row, A::Error> {
-        let names = &self.plan.fields;
-        let mut slots: Vec<Option<Json>> = vec![None; names.len()];
-        while let Some(hit) = map.next_key_seed(KeySeed(names))? {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Row, A::Error> {
+        let mut slots: Vec<Option<Json>> = vec![None; self.plan.picks];
+        NodeSeed {
+            node: &self.plan.item,
+            slots: &mut slots,
+        }
+        .visit_map(map)?;
+        self.decoder
+            .row(self.index, |i| slots[i].take())
+            .map_err(de::Error::custom)
+    }
+}
+
+/// Reads one value of an item for the pointers through `node` into
+/// `slots`, descending only where a pointer goes.
+struct NodeSeed<'a> {
+    node: &'a Node,
+    slots: &'a mut [Option<Json>],
+}
+
+impl<'de> DeserializeSeed<'de> for NodeSeed<'_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        if self.node.children.is_empty() {
+            // Only pointers ending here: the value itself.
+            let v = Json::deserialize(d)?;
+            if let Some((&last, rest)) = self.node.ends.split_last() {
+                for &p in rest {
+                    self.slots[p] = Some(v.clone());
+                }
+                self.slots[last] = Some(v);
+            }
+            Ok(())
+        } else if !self.node.ends.is_empty() {
+            // The value and some of its insides (`/a` and `/a/b`).
+            let v = Json::deserialize(d)?;
+            self.node.fill_from(self.slots, &v);
+            Ok(())
+        } else {
+            d.deserialize_any(self)
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for NodeSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let names: Vec<&str> = self.node.children.iter().map(|(t, _)| t.as_str()).collect();
+        while let Some(hit) = map.next_key_seed(KeySeed(&names))? {
             match hit {
-                Some(at) => slots[at] = Some(map.next_value()?),
+                Some(at) => {
+                    let node = &self.node.children[at].1;
+                    // A key met twice: the last one counts, as in a document.
+                    node.clear(self.slots);
+                    map.next_value_seed(NodeSeed {
+                        node,
+                        slots: self.slots,
+                    })?;
+                }
                 None => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
-        self.decoder
-            .row(self.index, |i| {
-                let (at, rest) = &self.plan.picks[i];
-                // Each field is taken once unless two pointers share it.
-                let shared = self.plan.picks.iter().filter(|(a, _)| a == at).count() > 1;
-                let slot = &mut slots[*at];
-                match (rest.is_empty(), shared) {
-                    (true, false) => slot.take(),
-                    (true, true) => slot.clone(),
-                    (false, _) => slot.as_ref().and_then(|v| resolve(v, rest)).cloned(),
-                }
-            })
-            .map_err(de::Error::custom)
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut index = 0usize;
+        loop {
+            let child = self
+                .node
+                .children
+                .iter()
+                .find(|(t, _)| t.parse::<usize>().ok() == Some(index));
+            let more = match child {
+                Some((_, node)) => seq
+                    .next_element_seed(NodeSeed {
+                        node,
+                        slots: self.slots,
+                    })?
+                    .is_some(),
+                None => seq.next_element::<IgnoredAny>()?.is_some(),
+            };
+            if !more {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.node.fill_all(self.slots, &Json::Null);
+        Ok(())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        self.visit_unit()
+    }
+    // Any other scalar has no fields: the pointers through it are absent.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Forgets what the picks at or below this node were set to.
+    fn clear(&self, slots: &mut [Option<Json>]) {
+        for &p in &self.ends {
+            slots[p] = None;
+        }
+        for (_, child) in &self.children {
+            child.clear(slots);
+        }
     }
 }
 
@@ -498,6 +662,67 @@ city = {{ from = "/address/city" }}
             fast.items[1].values,
             vec![Value::Null, Value::Null, Value::Null]
         );
+    }
+
+    #[test]
+    fn nested_pointers_descend_without_a_document_and_agree_with_it() {
+        let text = r#"
+[resources.u]
+upstream = { base_url = "http://h", list_path = "/u", key_order = "asc" }
+key = { upstream = "/id", column = "id", type = "integer" }
+local = { table = "u" }
+[resources.u.columns]
+email = { from = "/emails/0/address", optional = true }
+second = { from = "/emails/1/address", optional = true }
+emails = { from = "/emails", type = "json", optional = true }
+tag = { from = "/a~1b/~0c", optional = true }
+"#;
+        let s = Settings::from_toml_str(text, "t.toml").unwrap();
+        let d = RowDecoder::new(&s.resources["u"]);
+        assert!(d.fast.is_some());
+        let items = [
+            r#"{"id": 1, "emails": [{"uuid": "x", "address": "a@x", "main": true}, {"address": 7}], "a/b": {"~c": "t"}}"#,
+            r#"{"id": 2, "emails": []}"#,
+            r#"{"id": 3, "emails": null}"#,
+            r#"{"id": 4, "emails": [null, {"address": null}]}"#,
+            r#"{"id": 5, "emails": "none", "a/b": 3}"#,
+            r#"{"id": 6, "emails": [{"address": "old"}], "emails": [{"address": "new"}]}"#,
+            r#"{"id": 7, "emails": [[1], {"address": "z", "deep": {"x": [1, 2]}}], "a/b": null}"#,
+            r#"{"id": 8, "emails": [5, 6], "a/b": {"~c": 1.5e3}}"#,
+        ];
+        let page = format!(r#"{{"items": [{}]}}"#, items.join(","));
+        let fast = d.decode(page.as_bytes()).unwrap();
+        let doc = d.decode_document(page.as_bytes()).unwrap();
+        assert_eq!(fast.items, doc.items);
+        assert_eq!(fast.items.len(), items.len());
+        // columns in name order: email, emails, second, tag
+        assert_eq!(fast.items[0].values[0], Value::Text("a@x".into()));
+        assert_eq!(fast.items[0].values[2], Value::Text("7".into()));
+        assert_eq!(fast.items[0].values[3], Value::Text("t".into()));
+        assert_eq!(fast.items[1].values[0], Value::Null);
+        assert_eq!(fast.items[2].values[0], Value::Null);
+        assert_eq!(fast.items[5].values[0], Value::Text("new".into()));
+        // a required nested field that is absent is named
+        let strict = text.replace(
+            r#"email = { from = "/emails/0/address", optional = true }"#,
+            r#"email = { from = "/emails/0/address" }"#,
+        );
+        let s = Settings::from_toml_str(&strict, "t.toml").unwrap();
+        let d = RowDecoder::new(&s.resources["u"]);
+        for page in [
+            r#"{"items": [{"id": 1, "emails": []}]}"#,
+            r#"{"items": [{"id": 1, "emails": [{"addr": "x"}]}]}"#,
+        ] {
+            for err in [
+                d.decode(page.as_bytes()).unwrap_err(),
+                d.decode_document(page.as_bytes()).unwrap_err(),
+            ] {
+                assert!(
+                    err.contains("column `email` from `/emails/0/address`: the field is absent"),
+                    "{err}"
+                );
+            }
+        }
     }
 
     #[test]
