@@ -175,8 +175,13 @@ pub fn fingerprint(values: &[Value]) -> u64 {
 /// always clear here. `DefaultHasher::new()` has fixed keys: equal
 /// signatures hash equal within a process, which is all one pass needs.
 pub fn fingerprint_signature(sig: &str) -> u64 {
+    fingerprint_bytes(sig.as_bytes())
+}
+
+/// [`fingerprint_signature`] of a signature held as bytes.
+pub fn fingerprint_bytes(sig: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
-    h.write(sig.as_bytes());
+    h.write(sig);
     h.finish() & !crate::diff::SEEN
 }
 

@@ -16,6 +16,7 @@ mod pg_schema;
 mod postgres;
 pub mod shape;
 mod sqlite;
+mod sqlite_scan;
 mod sqlite_schema;
 mod write;
 
@@ -567,6 +568,21 @@ pub(crate) fn index_row(
     key: Option<&str>,
     signature: Option<&str>,
 ) -> Result<(), StoreError> {
+    index_row_fp(
+        index,
+        spec,
+        key,
+        fingerprint_signature(signature.unwrap_or("")),
+    )
+}
+
+/// [`index_row`] with the row's fingerprint already computed.
+pub(crate) fn index_row_fp(
+    index: &mut LocalIndex,
+    spec: &TableSpec,
+    key: Option<&str>,
+    fp: u64,
+) -> Result<(), StoreError> {
     let Some(key) = key else {
         return Err(StoreError::BadRow {
             table: spec.table.to_string(),
@@ -588,7 +604,7 @@ pub(crate) fn index_row(
         });
     }
     index
-        .insert(key, fingerprint_signature(signature.unwrap_or("")))
+        .insert(key, fp)
         .map_err(|source| StoreError::Index {
             table: spec.table.to_string(),
             source,

@@ -6,18 +6,17 @@ use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use futures_util::TryStreamExt;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
-use sqlx::{Row as _, SqliteConnection, SqlitePool};
+use sqlx::{SqliteConnection, SqlitePool};
 
 use super::shape::{self, Kind, Shape};
 use super::sqlite_schema::{affinity, column_collation};
 use super::write::{self, WriteTx};
 use super::{
-    check_columns, index_row, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger,
-    Mirror, PassWrite, ResourceLock, ScanQuery, StoreError, Written,
+    check_columns, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger,
+    Mirror, PassWrite, ResourceLock, StoreError, Written,
 };
-use crate::config::{ColumnType, Ident, KeyType, TableSpec};
+use crate::config::{Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;
 use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{Key, Row, Value};
@@ -185,50 +184,6 @@ fn values_list(rows: usize, width: usize) -> String {
     vec![one; rows].join(",")
 }
 
-/// One owned column's part of the scan signature. Values are compared by
-/// their storage class too: a REAL `12.7` or the text `'12abc'` in an
-/// integer column, or `'yes'` in a boolean one, reads as `X;`, which no
-/// upstream value produces, so the row is repaired instead of passing as
-/// equal after a cast. Text lengths are in bytes, so a NUL inside a local
-/// value cannot cut the packed scan short.
-fn signature_part(c: &Ident, kind: ColumnType) -> String {
-    let c = c.quoted();
-    match kind {
-        ColumnType::Integer => format!(
-            "CASE typeof({c}) WHEN 'integer' THEN 'I' || {c} || ';' WHEN 'null' THEN 'N;' ELSE 'X;' END"
-        ),
-        ColumnType::Boolean => format!(
-            "CASE WHEN {c} IS NULL THEN 'N;' WHEN typeof({c}) = 'integer' AND {c} IN (0, 1) THEN 'B' || {c} || ';' ELSE 'X;' END"
-        ),
-        ColumnType::Text
-        | ColumnType::Uuid
-        | ColumnType::Timestamp
-        | ColumnType::Numeric
-        | ColumnType::Json => format!(
-            "CASE typeof({c}) WHEN 'text' THEN 'T' || length(CAST({c} AS BLOB)) || ':' || {c} || ';' WHEN 'null' THEN 'N;' ELSE 'X;' END"
-        ),
-    }
-}
-
-/// The key as text, only when stored as the key type's storage class: a
-/// BLOB or REAL key (written by another application) reads as NULL and
-/// fails the scan, since no bound text or integer would ever address it.
-fn scan_query(spec: &TableSpec) -> ScanQuery {
-    let k = spec.key_column.quoted();
-    let class = match spec.key_type {
-        KeyType::Integer => "integer",
-        KeyType::Text | KeyType::Uuid => "text",
-    };
-    ScanQuery::new(
-        spec,
-        format!("CASE WHEN typeof({k}) = '{class}' THEN CAST({k} AS TEXT) END"),
-        signature_part,
-    )
-}
-
-/// Rows per chunk of the chunked scan.
-const SCAN_CHUNK: u32 = 4096;
-
 impl SqliteStore {
     /// What decides equality of `key` values: the collation in its column
     /// definition or of a unique index on it alone (`None`: BINARY), and
@@ -293,117 +248,6 @@ impl SqliteStore {
         }
         Ok((collation, unique))
     }
-
-    /// Scans a rowid table in chunks of [`SCAN_CHUNK`] rows, each chunk
-    /// packed by SQLite into one text value (`<len>:<key><len>:<signature>`
-    /// per row, lengths in characters), inside one read transaction for a
-    /// consistent snapshot. sqlx hands rows from its SQLite worker thread one
-    /// at a time; packing makes that a few hundred hand-overs instead of a
-    /// million, which is most of the scan's cost.
-    async fn scan_chunked(
-        &self,
-        spec: &TableSpec,
-        q: &ScanQuery,
-        index: &mut LocalIndex,
-    ) -> Result<(), StoreError> {
-        let live = q
-            .live
-            .as_ref()
-            .map(|l| format!(" AND {l}"))
-            .unwrap_or_default();
-        let sql = format!(
-            "SELECT group_concat(COALESCE(length(CAST(k AS BLOB)) || ':' || k, 'X') || length(CAST(s AS BLOB)) || ':' || s, ''), \
-             max(r), count(*) FROM (SELECT {key} AS k, {sig} AS s, rowid AS r FROM {table} \
-             WHERE (?1 IS NULL OR rowid > ?1){live} ORDER BY rowid LIMIT {SCAN_CHUNK})",
-            key = q.key,
-            sig = q.signature,
-            table = q.table,
-        );
-        let context = format!("scan {}", spec.table);
-        let mut tx = self.pool.begin().await.map_err(query_err("begin scan"))?;
-        // None: from the first row (a rowid may be i64::MIN itself)
-        let mut after: Option<i64> = None;
-        loop {
-            let (packed, last, n): (Option<String>, Option<i64>, i64) = sqlx::query_as(&sql)
-                .bind(after)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(query_err(context.clone()))?;
-            if n == 0 {
-                break;
-            }
-            unpack(packed.as_deref().unwrap_or(""), |key, sig| {
-                index_row(index, spec, key, Some(sig))
-            })
-            .map_err(|e| match e {
-                Unpack::Bad => StoreError::BadRow {
-                    table: spec.table.to_string(),
-                    problem: "unreadable scan chunk".into(),
-                },
-                Unpack::Row(e) => e,
-            })?;
-            match last {
-                Some(last) => after = Some(last),
-                None => break,
-            }
-        }
-        tx.commit().await.map_err(query_err("end scan"))
-    }
-
-    /// Scans row by row (tables without rowid).
-    async fn scan_rows(
-        &self,
-        spec: &TableSpec,
-        q: &ScanQuery,
-        index: &mut LocalIndex,
-    ) -> Result<(), StoreError> {
-        let sql = q.plain();
-        let mut rows = sqlx::query(&sql).fetch(&self.pool);
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .map_err(query_err(format!("scan {}", spec.table)))?
-        {
-            let scanned = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
-            let (key, signature): (Option<&str>, Option<&str>) =
-                scanned.map_err(query_err(format!("scan {}", spec.table)))?;
-            index_row(index, spec, key, signature)?;
-        }
-        Ok(())
-    }
-}
-
-enum Unpack {
-    Bad,
-    Row(StoreError),
-}
-
-/// Walks a packed chunk: per row `<n>:<key>` (or `X` for a NULL key) then
-/// `<m>:<signature>`, lengths in bytes.
-fn unpack(
-    mut text: &str,
-    mut row: impl FnMut(Option<&str>, &str) -> Result<(), StoreError>,
-) -> Result<(), Unpack> {
-    fn field(text: &str) -> Option<(&str, &str)> {
-        let colon = text.find(':')?;
-        let n: usize = text[..colon].parse().ok()?;
-        let rest = &text[colon + 1..];
-        Some((rest.get(..n)?, rest.get(n..)?))
-    }
-    while !text.is_empty() {
-        let key = if let Some(rest) = text.strip_prefix('X') {
-            text = rest;
-            None
-        } else {
-            let (key, rest) = field(text).ok_or(Unpack::Bad)?;
-            text = rest;
-            Some(key)
-        };
-        let (sig, rest) = field(text).ok_or(Unpack::Bad)?;
-        text = rest;
-        row(key, sig).map_err(Unpack::Row)?;
-    }
-    Ok(())
 }
 
 async fn insert_rows(
@@ -571,34 +415,12 @@ impl Mirror for SqliteStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let query = scan_query(spec);
-        let count: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", query.table))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(query_err(format!("count {}", spec.table)))?;
-        let mut index = LocalIndex::with_capacity(count.max(0) as usize);
-        let (schema, table) = schema_and_table(spec);
-        // A user column called `rowid` hides the real one: page on nothing.
-        let shadowed: bool = sqlx::query_scalar(
-            "SELECT COUNT(*) > 0 FROM pragma_table_info(?1, ?2) \
-             WHERE lower(name) IN ('rowid', '_rowid_', 'oid')",
-        )
-        .bind(table)
-        .bind(schema)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(query_err(format!("inspect {}", spec.table)))?;
-        let has_rowid = !shadowed
-            && sqlx::query(&format!("SELECT rowid FROM {} LIMIT 1", query.table))
-                .fetch_optional(&self.pool)
+        let count: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
+                .fetch_one(&self.pool)
                 .await
-                .is_ok();
-        if has_rowid {
-            self.scan_chunked(spec, &query, &mut index).await?;
-        } else {
-            self.scan_rows(spec, &query, &mut index).await?;
-        }
-        Ok(index)
+                .map_err(query_err(format!("count {}", spec.table)))?;
+        super::sqlite_scan::scan(&self.pool, spec, count.max(0) as usize).await
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
@@ -965,30 +787,5 @@ impl Ledger for SqliteStore {
             .await
             .map_err(query_err("ping"))?;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unpacks_rows() {
-        let mut seen = Vec::new();
-        let packed = "3:abc5:N;B1;X2:I12:é0:";
-        let r = unpack(packed, |k, s| {
-            seen.push((k.map(str::to_string), s.to_string()));
-            Ok(())
-        });
-        assert!(r.is_ok());
-        assert_eq!(
-            seen,
-            vec![
-                (Some("abc".into()), "N;B1;".into()),
-                (None, "I1".into()),
-                (Some("é".into()), "".into()),
-            ]
-        );
-        assert!(unpack("9:ab", |_, _| Ok(())).is_err());
     }
 }
