@@ -603,12 +603,10 @@ pub(crate) fn index_row_fp(
             ),
         });
     }
-    index
-        .insert(key, fp)
-        .map_err(|source| StoreError::Index {
-            table: spec.table.to_string(),
-            source,
-        })
+    index.insert(key, fp).map_err(|source| StoreError::Index {
+        table: spec.table.to_string(),
+        source,
+    })
 }
 
 /// Forwards a trait method to the backend.

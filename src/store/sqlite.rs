@@ -13,8 +13,8 @@ use super::shape::{self, Kind, Shape};
 use super::sqlite_schema::{affinity, column_collation};
 use super::write::{self, WriteTx};
 use super::{
-    check_columns, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger,
-    Mirror, PassWrite, ResourceLock, StoreError, Written,
+    check_columns, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger, Mirror,
+    PassWrite, ResourceLock, StoreError, Written,
 };
 use crate::config::{Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;

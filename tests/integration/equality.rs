@@ -386,3 +386,80 @@ both_backends!(
     every_type_converges,
     sqlite_storage_classes_are_compared,
 );
+
+/// The SQLite scan reads cells through SQLite's C API: it must see what
+/// the database holds, whatever the table's layout. A `WITHOUT ROWID`
+/// table with soft-deleted rows is read whole but for the deleted ones; a
+/// key that is not valid UTF-8 stops the pass before anything is written.
+#[tokio::test]
+async fn sqlite_scan_reads_what_the_table_holds() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.exec(
+        "CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT, n INTEGER, on_ INTEGER, deleted_at TEXT) WITHOUT ROWID;
+         INSERT INTO items VALUES ('a', 'same', 1, 1, NULL), ('b', 'old', 2, 0, NULL),
+           ('c', 'gone', 3, 1, '2026-01-01'), ('e', 'ghost', 5, 1, NULL),
+           ('f', 'same', 'six', 1, NULL), ('g', 'same', 7, 'yes', NULL)",
+    )
+    .await;
+    let (_up, addr) = items_upstream(vec![
+        json!({"id": "a", "name": "same", "n": 1, "on": true}),
+        json!({"id": "b", "name": "new", "n": 2, "on": false}),
+        json!({"id": "d", "name": "added", "n": 4, "on": true}),
+        json!({"id": "f", "name": "same", "n": 6, "on": true}),
+        json!({"id": "g", "name": "same", "n": 7, "on": true}),
+    ])
+    .await;
+    let toml = format!(
+        r#"
+[store]
+url = "{db}"
+[resources.items]
+key = {{ upstream = "/id", column = "id" }}
+local = {{ table = "items" }}
+[resources.items.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/items"
+page_size = 2
+total_pointer = "/total"
+key_order = "asc"
+[resources.items.columns]
+name = {{ from = "/name" }}
+n = {{ from = "/n", type = "integer" }}
+on_ = {{ from = "/on", type = "boolean" }}
+[resources.items.policy]
+max_purge_fraction = 1.0
+max_update_fraction = 1.0
+purge = {{ soft_delete = {{ column = "deleted_at" }} }}
+"#,
+        db = db.url
+    );
+    let settings = Settings::from_toml_str(&toml, "test.toml").expect("valid");
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    // c is soft-deleted: not local, not extra; e is extra; the texts 'six'
+    // in the integer column and 'yes' in the boolean one are stale.
+    assert_eq!(r.local_rows, 5, "{r:?}");
+    assert_eq!(
+        (r.found.missing, r.found.stale, r.found.extra),
+        (1, 3, 1),
+        "{r:?}"
+    );
+    let again = pass_items(&settings).await;
+    assert_eq!(again.outcome, Outcome::InSync, "{again:?}");
+    assert_eq!(
+        db.text("SELECT id || ':' || typeof(n) || ':' || typeof(on_) FROM items WHERE deleted_at IS NULL ORDER BY id")
+            .await
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>(),
+        ["a:integer:integer", "b:integer:integer", "d:integer:integer", "f:integer:integer", "g:integer:integer"]
+    );
+
+    // A key SQLite holds as text that is not UTF-8.
+    db.exec("INSERT INTO items VALUES (CAST(X'FF61' AS TEXT), 'x', 1, 1, NULL)")
+        .await;
+    let before = db.count("items").await;
+    let r = pass_items(&settings).await;
+    failed_with(&r, &["not valid UTF-8"]);
+    assert_eq!(db.count("items").await, before);
+}
