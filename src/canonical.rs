@@ -21,9 +21,23 @@ use serde_json::{Map, Number, Value as Json};
 
 /// The canonical form of a uuid, or why `raw` is not one.
 pub fn uuid(raw: &str) -> Result<String, String> {
+    if is_canonical_uuid(raw) {
+        return Ok(raw.to_string());
+    }
     uuid::Uuid::try_parse(raw)
         .map(|u| u.hyphenated().to_string())
         .map_err(|_| format!("`{raw}` is not a uuid"))
+}
+
+/// Whether `raw` is already a uuid's canonical form: 36 characters,
+/// lower-case hex digits in groups of 8-4-4-4-12 (what [`uuid`] gives).
+pub fn is_canonical_uuid(raw: &str) -> bool {
+    let b = raw.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, &c)| match i {
+            8 | 13 | 18 | 23 => c == b'-',
+            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
+        })
 }
 
 /// The canonical form of an RFC 3339 timestamp, in UTC.
@@ -252,6 +266,24 @@ mod tests {
             "6f9619ff-8b86-d011-b42d-00c04fc964ff"
         );
         assert!(uuid("not-a-uuid").is_err());
+        // The shortcut for canonical text agrees with parsing it.
+        for raw in [
+            "6f9619ff-8b86-d011-b42d-00c04fc964ff",
+            "00000000-0000-0000-0000-000000000000",
+            "6f9619ff-8b86-d011-b42d-00c04fc964fF",
+            "6f9619ff-8b86-d011-b42d-00c04fc964f",
+            "6f9619ff-8b86-d011-b42d000c04fc964ff",
+            "6f9619ffx8b86-d011-b42d-00c04fc964ff",
+            "{6f9619ff-8b86-d011-b42d-00c04fc964ff}",
+            "6f9619ff-8b86-d011-b42d-00c04fc964fg",
+        ] {
+            let parsed = uuid::Uuid::try_parse(raw).map(|u| u.hyphenated().to_string());
+            assert_eq!(
+                is_canonical_uuid(raw),
+                parsed.as_deref() == Ok(raw),
+                "{raw}"
+            );
+        }
     }
 
     #[test]

@@ -86,6 +86,9 @@ impl Value {
     pub fn from_json_owned(json: Option<Json>, kind: ColumnType) -> Result<Value, String> {
         match (kind, json) {
             (ColumnType::Text, Some(Json::String(s))) if !s.contains('\0') => Ok(Value::Text(s)),
+            (ColumnType::Uuid, Some(Json::String(s))) if canonical::is_canonical_uuid(&s) => {
+                Ok(Value::Text(s))
+            }
             (kind, json) => Value::from_json(json.as_ref(), kind),
         }
     }
@@ -152,14 +155,43 @@ pub struct Row {
 /// the same text in SQL ([`crate::store`]), so a local row's fingerprint
 /// costs one text column to read, whatever the number of owned columns.
 pub fn signature(values: &[Value], out: &mut String) {
-    use std::fmt::Write as _;
     for v in values {
-        let _ = match v {
-            Value::Null => write!(out, "N;"),
-            Value::Bool(b) => write!(out, "B{};", u8::from(*b)),
-            Value::Int(i) => write!(out, "I{i};"),
-            Value::Text(t) => write!(out, "T{}:{t};", t.len()),
-        };
+        match v {
+            Value::Null => out.push_str("N;"),
+            Value::Bool(b) => out.push_str(if *b { "B1;" } else { "B0;" }),
+            Value::Int(i) => {
+                out.push('I');
+                if *i < 0 {
+                    out.push('-');
+                }
+                push_decimal(out, i.unsigned_abs());
+                out.push(';');
+            }
+            Value::Text(t) => {
+                out.push('T');
+                push_decimal(out, t.len() as u64);
+                out.push(':');
+                out.push_str(t);
+                out.push(';');
+            }
+        }
+    }
+}
+
+/// Appends `n` in decimal (as `{n}` formats it, without the formatter).
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
     }
 }
 
@@ -189,6 +221,27 @@ pub fn fingerprint_bytes(sig: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn signatures_spell_values_as_formatting_would() {
+        let values = [
+            Value::Null,
+            Value::Bool(true),
+            Value::Bool(false),
+            Value::Int(0),
+            Value::Int(-7),
+            Value::Int(i64::MIN),
+            Value::Int(i64::MAX),
+            Value::Text("é;x".into()),
+            Value::Text(String::new()),
+        ];
+        let mut got = String::new();
+        signature(&values, &mut got);
+        assert_eq!(
+            got,
+            format!("N;B1;B0;I0;I-7;I{};I{};T4:é;x;T0:;", i64::MIN, i64::MAX)
+        );
+    }
 
     #[test]
     fn json_converts_by_column_type() {

@@ -454,10 +454,13 @@ impl<'de> Visitor<'de> for ItemsSeed<'_> {
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
         let mut rows = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        // One set of slots for every item (each row takes its values out).
+        let mut slots: Vec<Option<Json>> = vec![None; self.1.picks];
         while let Some(row) = seq.next_element_seed(ItemSeed {
             decoder: self.0,
             plan: self.1,
             index: rows.len(),
+            slots: &mut slots,
         })? {
             rows.push(row);
         }
@@ -469,6 +472,7 @@ struct ItemSeed<'a> {
     decoder: &'a RowDecoder,
     plan: &'a FastPlan,
     index: usize,
+    slots: &'a mut Vec<Option<Json>>,
 }
 
 impl<'de> DeserializeSeed<'de> for ItemSeed<'_> {
@@ -484,10 +488,11 @@ impl<'de> Visitor<'de> for ItemSeed<'_> {
         write!(f, "item {} to be an object", self.index)
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Row, A::Error> {
-        let mut slots: Vec<Option<Json>> = vec![None; self.plan.picks];
+        let slots = self.slots;
+        slots.iter_mut().for_each(|s| *s = None);
         NodeSeed {
             node: &self.plan.item,
-            slots: &mut slots,
+            slots,
         }
         .visit_map(map)?;
         self.decoder

@@ -210,7 +210,9 @@ impl Differ {
         if self.plan.canary.is_none() {
             self.plan.canary = Some(row.key.clone());
         }
-        match self.index.get_mut(row.key.as_str()) {
+        // The row's key becomes the previous one; moved, not copied, when
+        // the row itself is dropped (a row already in sync, most of them).
+        let previous = match self.index.get_mut(row.key.as_str()) {
             Some(slot) => {
                 if *slot & SEEN != 0 {
                     return Err(ListingError::DuplicateKey(row.key));
@@ -218,20 +220,31 @@ impl Differ {
                 let differs = *slot != fingerprint(&row.values);
                 *slot |= SEEN;
                 if differs {
+                    let key = row.key.clone();
                     self.plan.update.push(row);
+                    key
+                } else {
+                    row.key
                 }
             }
             None => {
                 if !self.new_keys.insert(row.key.clone()) {
                     return Err(ListingError::DuplicateKey(row.key));
                 }
+                let key = row.key.clone();
                 self.plan.insert.push(row);
+                key
             }
+        };
+        if self.order != KeyOrder::None {
+            self.previous = Some(previous);
         }
         Ok(())
     }
 
-    fn check_order(&mut self, key: &Key) -> Result<(), ListingError> {
+    /// Whether `key` comes after the previous key, when upstream promises
+    /// an order.
+    fn check_order(&self, key: &Key) -> Result<(), ListingError> {
         if self.order == KeyOrder::None {
             return Ok(());
         }
@@ -246,7 +259,6 @@ impl Differ {
                 });
             }
         }
-        self.previous = Some(key.clone());
         Ok(())
     }
 
