@@ -33,11 +33,16 @@ use serde_json::{json, Value as Json};
 const PAGE: usize = 1000;
 
 /// Regression limits under `cargo bench`: driftd's time over the floor's,
-/// whole pass and per phase. Above them the bench fails.
+/// whole pass and per phase; above them the bench fails. Set above what
+/// this 2-core machine measures on a noisy day (wall 2.5-3.4x, scan
+/// 1.2-2.0x, listing 3.8-7.5x on 2026-11-29), below what the code before
+/// the speed work measured (wall 4.1-10.2x, SQLite scan 5.7-13x, listing
+/// 9-21x): losing the direct SQLite scan or the descending decoder trips
+/// them.
 const LIMITS: Limits = Limits {
-    wall: 3.0,
+    wall: 4.0,
     scan: 3.0,
-    list: 3.0,
+    list: 9.0,
 };
 
 struct Limits {

@@ -297,6 +297,7 @@ fn compare_keys(a: &Key, b: &Key, kind: KeyType) -> Ordering {
 mod tests {
     use super::*;
     use crate::model::Value;
+    use std::collections::BTreeMap;
 
     fn key(s: &str) -> Key {
         Key(s.into())
@@ -314,6 +315,106 @@ mod tests {
                 .unwrap();
         }
         idx
+    }
+
+    /// A random row set: keys from a small space (so local and upstream
+    /// overlap), values of every kind, some equal across kinds as text.
+    fn random_rows(rng: &mut fastrand::Rng, n: usize, space: u64) -> BTreeMap<Key, Vec<Value>> {
+        let mut rows = BTreeMap::new();
+        for _ in 0..n {
+            let k = Key(format!("k{:04}", rng.u64(..space)).into());
+            let values = (0..rng.usize(0..4))
+                .map(|_| match rng.u8(..5) {
+                    0 => Value::Null,
+                    1 => Value::Bool(rng.bool()),
+                    2 => Value::Int(rng.i64(-3..3)),
+                    3 => Value::Text(["", "1", "N;", "T1:a;", "a"][rng.usize(..5)].into()),
+                    _ => Value::Text(format!("{}", rng.i64(-3..3))),
+                })
+                .collect();
+            rows.insert(k, values);
+        }
+        rows
+    }
+
+    /// For any local and upstream rows (any width of row, any order the
+    /// upstream promises, restarted listings), the plan applied to the
+    /// local rows gives exactly the upstream rows; and a key listed twice
+    /// is an error, never a plan.
+    #[test]
+    fn any_plan_applied_to_local_gives_upstream() {
+        for seed in 0..3000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let space = rng.u64(1..60);
+            let (n_local, n_upstream) = (rng.usize(0..50), rng.usize(0..50));
+            let local = random_rows(&mut rng, n_local, space);
+            let upstream = random_rows(&mut rng, n_upstream, space);
+            let mut index = LocalIndex::default();
+            for (k, v) in &local {
+                index.insert(k.as_str(), fingerprint(v)).unwrap();
+            }
+            let order = if rng.bool() {
+                KeyOrder::Asc
+            } else {
+                KeyOrder::None
+            };
+            let mut listed: Vec<Row> = upstream
+                .iter()
+                .map(|(k, v)| Row {
+                    key: k.clone(),
+                    values: v.clone(),
+                })
+                .collect();
+            if order == KeyOrder::None {
+                rng.shuffle(&mut listed);
+            }
+            let mut d = Differ::new(index, order, KeyType::Text);
+            // Sometimes a listing that moved: part of it, then a restart.
+            if rng.u8(..4) == 0 {
+                for row in listed.iter().take(rng.usize(0..=listed.len())) {
+                    d.observe(row.clone()).unwrap();
+                }
+                d.restart();
+            }
+            // Sometimes a repeated row: the listing must fail.
+            let repeat =
+                (!listed.is_empty() && rng.u8(..5) == 0).then(|| rng.usize(..listed.len()));
+            let mut failed = false;
+            for (i, row) in listed.iter().enumerate() {
+                d.observe(row.clone()).unwrap();
+                if repeat == Some(i) {
+                    failed = d.observe(row.clone()).is_err();
+                    assert!(failed, "seed {seed}: a repeated key passed");
+                    break;
+                }
+            }
+            if failed {
+                continue;
+            }
+            let plan = d.finish();
+            let mut applied = local.clone();
+            for k in &plan.purge {
+                assert!(
+                    applied.remove(k).is_some(),
+                    "seed {seed}: purge of an unknown key"
+                );
+            }
+            for r in &plan.update {
+                let old = applied.insert(r.key.clone(), r.values.clone());
+                assert!(
+                    old.is_some_and(|o| o != r.values),
+                    "seed {seed}: needless update"
+                );
+            }
+            for r in &plan.insert {
+                assert!(
+                    applied.insert(r.key.clone(), r.values.clone()).is_none(),
+                    "seed {seed}"
+                );
+            }
+            assert_eq!(applied, upstream, "seed {seed}");
+            assert_eq!(plan.upstream_rows, upstream.len() as u64, "seed {seed}");
+        }
     }
 
     #[test]
