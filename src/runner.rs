@@ -439,7 +439,11 @@ impl Runner {
 
     /// With the resource's lock held, no other job of it can be running
     /// anywhere: any other `running` record is one whose driftd died (or
-    /// could not record its end). Marks those failed.
+    /// could not record its end). So is a `queued` one: a job is queued
+    /// only for the moment between its record and its start (it never
+    /// waits for the lock; a held lock skips it), so a queued record here
+    /// is one whose driftd died before starting it, or one about to start,
+    /// find the lock held and record itself skipped. Marks those failed.
     async fn abandon_others(&self, job: &Job) {
         let unfinished = match self.inner.store.unfinished_jobs().await {
             Ok(jobs) => jobs,
@@ -451,7 +455,7 @@ impl Runner {
         for mut other in unfinished {
             if other.resource != job.resource
                 || other.id == job.id
-                || other.status != JobStatus::Running
+                || !matches!(other.status, JobStatus::Running | JobStatus::Queued)
             {
                 continue;
             }

@@ -4,6 +4,7 @@
 mod churn;
 mod cli;
 mod common;
+mod crash;
 mod daemon;
 mod equality;
 mod events;

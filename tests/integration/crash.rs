@@ -1,0 +1,245 @@
+//! Crash trials: `driftd reconcile` killed with SIGKILL at seeded random
+//! moments of a pass over a drifted table (while it lists, while it writes
+//! inserts, updates and purges). After each kill the table holds no
+//! wrongful deletion (every row upstream still has is there), no row
+//! half-written and nothing upstream never had; the next run marks the
+//! killed job abandoned and converges to exactly the upstream rows.
+//!
+//! `DRIFTD_CRASH_TRIALS` trials per backend (default 6, the suite's short
+//! run), from seed `DRIFTD_CRASH_SEED` (default: random, printed). The full
+//! run: `DRIFTD_CRASH_TRIALS=50 ./scripts/test.sh --test integration crash`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use driftd::sample::user;
+use serde_json::Value as Json;
+
+use crate::both_backends;
+use crate::common::*;
+
+const USERS: u64 = 3000;
+
+/// What the local table holds before a trial: upstream minus a tenth
+/// (missing), a tenth stale, plus a tenth upstream does not have (extra).
+fn drifted(rng: &mut fastrand::Rng, upstream: &[Json]) -> Vec<Json> {
+    let mut local = Vec::new();
+    for u in upstream {
+        match rng.u8(..10) {
+            0 => {}
+            1 => {
+                let mut stale = u.clone();
+                stale["email"] = Json::String("stale@example.com".into());
+                local.push(stale);
+            }
+            _ => local.push(u.clone()),
+        }
+    }
+    for _ in 0..USERS / 10 {
+        local.push(ghost(rng.u64(..1_000_000)));
+    }
+    local.sort_by(|a, b| a["uuid"].as_str().cmp(&b["uuid"].as_str()));
+    local.dedup_by(|a, b| a["uuid"] == b["uuid"]);
+    local
+}
+
+/// uuid → email of the table now.
+async fn emails(db: &TestDb) -> BTreeMap<String, Option<String>> {
+    let rows = db
+        .text("SELECT CAST(uuid AS TEXT) || '|' || COALESCE(email, '<null>') FROM users")
+        .await;
+    rows.into_iter()
+        .flatten()
+        .map(|r| {
+            let (k, e) = r.split_once('|').expect("row");
+            (k.to_string(), (e != "<null>").then(|| e.to_string()))
+        })
+        .collect()
+}
+
+fn reconcile(config: &std::path::Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .args(["reconcile", "users", "--json", "--config"])
+        .arg(config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run driftd")
+}
+
+async fn crash_trials(backend: Backend) {
+    let trials: usize = std::env::var("DRIFTD_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let seed: u64 = std::env::var("DRIFTD_CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("crash trials on {backend:?}: {trials}, seed {seed} (DRIFTD_CRASH_SEED)");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let users: Vec<Json> = (0..USERS).map(|i| user(i, TENANTS)).collect();
+    let wanted: BTreeMap<String, Option<String>> = users
+        .iter()
+        .map(|u| {
+            (
+                u["uuid"].as_str().unwrap().to_string(),
+                u["email"].as_str().map(str::to_string),
+            )
+        })
+        .collect();
+    let (_up, addr) = upstream(users.clone()).await;
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("driftd.toml");
+    let toml = ConfigBuilder {
+        policy: "max_purge_fraction = 1.0\nmax_purge_count = 1000000\nmax_update_fraction = 1.0\nbatch_size = 10".into(),
+        ..ConfigBuilder::default()
+    }
+    .toml(&db, addr);
+    std::fs::write(&config, toml).unwrap();
+
+    // How long one pass takes here: kills land anywhere in it.
+    db.insert_users(&drifted(&mut rng, &users)).await;
+    let started = Instant::now();
+    let out = reconcile(&config).wait_with_output().unwrap();
+    let wall = started.elapsed();
+    assert!(out.status.success(), "calibration pass");
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let apply = Duration::from_millis(report["timings"]["apply_ms"].as_u64().unwrap());
+    // Half the kills anywhere in the pass, half while it writes.
+    let writes_from = wall.saturating_sub(apply.mul_f64(1.2));
+    println!("one pass takes {wall:?}, its writes the last {apply:?}");
+
+    // Which writes each kill interrupted: (inserted, updated, purged) > 0.
+    let mut hit: BTreeMap<&str, usize> = BTreeMap::new();
+    for trial in 0..trials {
+        db.exec("DELETE FROM users").await;
+        let local = drifted(&mut rng, &users);
+        db.insert_users(&local).await;
+        let before = emails(&db).await;
+        let delay = if rng.bool() {
+            wall.mul_f64(1.1 * rng.f64())
+        } else {
+            writes_from + apply.mul_f64(1.4 * rng.f64())
+        };
+        let mut child = reconcile(&config);
+        tokio::time::sleep(delay).await;
+        let _ = child.kill(); // SIGKILL: no chance to clean up
+        let status = child.wait().unwrap();
+        let after = emails(&db).await;
+
+        let what = format!("{backend:?} trial {trial} (seed {seed}), killed after {delay:?}");
+        // No wrongful deletion: every row upstream has is still there.
+        for key in before.keys().filter(|k| wanted.contains_key(*k)) {
+            assert!(after.contains_key(key), "{what}: {key} was deleted");
+        }
+        // Nothing invented, nothing half-written: each row is as it was
+        // or as upstream has it.
+        for (key, email) in &after {
+            let ok = before.get(key) == Some(email) || wanted.get(key) == Some(email);
+            assert!(ok, "{what}: {key} holds {email:?}");
+        }
+        let inserted = after.keys().filter(|k| !before.contains_key(*k)).count();
+        let purged = before.keys().filter(|k| !after.contains_key(*k)).count();
+        let updated = after
+            .iter()
+            .filter(|(k, e)| before.get(*k).is_some_and(|b| b != *e))
+            .count();
+        let phase = if status.success() {
+            "finished before the kill"
+        } else {
+            match (inserted > 0, updated > 0, purged > 0) {
+                (false, false, false) => "listing (nothing written yet)",
+                (true, false, false) => "writing inserts",
+                (_, true, false) => "writing updates",
+                _ => "writing purges",
+            }
+        };
+        *hit.entry(phase).or_default() += 1;
+
+        // The next run converges and marks the killed job abandoned.
+        let out = reconcile(&config).wait_with_output().unwrap();
+        let report: Json = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        assert!(out.status.success(), "{what}: next run: {report}");
+        assert!(
+            matches!(report["outcome"].as_str(), Some("repaired" | "in_sync")),
+            "{what}: next run: {report}"
+        );
+        assert_eq!(emails(&db).await, wanted, "{what}: next run converges");
+        let store = driftd::store::AnyStore::open(&db.url.clone().into(), 1)
+            .await
+            .unwrap();
+        let unfinished = driftd::store::Ledger::unfinished_jobs(&store)
+            .await
+            .unwrap();
+        assert!(
+            unfinished.is_empty(),
+            "{what}: jobs left running: {unfinished:?}"
+        );
+        // Every job either succeeded or shows as abandoned.
+        for job in db
+            .text("SELECT status || ': ' || COALESCE(reason, '') FROM driftd_jobs")
+            .await
+            .into_iter()
+            .flatten()
+        {
+            assert!(
+                job == "succeeded: " || job.starts_with("failed: abandoned"),
+                "{what}: a job ended {job}"
+            );
+        }
+    }
+    println!("{backend:?}: kills by phase: {hit:?}");
+    let phases: BTreeSet<&str> = hit.keys().copied().collect();
+    if trials >= 20 {
+        assert!(
+            phases.iter().filter(|p| p.starts_with("writing")).count() >= 2,
+            "the kills should land in the writes too: {hit:?}"
+        );
+    }
+}
+
+/// A job killed before it started (recorded `queued`) shows as abandoned
+/// once the resource's next pass runs, like one killed while running.
+async fn a_job_killed_while_queued_is_abandoned(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let (_up, addr) = upstream((0..10).map(|i| user(i, TENANTS)).collect()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("driftd.toml");
+    std::fs::write(&config, ConfigBuilder::default().toml(&db, addr)).unwrap();
+    let out = reconcile(&config).wait_with_output().unwrap();
+    assert!(out.status.success());
+    let store = driftd::store::AnyStore::open(&db.url.clone().into(), 1)
+        .await
+        .unwrap();
+    let dead = driftd::jobs::Job::queued(
+        "users",
+        driftd::jobs::Trigger::Cli,
+        driftd::vocab::Mode::Full,
+        false,
+        false,
+    );
+    driftd::store::Ledger::save_job(&store, &dead)
+        .await
+        .unwrap();
+    let out = reconcile(&config).wait_with_output().unwrap();
+    assert!(out.status.success());
+    let dead = driftd::store::Ledger::get_job(&store, dead.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(dead.status, driftd::jobs::JobStatus::Failed, "{dead:?}");
+    assert!(
+        dead.reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("abandoned"),
+        "{dead:?}"
+    );
+}
+
+both_backends!(crash_trials, a_job_killed_while_queued_is_abandoned);
