@@ -5,8 +5,8 @@
 //! half-written and nothing upstream never had; the next run marks the
 //! killed job abandoned and converges to exactly the upstream rows.
 //!
-//! `DRIFTD_CRASH_TRIALS` trials per backend (default 6, the suite's short
-//! run), from seed `DRIFTD_CRASH_SEED` (default: random, printed). The full
+//! `DRIFTD_CRASH_TRIALS` kills inside a pass per backend (default 6, the
+//! suite's short run), from seed `DRIFTD_CRASH_SEED` (default: random, printed). The full
 //! run: `DRIFTD_CRASH_TRIALS=50 ./scripts/test.sh --test integration crash`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -115,7 +115,13 @@ async fn crash_trials(backend: Backend) {
 
     // Which writes each kill interrupted: (inserted, updated, purged) > 0.
     let mut hit: BTreeMap<&str, usize> = BTreeMap::new();
-    for trial in 0..trials {
+    // `trials` kills that land inside a pass; a pass that ended before its
+    // kill does not count (at most 3 x trials runs).
+    let mut killed = 0;
+    for trial in 0..trials * 3 {
+        if killed == trials {
+            break;
+        }
         db.exec("DELETE FROM users").await;
         let local = drifted(&mut rng, &users);
         db.insert_users(&local).await;
@@ -159,6 +165,9 @@ async fn crash_trials(backend: Backend) {
             }
         };
         *hit.entry(phase).or_default() += 1;
+        if !status.success() {
+            killed += 1;
+        }
 
         // The next run converges and marks the killed job abandoned.
         let out = reconcile(&config).wait_with_output().unwrap();
@@ -193,6 +202,10 @@ async fn crash_trials(backend: Backend) {
         }
     }
     println!("{backend:?}: kills by phase: {hit:?}");
+    assert_eq!(
+        killed, trials,
+        "too few kills landed inside a pass: {hit:?}"
+    );
     let phases: BTreeSet<&str> = hit.keys().copied().collect();
     if trials >= 20 {
         assert!(
