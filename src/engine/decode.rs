@@ -730,6 +730,110 @@ tag = { from = "/a~1b/~0c", optional = true }
         }
     }
 
+    /// Random JSON made of the names and shapes the mapping's pointers look
+    /// for, so that most items come close to matching.
+    fn random_json(rng: &mut fastrand::Rng, depth: u32) -> String {
+        let names = [
+            "id", "name", "flags", "on", "address", "city", "0", "1", "a/b", "~c", "",
+        ];
+        match rng.u8(..if depth > 3 { 6 } else { 9 }) {
+            0 => "null".into(),
+            1 => ["true", "false"][rng.usize(..2)].into(),
+            2 => [
+                "0",
+                "-1",
+                "7",
+                "1e2",
+                "1.5",
+                "123456789012345678901234567890",
+            ][rng.usize(..6)]
+            .into(),
+            3 => format!(
+                "\"{}\"",
+                ["", "x", "2", "\\u0041", "\\u0000", "é"][rng.usize(..6)]
+            ),
+            4 | 5 => format!("\"{}\"", names[rng.usize(..names.len())]),
+            6 | 7 => {
+                let fields: Vec<String> = (0..rng.usize(0..5))
+                    .map(|_| {
+                        let n = names[rng.usize(..names.len())];
+                        format!("\"{n}\": {}", random_json(rng, depth + 1))
+                    })
+                    .collect();
+                format!("{{{}}}", fields.join(", "))
+            }
+            _ => {
+                let items: Vec<String> = (0..rng.usize(0..4))
+                    .map(|_| random_json(rng, depth + 1))
+                    .collect();
+                format!("[{}]", items.join(", "))
+            }
+        }
+    }
+
+    /// The fast path and the document path agree on any page: the same
+    /// rows, or both an error.
+    #[test]
+    fn fast_and_document_paths_agree_on_random_pages() {
+        let d = decoder("");
+        let text = r#"
+[resources.u]
+upstream = { base_url = "http://h", list_path = "/u", key_order = "asc" }
+key = { upstream = "/id", column = "id", type = "text" }
+local = { table = "u" }
+[resources.u.columns]
+a = { from = "/address/city" }
+b = { from = "/flags/0", type = "json" }
+c = { from = "/flags", optional = true, type = "json" }
+e = { from = "/a~1b/~0c", optional = true }
+f = { from = "/name/1/on", optional = true, type = "boolean" }
+"#;
+        let s = Settings::from_toml_str(text, "t.toml").unwrap();
+        let nested = RowDecoder::new(&s.resources["u"]);
+        let mut agreed = 0;
+        for seed in 0..20_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let items: Vec<String> = (0..rng.usize(1..4))
+                .map(|_| {
+                    if rng.u8(..4) == 0 {
+                        return random_json(&mut rng, 1);
+                    }
+                    // An item close to the mapping: the key, then some of
+                    // the fields the pointers name, with random values.
+                    let mut fields = vec![format!("\"id\": \"k{}\"", rng.u8(..9))];
+                    for name in ["name", "flags", "address", "a/b", "id"] {
+                        let value = match (name, rng.u8(..4)) {
+                            (_, 0) => continue,
+                            ("address", 1 | 2) => {
+                                format!("{{\"city\": {}}}", random_json(&mut rng, 4))
+                            }
+                            ("flags", 1 | 2) => format!("[{}]", random_json(&mut rng, 2)),
+                            _ => random_json(&mut rng, 1),
+                        };
+                        fields.push(format!("\"{name}\": {value}"));
+                    }
+                    rng.shuffle(&mut fields);
+                    format!("{{{}}}", fields.join(", "))
+                })
+                .collect();
+            let page = format!(r#"{{"total": 1, "items": [{}]}}"#, items.join(", "));
+            for dec in [&d, &nested] {
+                let fast = dec.decode(page.as_bytes());
+                let doc = dec.decode_document(page.as_bytes());
+                match (&fast, &doc) {
+                    (Ok(f), Ok(o)) => {
+                        assert_eq!(f.items, o.items, "seed {seed}: {page}");
+                        agreed += 1;
+                    }
+                    (Err(_), Err(_)) => {}
+                    _ => panic!("seed {seed}: {page}\nfast {fast:?}\ndocument {doc:?}"),
+                }
+            }
+        }
+        // Enough pages decode for the agreement to mean something.
+        assert!(agreed > 1000, "only {agreed} pages decoded");
+    }
+
     #[test]
     fn an_absent_field_is_an_error_unless_optional() {
         let d = decoder("");
