@@ -1341,6 +1341,56 @@ impl UpstreamConfig {
 mod tests {
     use super::*;
 
+    /// The shipped examples, cut, spliced and with lines swapped at
+    /// random: the loader answers with settings or an error, never panics.
+    #[test]
+    fn mangled_configs_load_or_fail_without_panic() {
+        let examples = [
+            include_str!("../../examples/quickstart/driftd.toml"),
+            include_str!("../../examples/wazo-postgres/driftd.toml"),
+            include_str!("../../examples/data-service-redis/driftd.toml"),
+        ];
+        let tokens = [
+            "=", "\"", "[", "]", "{", "}", "0", "-1", "1e309", "\"\"", "\"/\"", "true", "\n",
+        ];
+        for seed in 0..3000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let mut lines: Vec<String> = examples[rng.usize(..examples.len())]
+                .lines()
+                .map(str::to_string)
+                .collect();
+            for _ in 0..rng.usize(1..6) {
+                if lines.is_empty() {
+                    break;
+                }
+                let at = rng.usize(..lines.len());
+                match rng.u8(..4) {
+                    0 => {
+                        lines.remove(at);
+                    }
+                    1 => {
+                        let other = lines[rng.usize(..lines.len())].clone();
+                        lines.insert(at, other);
+                    }
+                    2 => {
+                        let line = &mut lines[at];
+                        let cut = (0..=line.len())
+                            .filter(|&i| line.is_char_boundary(i))
+                            .nth(rng.usize(..=line.chars().count()))
+                            .unwrap_or(0);
+                        line.insert_str(cut, tokens[rng.usize(..tokens.len())]);
+                    }
+                    _ => {
+                        let b = rng.usize(..lines.len());
+                        lines.swap(at, b);
+                    }
+                }
+            }
+            let text = lines.join("\n");
+            let _ = Settings::from_toml_str(&text, "mangled.toml");
+        }
+    }
+
     const MINIMAL: &str = r#"
 [resources.users]
 upstream = { base_url = "http://127.0.0.1:9", list_path = "/users", key_order = "asc" }

@@ -850,6 +850,50 @@ fn next_link(headers: &HeaderMap, base: &Url) -> Result<Option<Url>, UpstreamErr
 mod tests {
     use super::*;
 
+    /// Any text as a `Link` header: parsed or refused, never a panic, and
+    /// what parses keeps its targets whole.
+    #[test]
+    fn link_headers_of_any_text_parse_or_are_refused() {
+        let pieces = [
+            "<",
+            ">",
+            ";",
+            ",",
+            "\"",
+            "=",
+            " ",
+            "rel",
+            "next",
+            "\\",
+            "<https://h/p?a=1,2>",
+            "rel=\"next\"",
+            "é",
+            "\u{0}",
+            "title*=UTF-8''x",
+        ];
+        let base = Url::parse("https://h/list").unwrap();
+        for seed in 0..20_000u64 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let text: String = (0..rng.usize(0..12))
+                .map(|_| pieces[rng.usize(..pieces.len())])
+                .collect();
+            if let Some(links) = parse_links(&text) {
+                for l in &links {
+                    assert!(
+                        !l.target.contains('>'),
+                        "seed {seed}: {text:?} -> {}",
+                        l.target
+                    );
+                }
+            }
+            if let Ok(v) = HeaderValue::from_str(&text) {
+                let mut headers = HeaderMap::new();
+                headers.insert(LINK, v);
+                let _ = next_link(&headers, &base);
+            }
+        }
+    }
+
     #[test]
     fn parses_next_links() {
         let base = Url::parse("http://h:1/users?limit=2").unwrap();
