@@ -1,6 +1,11 @@
 //! What the event benchmarks share: the worker's config up to its
 //! sources, and a fresh PostgreSQL database with the `users` table.
 
+/// The worker runs in the bench's process: with the allocator the `driftd`
+/// binary has.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `[store]`, `[admin]`, `[daemon]` and the `users` resource (Wazo-shaped
 /// users keyed by uuid), for a worker writing to `db`.
 pub fn worker_config(db: &str, dir: &std::path::Path) -> String {
