@@ -89,7 +89,11 @@ unsafe fn cell<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> Cell<'a> {
             // Text first, then its length, as SQLite documents.
             let p = ffi::sqlite3_column_text(stmt, i);
             let n = ffi::sqlite3_column_bytes(stmt, i);
-            if p.is_null() || n <= 0 {
+            if p.is_null() {
+                // Out of memory (an empty text is a pointer to ""): not a
+                // value that could equal anything upstream sends.
+                Cell::Other
+            } else if n <= 0 {
                 Cell::Text(&[])
             } else {
                 Cell::Text(std::slice::from_raw_parts(p, n as usize))

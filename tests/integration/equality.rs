@@ -463,3 +463,52 @@ purge = {{ soft_delete = {{ column = "deleted_at" }} }}
     failed_with(&r, &["not valid UTF-8"]);
     assert_eq!(db.count("items").await, before);
 }
+
+/// Two columns whose pointers name one array element two ways (`0` and
+/// `00`): both hold upstream's value, and an equal local row is in sync
+/// (the descending decoder once read the second as absent and wrote NULL
+/// over a correct row; found by a hostile review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pointers_naming_one_element_two_ways_read_the_same_value() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    db.exec(
+        "CREATE TABLE items (id TEXT PRIMARY KEY, first TEXT, again TEXT);
+         INSERT INTO items VALUES ('a', 'x@y', 'x@y')",
+    )
+    .await;
+    let (_up, addr) = serve_collection(
+        "items",
+        "id",
+        vec![json!({"id": "a", "emails": [{"address": "x@y"}]})],
+    )
+    .await;
+    let toml = format!(
+        r#"
+[store]
+url = "{db}"
+[resources.items]
+key = {{ upstream = "/id", column = "id" }}
+local = {{ table = "items" }}
+[resources.items.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/items"
+total_pointer = "/total"
+key_order = "asc"
+[resources.items.columns]
+first = {{ from = "/emails/0/address", optional = true }}
+again = {{ from = "/emails/00/address", optional = true }}
+[resources.items.policy]
+max_update_fraction = 1.0
+"#,
+        db = db.url
+    );
+    let settings = Settings::from_toml_str(&toml, "test.toml").expect("valid");
+    let r = pass_items(&settings).await;
+    assert_eq!(
+        db.text("SELECT coalesce(first, 'NULL') || ' ' || coalesce(again, 'NULL') FROM items")
+            .await,
+        vec![Some("x@y x@y".to_string())],
+        "upstream says x@y; report: {r:?}"
+    );
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+}
