@@ -398,6 +398,7 @@ async fn list_upstream(
     decoder: RowDecoder,
     tx: mpsc::Sender<Listed>,
 ) -> Result<(), PassError> {
+    let decoder = Arc::new(decoder);
     let mut attempt = 0u32;
     loop {
         let mut pager = Pager::new(client.clone(), cfg.clone());
@@ -429,7 +430,7 @@ async fn list_upstream(
 /// One listing from the first page to the last.
 async fn list_once(
     pager: &mut Pager,
-    decoder: &RowDecoder,
+    decoder: &Arc<RowDecoder>,
     tx: &mpsc::Sender<Listed>,
 ) -> Result<(), UpstreamError> {
     while let Some(page) = pager.next_page(decoder).await? {

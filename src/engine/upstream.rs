@@ -9,6 +9,7 @@
 //! with the rows listed, and malformed pages are all errors, so nothing
 //! downstream can mistake a partial listing for the whole.
 
+use std::any::Any;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,7 +20,7 @@ use secrecy::ExposeSecret;
 use serde_json::Value as Json;
 
 use crate::config::{Pagination, UpstreamConfig};
-use crate::decode::PageDecoder;
+use crate::decode::{Decoded, PageDecoder};
 use crate::metrics::Metrics;
 
 /// What can go wrong talking to the upstream.
@@ -430,6 +431,68 @@ pub struct Pager {
     /// Cursor tokens and link URLs already followed, to catch loops.
     followed: HashSet<String>,
     started: Instant,
+    /// The page after the one being read, asked for and decoded in its own
+    /// task meanwhile (offset and page-number paging, where its URL is
+    /// known if this page comes back full), so that two pages decode at
+    /// once. Used only if the next page turns out to be that URL; it is
+    /// then checked as any page is. Asked for only while the pages come
+    /// back full (the one before this one was): a short listing asks for
+    /// nothing more than without it, and at most two requests are out at
+    /// once; the listing's end costs one request more.
+    ahead: Option<Fetch>,
+    /// Whether the last page held as many rows as asked.
+    last_full: bool,
+}
+
+/// A page fetched and decoded in its own task (its result boxed: the
+/// pager is not generic over the decoder), stopped when dropped unused.
+struct Fetch {
+    url: Url,
+    task: tokio::task::JoinHandle<Box<dyn Any + Send>>,
+}
+
+impl Drop for Fetch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A page's answer, and its decoding when the status is a success.
+type PageAnswer<T> = Result<
+    (
+        StatusCode,
+        HeaderMap,
+        bytes::Bytes,
+        Option<Result<Decoded<T>, String>>,
+    ),
+    UpstreamError,
+>;
+
+impl Fetch {
+    fn start<D: PageDecoder + 'static>(client: &Arc<Client>, url: Url, decoder: &Arc<D>) -> Self {
+        let (client, decoder, asked) = (client.clone(), decoder.clone(), url.clone());
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let fetched: PageAnswer<D::Item> = match client.get(&asked).await {
+                Ok((status, headers, body)) => {
+                    let decoded = status.is_success().then(|| decoder.decode(&body));
+                    Ok((status, headers, body, decoded))
+                }
+                Err(e) => Err(e),
+            };
+            Box::new(fetched) as Box<dyn Any + Send>
+        }));
+        Fetch { url, task }
+    }
+
+    async fn finish<D: PageDecoder + 'static>(mut self) -> PageAnswer<D::Item> {
+        match (&mut self.task).await {
+            Ok(done) => match done.downcast::<PageAnswer<D::Item>>() {
+                Ok(fetched) => *fetched,
+                Err(_) => Err(UpstreamError::Config("page task of another decoder".into())),
+            },
+            Err(e) => Err(UpstreamError::Config(format!("page task stopped: {e}"))),
+        }
+    }
 }
 
 impl Pager {
@@ -455,7 +518,26 @@ impl Pager {
             total: None,
             followed: HashSet::new(),
             started: Instant::now(),
+            ahead: None,
+            last_full: false,
         }
+    }
+
+    /// The URL of the page after this one if this one comes back full.
+    fn predicted_next(&self) -> Option<Url> {
+        let size = u64::from(self.cfg.page_size);
+        let at = match &self.at {
+            Cursor::Offset { at, .. } if size > 1 => Cursor::Offset {
+                at: at + size - 1,
+                anchor: None,
+            },
+            Cursor::PageNo { page, short: None } => Cursor::PageNo {
+                page: page + 1,
+                short: None,
+            },
+            _ => return None,
+        };
+        Some(self.url_at(&at))
     }
 
     /// Rows listed so far.
@@ -475,9 +557,9 @@ impl Pager {
     /// The next page, or `None` once the listing is complete and checked.
     /// With offset paging, the row a page repeats from the previous one is
     /// checked and dropped here: the items returned are new rows only.
-    pub async fn next_page<D: PageDecoder>(
+    pub async fn next_page<D: PageDecoder + 'static>(
         &mut self,
-        decoder: &D,
+        decoder: &Arc<D>,
     ) -> Result<Option<Page<D::Item>>, UpstreamError> {
         if matches!(self.at, Cursor::Done) {
             return Ok(None);
@@ -489,7 +571,16 @@ impl Pager {
             )));
         }
         let url = self.page_url();
-        let (status, headers, body) = self.client.get(&url).await?;
+        let this = match self.ahead.take() {
+            Some(fetch) if fetch.url == url => fetch,
+            _ => Fetch::start(&self.client, url.clone(), decoder),
+        };
+        if self.last_full && self.pages + 1 < self.cfg.max_pages {
+            self.ahead = self
+                .predicted_next()
+                .map(|next| Fetch::start(&self.client, next, decoder));
+        }
+        let (status, headers, body, decoded) = this.finish::<D>().await?;
         if !status.is_success() {
             return Err(UpstreamError::Status {
                 url: url.to_string(),
@@ -501,11 +592,16 @@ impl Pager {
             url: url.to_string(),
             problem,
         };
-        let page = decoder.decode(&body).map_err(malformed)?;
+        let page = match decoded {
+            Some(decoded) => decoded,
+            None => decoder.decode(&body),
+        }
+        .map_err(malformed)?;
         drop(body);
         self.check_total(page.total.as_ref(), &url)?;
         let next_token = self.next_token(page.next.as_ref()).map_err(malformed)?;
         let mut items = page.items;
+        self.last_full = items.len() as u64 == u64::from(self.cfg.page_size);
         self.pages += 1;
         self.advance::<D>(&mut items, next_token, &headers, &url)?;
         self.rows += items.len() as u64;
@@ -520,9 +616,14 @@ impl Pager {
     }
 
     fn page_url(&self) -> Url {
+        self.url_at(&self.at)
+    }
+
+    /// The URL of the page at `at`.
+    fn url_at(&self, at: &Cursor) -> Url {
         let size = self.cfg.page_size.to_string();
         let mut url = self.client.list_url.clone();
-        match (&self.at, &self.cfg.pagination) {
+        match (at, &self.cfg.pagination) {
             (
                 Cursor::Offset { at, .. },
                 Pagination::Offset {
