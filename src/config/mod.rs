@@ -414,11 +414,19 @@ pub struct UpstreamConfig {
     /// pass fails.
     #[serde(default = "default_relist_attempts")]
     pub relist_attempts: u32,
+    /// Fetch and decode the next page while this one decodes (offset and
+    /// page-number paging, while pages come back full): two requests out
+    /// at once instead of one.
+    #[serde(default = "default_look_ahead")]
+    pub look_ahead: bool,
     /// The token after resolution (from `token`, `token_env` or `token_file`).
     #[serde(skip)]
     pub resolved_token: Option<SecretString>,
 }
 
+fn default_look_ahead() -> bool {
+    true
+}
 fn default_page_size() -> u32 {
     1000
 }

@@ -575,7 +575,7 @@ impl Pager {
             Some(fetch) if fetch.url == url => fetch,
             _ => Fetch::start(&self.client, url.clone(), decoder),
         };
-        if self.last_full && self.pages + 1 < self.cfg.max_pages {
+        if self.cfg.look_ahead && self.last_full && self.pages + 1 < self.cfg.max_pages {
             self.ahead = self
                 .predicted_next()
                 .map(|next| Fetch::start(&self.client, next, decoder));

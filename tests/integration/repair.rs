@@ -229,4 +229,38 @@ both_backends!(
     soft_delete_marks_and_revives,
     unowned_columns_are_left_alone,
     bad_local_schema_is_a_clear_error,
+    look_ahead_costs_one_request_and_can_be_turned_off,
 );
+
+/// The page look-ahead: a listing of full pages asks for at most one page
+/// past its end (dropped when not needed, it may never arrive) and nothing
+/// else more, repairs the same drift, and `look_ahead = false` asks for one
+/// page at a time.
+async fn look_ahead_costs_one_request_and_can_be_turned_off(backend: Backend) {
+    let mut requests = Vec::new();
+    for look_ahead in [false, true] {
+        let db = TestDb::new(backend).await;
+        let expected = drifted(&db).await;
+        let (up, addr) = upstream(users(N)).await;
+        let settings = ConfigBuilder {
+            upstream: format!("look_ahead = {look_ahead}"),
+            ..ConfigBuilder::default()
+        }
+        .settings(&db, addr);
+        let r = pass(&settings, PassOptions::default()).await;
+        assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+        assert_eq!(
+            (r.found.missing, r.found.stale, r.found.extra),
+            (20, 13, 10)
+        );
+        assert_eq!(db.keys("users").await, expected);
+        requests.push(up.list_requests());
+    }
+    // Pages of 100 over 1000 rows, each repeating the previous page's last
+    // row: 11 pages and the empty one that ends the listing.
+    assert_eq!(requests[0], 12, "requests without look-ahead");
+    assert!(
+        (12..=13).contains(&requests[1]),
+        "requests with look-ahead: {requests:?}"
+    );
+}
