@@ -179,7 +179,7 @@ pub fn signature(values: &[Value], out: &mut String) {
 }
 
 /// Appends `n` in decimal (as `{n}` formats it, without the formatter).
-fn push_decimal(out: &mut String, mut n: u64) {
+pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {

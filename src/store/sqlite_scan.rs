@@ -21,7 +21,7 @@ use sqlx::SqlitePool;
 use super::{index_row_fp, query_err, StoreError};
 use crate::config::{ColumnType, KeyType, TableSpec};
 use crate::diff::LocalIndex;
-use crate::model::fingerprint_bytes;
+use crate::model::{fingerprint_bytes, push_decimal};
 
 /// Reads the live rows of `spec`'s table into an index sized for `count`.
 pub(super) async fn scan(
@@ -132,6 +132,7 @@ fn read(
     let mut index = LocalIndex::with_capacity(count);
     let mut sig: Vec<u8> = Vec::with_capacity(256);
     let mut number = String::with_capacity(24);
+    let mut integer_key = String::with_capacity(24);
     loop {
         // SAFETY: a prepared statement on the held connection.
         match unsafe { ffi::sqlite3_step(stmt.0) } {
@@ -141,10 +142,17 @@ fn read(
         }
         // SAFETY (every `cell` call below): the last step gave a row of
         // 1 + columns cells, each read once before the next step.
-        let key: Option<String> = match (unsafe { cell(stmt.0, 0) }, spec.key_type) {
-            (Cell::Integer(i), KeyType::Integer) => Some(i.to_string()),
+        let key: Option<&str> = match (unsafe { cell(stmt.0, 0) }, spec.key_type) {
+            (Cell::Integer(i), KeyType::Integer) => {
+                integer_key.clear();
+                if i < 0 {
+                    integer_key.push('-');
+                }
+                push_decimal(&mut integer_key, i.unsigned_abs());
+                Some(integer_key.as_str())
+            }
             (Cell::Text(b), KeyType::Text | KeyType::Uuid) => match std::str::from_utf8(b) {
-                Ok(k) => Some(k.to_string()),
+                Ok(k) => Some(k),
                 Err(_) => {
                     return Err(StoreError::BadRow {
                         table: spec.table.to_string(),
@@ -162,24 +170,31 @@ fn read(
             let c = unsafe { cell(stmt.0, i as c_int + 1) };
             part(&mut sig, *kind, c, &mut number);
         }
-        index_row_fp(&mut index, spec, key.as_deref(), fingerprint_bytes(&sig))?;
+        index_row_fp(&mut index, spec, key, fingerprint_bytes(&sig))?;
     }
 }
 
-/// Appends one cell's part of the signature.
+/// Appends one cell's part of the signature (`number`: a scratch buffer).
 fn part(sig: &mut Vec<u8>, kind: ColumnType, cell: Cell<'_>, number: &mut String) {
-    use std::fmt::Write as _;
-    let mut decimal = |sig: &mut Vec<u8>, tag: u8, i: i64| {
+    let mut tagged = |sig: &mut Vec<u8>, tag: u8, negative: bool, n: u64| {
         number.clear();
-        let _ = write!(number, "{i}");
+        push_decimal(number, n);
         sig.push(tag);
+        if negative {
+            sig.push(b'-');
+        }
         sig.extend_from_slice(number.as_bytes());
-        sig.push(b';');
     };
     match (kind, cell) {
         (_, Cell::Null) => sig.extend_from_slice(b"N;"),
-        (ColumnType::Integer, Cell::Integer(i)) => decimal(sig, b'I', i),
-        (ColumnType::Boolean, Cell::Integer(i @ (0 | 1))) => decimal(sig, b'B', i),
+        (ColumnType::Integer, Cell::Integer(i)) => {
+            tagged(sig, b'I', i < 0, i.unsigned_abs());
+            sig.push(b';');
+        }
+        (ColumnType::Boolean, Cell::Integer(i @ (0 | 1))) => {
+            tagged(sig, b'B', false, i as u64);
+            sig.push(b';');
+        }
         (
             ColumnType::Text
             | ColumnType::Uuid
@@ -188,10 +203,7 @@ fn part(sig: &mut Vec<u8>, kind: ColumnType, cell: Cell<'_>, number: &mut String
             | ColumnType::Json,
             Cell::Text(b),
         ) => {
-            number.clear();
-            let _ = write!(number, "{}", b.len());
-            sig.push(b'T');
-            sig.extend_from_slice(number.as_bytes());
+            tagged(sig, b'T', false, b.len() as u64);
             sig.push(b':');
             sig.extend_from_slice(b);
             sig.push(b';');
