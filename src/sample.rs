@@ -129,11 +129,21 @@ impl Churn<'_> {
     /// Adds or replaces an item, in key order.
     pub fn put(&mut self, item: Json) {
         let item = Item::new(item, self.key_field);
-        match self.items.binary_search_by(|i| i.key.cmp(&item.key)) {
+        match self.items.binary_search_by(|i| by_key(&i.key, &item.key)) {
             Ok(at) => self.items[at] = item,
             Err(at) => self.items.insert(at, item),
         }
     }
+}
+
+/// The listing's order: integer keys numerically, then other keys
+/// bytewise (a total order, whatever a collection mixes).
+fn by_key(a: &str, b: &str) -> std::cmp::Ordering {
+    let rank = |k: &str| match k.parse::<i64>() {
+        Ok(n) => (false, n),
+        Err(_) => (true, 0),
+    };
+    rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))
 }
 
 impl Item {
@@ -172,7 +182,7 @@ impl SampleUpstream {
     /// Replaces a collection; `key` is the field holding each item's key.
     pub fn set(&self, collection: &str, key: &str, items: Vec<Json>) {
         let mut items: Vec<Item> = items.into_iter().map(|j| Item::new(j, key)).collect();
-        items.sort_by(|a, b| a.key.cmp(&b.key));
+        items.sort_by(|a, b| by_key(&a.key, &b.key));
         self.collections
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -490,7 +500,7 @@ async fn get_one(
     let all = up.collections.read().unwrap_or_else(|p| p.into_inner());
     let found = all.get(&collection).and_then(|items| match &field {
         None => items
-            .binary_search_by(|i| i.key.as_str().cmp(&key))
+            .binary_search_by(|i| by_key(&i.key, &key))
             .ok()
             .map(|at| items[at].json.clone()),
         Some(field) => items

@@ -1,13 +1,17 @@
 //! The diff: a pure computation from the local table and the upstream listing
 //! to a [`Plan`] `{insert, update, purge}`. No I/O here.
 //!
-//! Memory: the local side is reduced to an index of key → 64-bit fingerprint
-//! (about 70 bytes a row with a 36-byte key, see [`LocalIndex`]). Upstream rows stream through
-//! [`Differ::observe`] page by page; only rows that need a write (missing or
-//! stale) are kept, with their values, so memory grows with the table's key
-//! count and with the drift, never with the size of the upstream documents.
-//! The limit: a table with tens of millions of rows, or a pass whose drift is
-//! most of the table, holds correspondingly more.
+//! Memory, two ways. When upstream promises ascending keys, the local rows
+//! arrive in the same order ([`LocalBatch`]es read with an `ORDER BY` the
+//! key type defines) and the differ merges the two ordered streams, holding
+//! a window of a few thousand local rows: memory does not grow with the
+//! table. Otherwise the local side is reduced to an index of key → 64-bit
+//! fingerprint (about 70 bytes a row with a 36-byte key, see
+//! [`LocalIndex`]): some 700 MB for ten million rows. Either way, upstream
+//! rows stream through [`Differ::observe`] page by page, and only rows
+//! that need a write (missing or stale) are kept, with their values, and
+//! the keys to purge: memory grows with the drift, never with the size of
+//! the upstream documents.
 //!
 //! The differ also checks what makes a listing incomplete and can only be
 //! seen row by row: a key listed twice, and keys breaking the promised order.
@@ -31,6 +35,8 @@ pub enum ListingError {
     DuplicateKey(Key),
     #[error("key `{key}` came after `{previous}`, breaking the promised ascending order")]
     OutOfOrder { previous: Key, key: Key },
+    #[error("internal: upstream key `{0}` was compared before the local rows up to it were read")]
+    LocalBehind(Key),
 }
 
 /// A problem building the local index that makes a pass impossible.
@@ -40,6 +46,8 @@ pub enum IndexError {
     DuplicateKey(Key),
     #[error("local keys exceed 4 GiB in total; the index cannot hold them")]
     Full,
+    #[error("local key `{key}` was read after `{previous}`: the key column does not sort the way the key type does (a collation other than binary, or keys stored as another type), so the two lists cannot be merged; set upstream.key_order = \"none\" or fix the column")]
+    Unordered { previous: Key, key: Key },
 }
 
 /// Where one local row's key sits in the arena, and its fingerprint (with
@@ -176,9 +184,87 @@ pub struct Plan {
     pub canary: Option<Key>,
 }
 
-/// Streams upstream rows against a [`LocalIndex`].
+/// Local rows in key order, one batch of a merged scan: the keys' text
+/// back to back, and each row's key end and fingerprint.
+#[derive(Debug, Default)]
+pub struct LocalBatch {
+    keys: String,
+    rows: Vec<(u32, u64)>,
+}
+
+impl LocalBatch {
+    pub fn with_capacity(rows: usize) -> Self {
+        Self {
+            keys: String::with_capacity(rows * 40),
+            rows: Vec::with_capacity(rows),
+        }
+    }
+
+    /// Adds the next local row by its fingerprint.
+    pub fn push(&mut self, key: &str, fp: u64) -> Result<(), IndexError> {
+        let end = u32::try_from(self.keys.len() + key.len()).map_err(|_| IndexError::Full)?;
+        self.keys.push_str(key);
+        self.rows.push((end, fp & !SEEN));
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn key(&self, i: usize) -> &str {
+        let start = if i == 0 { 0 } else { self.rows[i - 1].0 };
+        &self.keys[start as usize..self.rows[i].0 as usize]
+    }
+}
+
+/// The local side of a merge: the batches read and not yet passed by the
+/// upstream listing.
+#[derive(Debug, Default)]
+struct Window {
+    batches: std::collections::VecDeque<LocalBatch>,
+    /// The next row of the front batch.
+    pos: usize,
+    /// The last key read, to check the local order and to know whether
+    /// the window reaches a key.
+    last: Option<Key>,
+    /// The scan ended: no batch follows.
+    done: bool,
+    /// Local rows read.
+    rows: u64,
+}
+
+impl Window {
+    fn head(&self) -> Option<(&str, u64)> {
+        let b = self.batches.front()?;
+        Some((b.key(self.pos), b.rows[self.pos].1))
+    }
+
+    fn advance(&mut self) {
+        self.pos += 1;
+        if self.batches.front().is_some_and(|b| self.pos >= b.len()) {
+            self.batches.pop_front();
+            self.pos = 0;
+        }
+    }
+}
+
+/// The local side of the diff.
+enum Local {
+    /// Every local row, looked up by key.
+    Index(LocalIndex),
+    /// Local rows merged in key order with the ordered listing.
+    Merge(Window),
+}
+
+/// Streams upstream rows against the local rows: a [`LocalIndex`], or
+/// [`LocalBatch`]es in key order merged with an ordered listing.
 pub struct Differ {
-    index: LocalIndex,
+    local: Local,
     order: KeyOrder,
     key_type: KeyType,
     previous: Option<Key>,
@@ -191,7 +277,7 @@ impl Differ {
     pub fn new(index: LocalIndex, order: KeyOrder, key_type: KeyType) -> Self {
         let local_rows = index.len() as u64;
         Self {
-            index,
+            local: Local::Index(index),
             order,
             key_type,
             previous: None,
@@ -203,6 +289,73 @@ impl Differ {
         }
     }
 
+    /// A differ that merges the ascending listing with local rows read in
+    /// the same order, fed with [`Differ::feed`] as
+    /// [`Differ::needs_local`] asks.
+    pub fn merging(key_type: KeyType) -> Self {
+        Self {
+            local: Local::Merge(Window::default()),
+            order: KeyOrder::Asc,
+            key_type,
+            previous: None,
+            new_keys: HashSet::new(),
+            plan: Plan::default(),
+        }
+    }
+
+    /// Whether the local rows read so far stop short of `key`, so the
+    /// next batch must be fed before `key` is observed.
+    pub fn needs_local(&self, key: &Key) -> bool {
+        match &self.local {
+            Local::Index(_) => false,
+            Local::Merge(w) => {
+                !w.done
+                    && w.last.as_ref().is_none_or(|last| {
+                        compare_keys(last.as_str(), key.as_str(), self.key_type) == Ordering::Less
+                    })
+            }
+        }
+    }
+
+    /// Takes the next batch of local rows of a merge, `None` once the scan
+    /// ended. Refuses a key that does not come after the one before.
+    pub fn feed(&mut self, batch: Option<LocalBatch>) -> Result<(), IndexError> {
+        let Local::Merge(w) = &mut self.local else {
+            return Ok(());
+        };
+        let Some(batch) = batch else {
+            w.done = true;
+            return Ok(());
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for i in 0..batch.len() {
+            let key = batch.key(i);
+            let previous = if i == 0 {
+                w.last.as_ref().map(Key::as_str)
+            } else {
+                Some(batch.key(i - 1))
+            };
+            if let Some(previous) = previous {
+                match compare_keys(previous, key, self.key_type) {
+                    Ordering::Less => {}
+                    Ordering::Equal => return Err(IndexError::DuplicateKey(Key(key.into()))),
+                    Ordering::Greater => {
+                        return Err(IndexError::Unordered {
+                            previous: Key(previous.into()),
+                            key: Key(key.into()),
+                        })
+                    }
+                }
+            }
+        }
+        w.last = Some(Key(batch.key(batch.len() - 1).into()));
+        w.rows += batch.len() as u64;
+        w.batches.push_back(batch);
+        Ok(())
+    }
+
     /// Takes one upstream row, in listing order.
     pub fn observe(&mut self, row: Row) -> Result<(), ListingError> {
         self.check_order(&row.key)?;
@@ -210,9 +363,17 @@ impl Differ {
         if self.plan.canary.is_none() {
             self.plan.canary = Some(row.key.clone());
         }
+        let index = match &mut self.local {
+            Local::Index(index) => index,
+            Local::Merge(w) => {
+                let previous = merge(w, &mut self.plan, self.key_type, row)?;
+                self.previous = Some(previous);
+                return Ok(());
+            }
+        };
         // The row's key becomes the previous one; moved, not copied, when
         // the row itself is dropped (a row already in sync, most of them).
-        let previous = match self.index.get_mut(row.key.as_str()) {
+        let previous = match index.get_mut(row.key.as_str()) {
             Some(slot) => {
                 if *slot & SEEN != 0 {
                     return Err(ListingError::DuplicateKey(row.key));
@@ -249,7 +410,7 @@ impl Differ {
             return Ok(());
         }
         if let Some(prev) = &self.previous {
-            if compare_keys(prev, key, self.key_type) != Ordering::Less {
+            if compare_keys(prev.as_str(), key.as_str(), self.key_type) != Ordering::Less {
                 if prev == key {
                     return Err(ListingError::DuplicateKey(key.clone()));
                 }
@@ -264,7 +425,11 @@ impl Differ {
 
     /// Forgets the listing so far: a new one starts from its first row.
     pub fn restart(&mut self) {
-        self.index.clear_seen();
+        match &mut self.local {
+            Local::Index(index) => index.clear_seen(),
+            // The caller reads the local rows again from the first.
+            Local::Merge(w) => *w = Window::default(),
+        }
         self.previous = None;
         self.new_keys.clear();
         self.plan = Plan {
@@ -274,19 +439,92 @@ impl Differ {
     }
 
     /// Ends the listing: every local row not seen becomes a purge candidate.
-    /// Call only after the listing is known complete.
-    pub fn finish(mut self) -> Plan {
-        let mut purge = self.index.unseen();
-        purge.sort_unstable();
-        self.plan.purge = purge;
-        self.plan
+    /// Call only after the listing is known complete and, in a merge, the
+    /// local rows were fed to their end.
+    pub fn finish(mut self) -> Result<Plan, ListingError> {
+        match self.local {
+            Local::Index(index) => {
+                let mut purge = index.unseen();
+                purge.sort_unstable();
+                self.plan.purge = purge;
+            }
+            Local::Merge(mut w) => {
+                if !w.done {
+                    return Err(ListingError::LocalBehind(
+                        Key("(end of the listing)".into()),
+                    ));
+                }
+                while let Some((key, _)) = w.head() {
+                    self.plan.purge.push(Key(key.into()));
+                    w.advance();
+                }
+                self.plan.local_rows = w.rows;
+            }
+        }
+        Ok(self.plan)
+    }
+
+    /// Whether this differ merges ordered local rows (and wants them fed).
+    pub fn merges(&self) -> bool {
+        matches!(self.local, Local::Merge(_))
+    }
+
+    /// Whether a merge still waits for local rows.
+    pub fn local_pending(&self) -> bool {
+        matches!(&self.local, Local::Merge(w) if !w.done)
     }
 }
 
-fn compare_keys(a: &Key, b: &Key, kind: KeyType) -> Ordering {
+/// One upstream row of a merge: local rows before it are listed by no one
+/// (purge candidates), a local row with its key is compared, and no local
+/// row means it is missing. Gives back the row's key.
+fn merge(
+    w: &mut Window,
+    plan: &mut Plan,
+    key_type: KeyType,
+    row: Row,
+) -> Result<Key, ListingError> {
+    let mut write = None;
+    loop {
+        let Some((key, fp)) = w.head() else {
+            if !w.done {
+                return Err(ListingError::LocalBehind(row.key));
+            }
+            write = Some(&mut plan.insert);
+            break;
+        };
+        match compare_keys(key, row.key.as_str(), key_type) {
+            Ordering::Less => {
+                plan.purge.push(Key(key.into()));
+                w.advance();
+            }
+            Ordering::Equal => {
+                if fp != fingerprint(&row.values) {
+                    write = Some(&mut plan.update);
+                }
+                w.advance();
+                break;
+            }
+            Ordering::Greater => {
+                write = Some(&mut plan.insert);
+                break;
+            }
+        }
+    }
+    Ok(match write {
+        None => row.key,
+        Some(rows) => {
+            let key = row.key.clone();
+            rows.push(row);
+            key
+        }
+    })
+}
+
+fn compare_keys(a: &str, b: &str, kind: KeyType) -> Ordering {
     match kind {
-        KeyType::Text | KeyType::Uuid => a.as_str().as_bytes().cmp(b.as_str().as_bytes()),
-        KeyType::Integer => match (a.as_str().parse::<i64>(), b.as_str().parse::<i64>()) {
+        KeyType::Text | KeyType::Uuid => a.as_bytes().cmp(b.as_bytes()),
+        KeyType::Integer => match (a.parse::<i64>(), b.parse::<i64>()) {
             (Ok(x), Ok(y)) => x.cmp(&y),
             _ => a.cmp(b),
         },
@@ -337,6 +575,41 @@ mod tests {
         rows
     }
 
+    /// Hands a merging differ the local rows in batches as it asks.
+    struct Feeder {
+        batches: std::vec::IntoIter<LocalBatch>,
+    }
+
+    impl Feeder {
+        fn new(local: &BTreeMap<Key, Vec<Value>>, size: usize) -> Self {
+            let rows: Vec<_> = local.iter().collect();
+            let batches: Vec<LocalBatch> = rows
+                .chunks(size)
+                .map(|chunk| {
+                    let mut b = LocalBatch::default();
+                    for (k, v) in chunk {
+                        b.push(k.as_str(), fingerprint(v)).unwrap();
+                    }
+                    b
+                })
+                .collect();
+            Self {
+                batches: batches.into_iter(),
+            }
+        }
+
+        fn feed(&mut self, d: &mut Differ) {
+            d.feed(self.batches.next()).unwrap();
+        }
+
+        fn observe(&mut self, d: &mut Differ, row: Row) -> Result<(), ListingError> {
+            while d.needs_local(&row.key) {
+                self.feed(d);
+            }
+            d.observe(row)
+        }
+    }
+
     /// For any local and upstream rows (any width of row, any order the
     /// upstream promises, restarted listings), the plan applied to the
     /// local rows gives exactly the upstream rows; and a key listed twice
@@ -349,10 +622,6 @@ mod tests {
             let (n_local, n_upstream) = (rng.usize(0..50), rng.usize(0..50));
             let local = random_rows(&mut rng, n_local, space);
             let upstream = random_rows(&mut rng, n_upstream, space);
-            let mut index = LocalIndex::default();
-            for (k, v) in &local {
-                index.insert(k.as_str(), fingerprint(v)).unwrap();
-            }
             let order = if rng.bool() {
                 KeyOrder::Asc
             } else {
@@ -368,22 +637,36 @@ mod tests {
             if order == KeyOrder::None {
                 rng.shuffle(&mut listed);
             }
-            let mut d = Differ::new(index, order, KeyType::Text);
+            // An ordered listing is merged with the local rows in batches
+            // of any size, or looked up in an index.
+            let merging = order == KeyOrder::Asc && rng.bool();
+            let batch = rng.usize(1..8);
+            let mut d = if merging {
+                Differ::merging(KeyType::Text)
+            } else {
+                let mut index = LocalIndex::default();
+                for (k, v) in &local {
+                    index.insert(k.as_str(), fingerprint(v)).unwrap();
+                }
+                Differ::new(index, order, KeyType::Text)
+            };
+            let mut feeder = Feeder::new(&local, batch);
             // Sometimes a listing that moved: part of it, then a restart.
             if rng.u8(..4) == 0 {
                 for row in listed.iter().take(rng.usize(0..=listed.len())) {
-                    d.observe(row.clone()).unwrap();
+                    feeder.observe(&mut d, row.clone()).unwrap();
                 }
                 d.restart();
+                feeder = Feeder::new(&local, batch);
             }
             // Sometimes a repeated row: the listing must fail.
             let repeat =
                 (!listed.is_empty() && rng.u8(..5) == 0).then(|| rng.usize(..listed.len()));
             let mut failed = false;
             for (i, row) in listed.iter().enumerate() {
-                d.observe(row.clone()).unwrap();
+                feeder.observe(&mut d, row.clone()).unwrap();
                 if repeat == Some(i) {
-                    failed = d.observe(row.clone()).is_err();
+                    failed = feeder.observe(&mut d, row.clone()).is_err();
                     assert!(failed, "seed {seed}: a repeated key passed");
                     break;
                 }
@@ -391,7 +674,13 @@ mod tests {
             if failed {
                 continue;
             }
-            let plan = d.finish();
+            while d.local_pending() {
+                feeder.feed(&mut d);
+            }
+            let plan = d.finish().unwrap();
+            if merging {
+                assert_eq!(plan.local_rows, local.len() as u64, "seed {seed}");
+            }
             let mut applied = local.clone();
             for k in &plan.purge {
                 assert!(
@@ -427,7 +716,7 @@ mod tests {
         d.observe(row("a", "1")).unwrap();
         d.observe(row("b", "changed")).unwrap();
         d.observe(row("d", "4")).unwrap();
-        let plan = d.finish();
+        let plan = d.finish().unwrap();
         assert_eq!(plan.insert, vec![row("d", "4")]);
         assert_eq!(plan.update, vec![row("b", "changed")]);
         assert_eq!(plan.purge, vec![key("c")]);
@@ -465,6 +754,63 @@ mod tests {
         let mut d = Differ::new(index(&[]), KeyOrder::None, KeyType::Text);
         d.observe(row("b", "1")).unwrap();
         d.observe(row("a", "1")).unwrap();
+    }
+
+    fn batch(keys: &[&str]) -> LocalBatch {
+        let mut b = LocalBatch::default();
+        for k in keys {
+            b.push(k, fingerprint(&[Value::Text("1".into())])).unwrap();
+        }
+        b
+    }
+
+    /// A merge trusts the local order only as far as it checks it: a key
+    /// read out of order or twice (a collation that is not bytewise, a
+    /// table without a unique key) stops it, and so does a scan that has
+    /// not said it ended, or integer keys compared as text.
+    #[test]
+    fn a_merge_refuses_local_rows_out_of_order_or_unfinished() {
+        let mut d = Differ::merging(KeyType::Text);
+        d.feed(Some(batch(&["a", "b"]))).unwrap();
+        assert_eq!(
+            d.feed(Some(batch(&["B"]))),
+            Err(IndexError::Unordered {
+                previous: key("b"),
+                key: key("B")
+            })
+        );
+        let mut d = Differ::merging(KeyType::Text);
+        assert_eq!(
+            d.feed(Some(batch(&["a", "c", "c"]))),
+            Err(IndexError::DuplicateKey(key("c")))
+        );
+        let mut d = Differ::merging(KeyType::Integer);
+        d.feed(Some(batch(&["9", "10"]))).unwrap();
+        assert!(d.feed(Some(batch(&["100", "11"]))).is_err());
+
+        let mut d = Differ::merging(KeyType::Text);
+        assert!(d.needs_local(&key("a")));
+        assert_eq!(
+            d.observe(row("a", "1")),
+            Err(ListingError::LocalBehind(key("a")))
+        );
+        let mut d = Differ::merging(KeyType::Text);
+        d.feed(Some(batch(&["a", "b"]))).unwrap();
+        assert!(!d.needs_local(&key("b")));
+        assert!(d.needs_local(&key("c")));
+        d.observe(row("b", "1")).unwrap();
+        assert!(d.finish().is_err(), "a scan that did not end");
+
+        let mut d = Differ::merging(KeyType::Text);
+        d.feed(Some(batch(&["a", "b", "d"]))).unwrap();
+        d.observe(row("b", "2")).unwrap();
+        d.observe(row("c", "1")).unwrap();
+        d.feed(None).unwrap();
+        let plan = d.finish().unwrap();
+        assert_eq!(plan.purge, vec![key("a"), key("d")]);
+        assert_eq!(plan.update, vec![row("b", "2")]);
+        assert_eq!(plan.insert, vec![row("c", "1")]);
+        assert_eq!((plan.local_rows, plan.upstream_rows), (3, 2));
     }
 
     #[test]

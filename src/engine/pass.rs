@@ -24,13 +24,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::config::{KeyType, ResourceConfig, TableSpec, UpstreamConfig};
+use crate::config::{KeyOrder, KeyType, ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
 use crate::guard;
 use crate::metrics::Metrics;
 use crate::model::{Key, Row};
-use crate::store::{PassWrite, Store, StoreError};
+use crate::store::{PassWrite, SortedScan, Store, StoreError};
 use crate::upstream::{Client, Pager, Presence, UpstreamError};
 
 /// Pages buffered between the upstream task and the differ.
@@ -317,7 +317,10 @@ enum Listed {
 }
 
 /// Streams the upstream listing through the differ; returns the plan only
-/// for a listing that ended complete.
+/// for a listing that ended complete. When upstream promises ascending
+/// keys, the local rows are read in the same order and merged with the
+/// listing, a window at a time; otherwise they are read into an index
+/// first (while the first pages arrive).
 async fn list_and_diff<S: Store>(
     store: &S,
     res: &ResourceConfig,
@@ -328,41 +331,35 @@ async fn list_and_diff<S: Store>(
 ) -> Result<Plan, PassError> {
     let (tx, mut rx) = mpsc::channel::<Listed>(PAGES_IN_FLIGHT);
     let decoder = RowDecoder::new(res);
-    let lister =
-        tokio::spawn(list_upstream(client, res.upstream.clone(), decoder, tx).in_current_span());
-
-    // Scan while the first pages arrive.
+    let mut lister = AbortOnDrop(tokio::spawn(
+        list_upstream(client, res.upstream.clone(), decoder, tx).in_current_span(),
+    ));
+    let cancel = &hooks.cancel;
     let started = Instant::now();
-    let scanned = tokio::select! {
-        scanned = store.scan(spec) => scanned,
-        _ = hooks.cancel.cancelled() => {
-            lister.abort();
-            return Err(PassError::Cancelled);
-        }
+    let merging = res.upstream.key_order == KeyOrder::Asc;
+    let mut local = None;
+    let mut differ = if merging {
+        local = Some(until_cancelled(cancel, store.scan_sorted(spec)).await??);
+        Differ::merging(res.key.kind)
+    } else {
+        let index = until_cancelled(cancel, store.scan(spec)).await??;
+        report.timings.scan_ms = started.elapsed().as_millis() as u64;
+        Differ::new(index, res.upstream.key_order, res.key.kind)
     };
-    report.timings.scan_ms = started.elapsed().as_millis() as u64;
-    let index = match scanned {
-        Ok(index) => index,
-        Err(e) => {
-            lister.abort();
-            return Err(e.into());
-        }
-    };
-    let mut differ = Differ::new(index, res.upstream.key_order, res.key.kind);
+    // A merge's scan runs beside the listing: its time is the time the
+    // differ waited for local rows.
+    let mut waited = std::time::Duration::ZERO;
     let mut pages = 0u64;
     let mut rows = 0u64;
     loop {
-        let listed = tokio::select! {
-            listed = rx.recv() => listed,
-            _ = hooks.cancel.cancelled() => {
-                lister.abort();
-                return Err(PassError::Cancelled);
-            }
-        };
-        let page = match listed {
+        let page = match until_cancelled(cancel, rx.recv()).await? {
             None => break,
             Some(Listed::Restart) => {
                 differ.restart();
+                if merging {
+                    // The old scan stops when its receiver is dropped.
+                    local = Some(until_cancelled(cancel, store.scan_sorted(spec)).await??);
+                }
                 report.upstream_relists += 1;
                 rows = 0;
                 continue;
@@ -372,20 +369,83 @@ async fn list_and_diff<S: Store>(
         pages += 1;
         rows += page.len() as u64;
         for row in page {
-            if let Err(e) = differ.observe(row) {
-                lister.abort();
-                return Err(e.into());
+            if let Some(local) = local.as_mut() {
+                while differ.needs_local(&row.key) {
+                    pull(&mut differ, local, spec, cancel, &mut waited).await?;
+                }
             }
+            differ.observe(row)?;
         }
         hooks.progress.listed(pages, rows);
     }
     report.upstream_pages = pages;
     report.timings.list_ms = started.elapsed().as_millis() as u64;
-    match lister.await {
-        Ok(Ok(())) => Ok(differ.finish()),
-        Ok(Err(e)) => Err(e),
-        Err(e) => Err(PassError::Task(e.to_string())),
+    match (&mut lister.0).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(PassError::Task(e.to_string())),
     }
+    // The listing is complete: the local rows after its last key are
+    // listed by no one.
+    if let Some(local) = local.as_mut() {
+        while differ.local_pending() {
+            pull(&mut differ, local, spec, cancel, &mut waited).await?;
+        }
+        report.timings.scan_ms = waited.as_millis() as u64;
+    }
+    Ok(differ.finish()?)
+}
+
+/// Aborts the upstream task when the pass leaves early.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), PassError>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `work`, or `Cancelled` if the pass is cancelled first.
+async fn until_cancelled<T>(
+    cancel: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Result<T, PassError> {
+    tokio::select! {
+        done = work => Ok(done),
+        _ = cancel.cancelled() => Err(PassError::Cancelled),
+    }
+}
+
+/// Feeds the differ the next batch of a sorted scan. A scan that ends
+/// without saying so stopped short: an error, never the end of the table.
+async fn pull(
+    differ: &mut Differ,
+    local: &mut SortedScan,
+    spec: &TableSpec,
+    cancel: &CancellationToken,
+    waited: &mut std::time::Duration,
+) -> Result<(), PassError> {
+    let from = Instant::now();
+    let next = until_cancelled(cancel, local.recv()).await?;
+    *waited += from.elapsed();
+    let batch = match next {
+        Some(Ok(batch)) => batch,
+        Some(Err(e)) => return Err(e.into()),
+        None => {
+            return Err(StoreError::Unavailable(format!(
+                "the ordered scan of {} stopped before its end",
+                spec.table
+            ))
+            .into())
+        }
+    };
+    differ.feed(batch).map_err(|source| {
+        StoreError::Index {
+            table: spec.table.to_string(),
+            source,
+        }
+        .into()
+    })
 }
 
 /// The upstream task: pages in, typed rows out. Ends with `Ok` only when a
@@ -634,5 +694,48 @@ impl Writer<'_> {
         store
             .write_pass(self.spec, self.resource, self.since, write)
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Ident, KeyType};
+    use crate::diff::LocalBatch;
+
+    fn spec() -> TableSpec {
+        TableSpec {
+            table: Ident::parse("items").unwrap(),
+            key_column: Ident::parse("id").unwrap(),
+            key_type: KeyType::Text,
+            columns: vec![],
+            soft_delete: None,
+        }
+    }
+
+    /// A sorted scan whose task ends without saying the table ended (a
+    /// panic, a dropped connection) is an error: the rows after it would
+    /// otherwise be taken as absent locally, or the listing's rows after
+    /// them as missing, and the local rows the scan never sent as extra.
+    #[tokio::test]
+    async fn a_scan_that_stops_without_its_end_fails_the_pass() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut batch = LocalBatch::default();
+        batch.push("a", 1).unwrap();
+        tx.send(Ok(Some(batch))).await.unwrap();
+        drop(tx);
+        let mut differ = Differ::merging(KeyType::Text);
+        let cancel = CancellationToken::new();
+        let mut waited = std::time::Duration::ZERO;
+        let spec = spec();
+        pull(&mut differ, &mut rx, &spec, &cancel, &mut waited)
+            .await
+            .unwrap();
+        let err = pull(&mut differ, &mut rx, &spec, &cancel, &mut waited)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("stopped before its end"), "{err}");
+        assert!(differ.local_pending());
+        assert!(differ.finish().is_err());
     }
 }

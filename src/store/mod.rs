@@ -30,9 +30,9 @@ pub use shape::Shape;
 pub use sqlite::SqliteStore;
 
 use crate::config::{ColumnType, Ident, TableSpec};
-use crate::diff::{IndexError, LocalIndex};
+use crate::diff::{IndexError, LocalBatch, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
-use crate::model::{fingerprint_signature, is_canonical_key, Key, Row};
+use crate::model::{is_canonical_key, Key, Row};
 
 /// What can go wrong with the database.
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +210,14 @@ pub trait Mirror: Send + Sync {
     /// Reads the live (not soft-deleted) rows into a key → fingerprint index.
     fn scan(&self, spec: &TableSpec)
         -> impl Future<Output = Result<LocalIndex, StoreError>> + Send;
+
+    /// Reads the live rows in key order (bytewise for text and uuid keys,
+    /// numeric for integers, whatever the column's collation), in batches
+    /// sent by a task of its own, which stops when the receiver is dropped.
+    fn scan_sorted(
+        &self,
+        spec: &TableSpec,
+    ) -> impl Future<Output = Result<SortedScan, StoreError>> + Send;
 
     /// The resource's current journal mark: take it before listing
     /// upstream, hand it to [`Mirror::write_pass`].
@@ -561,28 +569,58 @@ impl ScanQuery {
     }
 }
 
-/// Adds one scanned row to the index, refusing NULL and repeated keys.
-pub(crate) fn index_row(
-    index: &mut LocalIndex,
-    spec: &TableSpec,
-    key: Option<&str>,
-    signature: Option<&str>,
-) -> Result<(), StoreError> {
-    index_row_fp(
-        index,
-        spec,
-        key,
-        fingerprint_signature(signature.unwrap_or("")),
-    )
+/// What a sorted scan sends: batches of rows in key order, then `Ok(None)`.
+/// A channel that closes without `Ok(None)` is a scan that stopped short.
+pub type SortedScan = tokio::sync::mpsc::Receiver<Result<Option<LocalBatch>, StoreError>>;
+
+/// Rows in a sorted scan's batch.
+pub(crate) const SORTED_BATCH: usize = 4096;
+
+/// Sends a full batch of a sorted scan and starts the next; false when
+/// the receiver is gone (the pass stopped reading).
+pub(crate) fn send_full(
+    tx: &tokio::sync::mpsc::Sender<Result<Option<LocalBatch>, StoreError>>,
+    batch: &mut LocalBatch,
+) -> bool {
+    if batch.len() < SORTED_BATCH {
+        return true;
+    }
+    let full = std::mem::replace(batch, LocalBatch::with_capacity(SORTED_BATCH));
+    tx.blocking_send(Ok(Some(full))).is_ok()
 }
 
-/// [`index_row`] with the row's fingerprint already computed.
+/// Adds one row of a sorted scan to its batch, refusing what
+/// [`index_row_fp`] refuses (the order is the differ's to check).
+pub(crate) fn batch_row(
+    batch: &mut LocalBatch,
+    spec: &TableSpec,
+    key: Option<&str>,
+    fp: u64,
+) -> Result<(), StoreError> {
+    let key = checked_key(spec, key)?;
+    batch.push(key, fp).map_err(|source| StoreError::Index {
+        table: spec.table.to_string(),
+        source,
+    })
+}
+
+/// Adds one scanned row to the index by its fingerprint, refusing NULL
+/// and repeated keys.
 pub(crate) fn index_row_fp(
     index: &mut LocalIndex,
     spec: &TableSpec,
     key: Option<&str>,
     fp: u64,
 ) -> Result<(), StoreError> {
+    let key = checked_key(spec, key)?;
+    index.insert(key, fp).map_err(|source| StoreError::Index {
+        table: spec.table.to_string(),
+        source,
+    })
+}
+
+/// A scanned key that is there, of the key's type, in canonical form.
+fn checked_key<'a>(spec: &TableSpec, key: Option<&'a str>) -> Result<&'a str, StoreError> {
     let Some(key) = key else {
         return Err(StoreError::BadRow {
             table: spec.table.to_string(),
@@ -603,10 +641,7 @@ pub(crate) fn index_row_fp(
             ),
         });
     }
-    index.insert(key, fp).map_err(|source| StoreError::Index {
-        table: spec.table.to_string(),
-        source,
-    })
+    Ok(key)
 }
 
 /// Forwards a trait method to the backend.
@@ -625,6 +660,9 @@ impl Mirror for AnyStore {
     }
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
         delegate!(self, scan(spec))
+    }
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
+        delegate!(self, scan_sorted(spec))
     }
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
         delegate!(self, journal_mark(resource))

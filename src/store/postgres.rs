@@ -8,20 +8,22 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::TryStreamExt;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row as _};
+use tracing::Instrument;
 
 use super::pg_schema::{self, PgColumn};
 use super::shape::{self, Shape};
 use super::write::{self, WriteTx};
 use super::{
-    check_columns, index_row, jobs, lock_key, query_err, Change, ChangeResult, Ledger, Mirror,
-    PassWrite, ResourceLock, ScanQuery, StoreError, Written,
+    batch_row, check_columns, index_row_fp, jobs, lock_key, query_err, Change, ChangeResult,
+    Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, SortedScan, StoreError, Written,
+    SORTED_BATCH,
 };
-use crate::config::{ColumnType, Ident, TableSpec};
-use crate::diff::LocalIndex;
+use crate::config::{ColumnType, Ident, KeyType, TableSpec};
+use crate::diff::{LocalBatch, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
-use crate::model::{Key, Row, Value};
+use crate::model::{fingerprint_signature, Key, Row, Value};
 
 /// Serializes concurrent migrations from several driftd processes.
 const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
@@ -65,6 +67,15 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The scan's `SELECT key as text, signature` of `spec`'s live rows.
+    fn scan_query(&self, spec: &TableSpec) -> ScanQuery {
+        ScanQuery::new(
+            spec,
+            format!("CAST({} AS text)", spec.key_column.quoted()),
+            |c, kind| pg_schema::signature_part(c, kind, self.column(spec, c.as_str()).as_ref()),
+        )
     }
 
     /// The catalog description of `column`, once `prepare` ran.
@@ -516,12 +527,7 @@ impl Mirror for PgStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = ScanQuery::new(
-            spec,
-            format!("CAST({} AS text)", spec.key_column.quoted()),
-            |c, kind| pg_schema::signature_part(c, kind, self.column(spec, c.as_str()).as_ref()),
-        )
-        .plain();
+        let sql = self.scan_query(spec).plain();
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )
@@ -537,12 +543,65 @@ impl Mirror for PgStore {
             .await
             .map_err(query_err(format!("scan {}", spec.table)))?
         {
-            let scanned = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
-            let (key, signature): (Option<&str>, Option<&str>) =
-                scanned.map_err(query_err(format!("scan {}", spec.table)))?;
-            index_row(&mut index, spec, key, signature)?;
+            let (key, fp) = scanned(&row, spec)?;
+            index_row_fp(&mut index, spec, key, fp)?;
         }
         Ok(index)
+    }
+
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
+        // Qualified: unqualified, `id` would name the output column, the
+        // key cast to text.
+        let key = format!("{}.{}", spec.table.quoted(), spec.key_column.quoted());
+        let natural = spec.key_type == KeyType::Integer
+            || self
+                .column(spec, spec.key_column.as_str())
+                .is_some_and(|c| c.base == "uuid");
+        // uuid and integer columns sort as the key type does; anything
+        // else sorts as its text, bytewise.
+        let order = if natural {
+            key
+        } else {
+            format!("CAST({key} AS text) COLLATE \"C\"")
+        };
+        let sql = format!("{} ORDER BY {order}", self.scan_query(spec).plain());
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let pool = self.pool.clone();
+        let spec = spec.clone();
+        let failed = tx.clone();
+        let read = async move {
+            let mut rows = sqlx::query(&sql).fetch(&pool);
+            let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
+            while let Some(row) = rows
+                .try_next()
+                .await
+                .map_err(query_err(format!("scan {}", spec.table)))?
+            {
+                let (key, fp) = scanned(&row, &spec)?;
+                batch_row(&mut batch, &spec, key, fp)?;
+                if batch.len() >= SORTED_BATCH {
+                    let full =
+                        std::mem::replace(&mut batch, LocalBatch::with_capacity(SORTED_BATCH));
+                    if tx.send(Ok(Some(full))).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            // A send fails only when the pass stopped reading.
+            if tx.send(Ok(Some(batch))).await.is_ok() {
+                drop(tx.send(Ok(None)).await);
+            }
+            Ok::<(), StoreError>(())
+        };
+        tokio::spawn(
+            async move {
+                if let Err(e) = read.await {
+                    drop(failed.send(Err(e)).await);
+                }
+            }
+            .in_current_span(),
+        );
+        Ok(rx)
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
@@ -739,4 +798,12 @@ impl Ledger for PgStore {
             .map_err(query_err("ping"))?;
         Ok(())
     }
+}
+
+/// A scanned row's key (as text) and the fingerprint of its signature.
+fn scanned<'r>(row: &'r PgRow, spec: &TableSpec) -> Result<(Option<&'r str>, u64), StoreError> {
+    let cells = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
+    let (key, signature): (Option<&str>, Option<&str>) =
+        cells.map_err(query_err(format!("scan {}", spec.table)))?;
+    Ok((key, fingerprint_signature(signature.unwrap_or(""))))
 }

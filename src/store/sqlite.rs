@@ -14,7 +14,7 @@ use super::sqlite_schema::{affinity, column_collation};
 use super::write::{self, WriteTx};
 use super::{
     check_columns, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger, Mirror,
-    PassWrite, ResourceLock, StoreError, Written,
+    PassWrite, ResourceLock, SortedScan, StoreError, Written,
 };
 use crate::config::{Ident, KeyType, TableSpec};
 use crate::diff::LocalIndex;
@@ -421,6 +421,10 @@ impl Mirror for SqliteStore {
                 .await
                 .map_err(query_err(format!("count {}", spec.table)))?;
         super::sqlite_scan::scan(&self.pool, spec, count.max(0) as usize).await
+    }
+
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
+        super::sqlite_scan::scan_sorted(&self.pool, spec).await
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {

@@ -13,14 +13,17 @@
 //! written back in the column's type).
 
 use std::ffi::{c_int, CStr, CString};
+use std::future::Future;
 use std::ptr::{null_mut, NonNull};
 
 use libsqlite3_sys as ffi;
 use sqlx::SqlitePool;
 
-use super::{index_row_fp, query_err, StoreError};
+use tracing::Instrument;
+
+use super::{batch_row, index_row_fp, query_err, send_full, SortedScan, StoreError, SORTED_BATCH};
 use crate::config::{ColumnType, KeyType, TableSpec};
-use crate::diff::LocalIndex;
+use crate::diff::{LocalBatch, LocalIndex};
 use crate::model::{fingerprint_bytes, push_decimal};
 
 /// Reads the live rows of `spec`'s table into an index sized for `count`.
@@ -29,7 +32,61 @@ pub(super) async fn scan(
     spec: &TableSpec,
     count: usize,
 ) -> Result<LocalIndex, StoreError> {
-    let mut sql = format!("SELECT {}", spec.key_column.quoted());
+    let sql = select(spec, false);
+    let spec = spec.clone();
+    blocking(pool.clone(), &spec.clone(), move |db, context| {
+        let mut index = LocalIndex::with_capacity(count);
+        read(db, &sql, &spec, context, |key, fp| {
+            index_row_fp(&mut index, &spec, key, fp).map(|()| true)
+        })?;
+        Ok(index)
+    })
+    .await
+}
+
+/// Reads the live rows in key order, bytewise (`COLLATE BINARY`) for text
+/// keys, in batches sent from a blocking task that holds one pooled
+/// connection until the end or until the receiver is dropped.
+pub(super) async fn scan_sorted(
+    pool: &SqlitePool,
+    spec: &TableSpec,
+) -> Result<SortedScan, StoreError> {
+    let sql = select(spec, true);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let spec = spec.clone();
+    let failed = tx.clone();
+    let task = blocking(pool.clone(), &spec.clone(), move |db, context| {
+        let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
+        let read = read(db, &sql, &spec, context, |key, fp| {
+            batch_row(&mut batch, &spec, key, fp)?;
+            Ok(send_full(&tx, &mut batch))
+        });
+        let ended = match read {
+            Ok(true) => tx
+                .blocking_send(Ok(Some(batch)))
+                .and_then(|()| tx.blocking_send(Ok(None))),
+            Ok(false) => Ok(()),
+            Err(e) => tx.blocking_send(Err(e)),
+        };
+        // A send fails only when the pass stopped reading: nothing to tell.
+        drop(ended);
+        Ok(())
+    });
+    tokio::spawn(
+        async move {
+            if let Err(e) = task.await {
+                drop(failed.send(Err(e)).await);
+            }
+        }
+        .in_current_span(),
+    );
+    Ok(rx)
+}
+
+/// `SELECT key, columns... FROM table [WHERE live] [ORDER BY key]`.
+fn select(spec: &TableSpec, sorted: bool) -> String {
+    let key = spec.key_column.quoted();
+    let mut sql = format!("SELECT {key}");
     for (c, _) in &spec.columns {
         sql.push_str(", ");
         sql.push_str(&c.quoted());
@@ -38,19 +95,35 @@ pub(super) async fn scan(
     if let Some(soft) = &spec.soft_delete {
         sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
     }
+    if sorted {
+        sql.push_str(&format!(" ORDER BY {key}"));
+        if spec.key_type != KeyType::Integer {
+            sql.push_str(" COLLATE BINARY");
+        }
+    }
+    sql
+}
+
+/// Runs `work` on a pooled connection's raw handle, off the async workers
+/// (stepping a million rows takes a second).
+fn blocking<T: Send + 'static>(
+    pool: SqlitePool,
+    spec: &TableSpec,
+    work: impl FnOnce(NonNull<ffi::sqlite3>, &str) -> Result<T, StoreError> + Send + 'static,
+) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
     let context = format!("scan {}", spec.table);
-    let mut conn = pool.acquire().await.map_err(query_err(context.clone()))?;
-    let spec = spec.clone();
-    let runtime = tokio::runtime::Handle::current();
-    // Stepping a million rows takes a second: off the async workers.
-    tokio::task::spawn_blocking(move || {
-        let mut handle = runtime
-            .block_on(conn.lock_handle())
-            .map_err(query_err(context.clone()))?;
-        read(handle.as_raw_handle(), &sql, &spec, count, &context)
-    })
-    .await
-    .map_err(|e| StoreError::Unavailable(format!("the scan task stopped: {e}")))?
+    async move {
+        let mut conn = pool.acquire().await.map_err(query_err(context.clone()))?;
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            let mut handle = runtime
+                .block_on(conn.lock_handle())
+                .map_err(query_err(context.clone()))?;
+            work(handle.as_raw_handle(), &context)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("the scan task stopped: {e}")))?
+    }
 }
 
 /// A prepared statement, finalized when dropped.
@@ -103,13 +176,16 @@ unsafe fn cell<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> Cell<'a> {
     }
 }
 
+/// Steps `sql` (key, then the owned columns) and hands each row's key and
+/// fingerprint to `row`, which says whether to go on. True when every row
+/// was read.
 fn read(
     db: NonNull<ffi::sqlite3>,
     sql: &str,
     spec: &TableSpec,
-    count: usize,
     context: &str,
-) -> Result<LocalIndex, StoreError> {
+    mut row: impl FnMut(Option<&str>, u64) -> Result<bool, StoreError>,
+) -> Result<bool, StoreError> {
     let db = db.as_ptr();
     let failed = |what: &str| {
         // SAFETY: `db` is the open handle this call holds the lock of;
@@ -129,7 +205,6 @@ fn read(
     if rc != ffi::SQLITE_OK {
         return Err(failed("prepare"));
     }
-    let mut index = LocalIndex::with_capacity(count);
     let mut sig: Vec<u8> = Vec::with_capacity(256);
     let mut number = String::with_capacity(24);
     let mut integer_key = String::with_capacity(24);
@@ -137,7 +212,7 @@ fn read(
         // SAFETY: a prepared statement on the held connection.
         match unsafe { ffi::sqlite3_step(stmt.0) } {
             ffi::SQLITE_ROW => {}
-            ffi::SQLITE_DONE => return Ok(index),
+            ffi::SQLITE_DONE => return Ok(true),
             _ => return Err(failed("read a row")),
         }
         // SAFETY (every `cell` call below): the last step gave a row of
@@ -170,7 +245,9 @@ fn read(
             let c = unsafe { cell(stmt.0, i as c_int + 1) };
             part(&mut sig, *kind, c, &mut number);
         }
-        index_row_fp(&mut index, spec, key, fingerprint_bytes(&sig))?;
+        if !row(key, fingerprint_bytes(&sig))? {
+            return Ok(false);
+        }
     }
 }
 

@@ -376,7 +376,107 @@ columns = {{ name = {{ from = "/name" }} }}
     }
 }
 
+/// With `key_order = "asc"` the pass merges the listing with the local
+/// rows read in key order. The local order must be the listing's,
+/// bytewise, whatever the key column's collation: under ICU's en-US,
+/// `a` sorts before `A` and `_x` before `a`, so a scan in the column's
+/// own order would pair the wrong rows (or purge listed ones). Integer
+/// keys merge numerically (9 before 10).
+async fn an_ordered_merge_pairs_keys_bytewise_whatever_the_collation(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.exec(match backend {
+        Backend::Sqlite => "CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT)",
+        Backend::Postgres => {
+            "CREATE TABLE items (id TEXT COLLATE \"en-US-x-icu\" PRIMARY KEY, name TEXT)"
+        }
+    })
+    .await;
+    db.exec(
+        "INSERT INTO items VALUES ('A', 'A'), ('a-c', 'old'), ('aa', 'ghost'), ('ab', 'ab'),
+           ('Z', 'ghost'), ('é', 'é'), ('a', 'a'), ('_x', 'old')",
+    )
+    .await;
+    let mut keys = vec!["A", "B", "_x", "a", "a-c", "ab", "b", "z", "é", "a b"];
+    keys.sort_unstable();
+    let items: Vec<Json> = keys.iter().map(|k| json!({"id": k, "name": k})).collect();
+    let (_up, addr) = items_upstream(items).await;
+    let toml = |key_type: &str| {
+        format!(
+            r#"
+[store]
+url = "{db}"
+[resources.items]
+key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
+local = {{ table = "items" }}
+[resources.items.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/items"
+page_size = 3
+total_pointer = "/total"
+key_order = "asc"
+[resources.items.columns]
+name = {{ from = "/name" }}
+[resources.items.policy]
+max_update_fraction = 1.0
+max_purge_fraction = 1.0
+"#,
+            db = db.url
+        )
+    };
+    let settings = Settings::from_toml_str(&toml("text"), "test.toml").unwrap();
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(
+        (r.found.missing, r.found.stale, r.found.extra),
+        (4, 2, 2),
+        "{r:?}"
+    );
+    assert_eq!(r.keys.purge, vec!["Z", "aa"], "{r:?}");
+    let mut got: Vec<String> = db
+        .text("SELECT id || '=' || name FROM items")
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    got.sort_unstable();
+    let mut want: Vec<String> = keys.iter().map(|k| format!("{k}={k}")).collect();
+    want.sort_unstable();
+    assert_eq!(got, want);
+    assert_eq!(pass_items(&settings).await.outcome, Outcome::InSync);
+
+    // Integer keys: numeric order, 9 before 10, in both the listing and
+    // the scan.
+    db.exec("DROP TABLE items").await;
+    db.exec(match backend {
+        Backend::Sqlite => "CREATE TABLE items (id INTEGER PRIMARY KEY, name TEXT)",
+        Backend::Postgres => "CREATE TABLE items (id BIGINT PRIMARY KEY, name TEXT)",
+    })
+    .await;
+    db.exec("INSERT INTO items VALUES (-3, 'ghost'), (2, 'old'), (9, '9'), (100, 'ghost')")
+        .await;
+    let items: Vec<Json> = [-20, 2, 9, 10, 11]
+        .iter()
+        .map(|i| json!({"id": i, "name": i.to_string()}))
+        .collect();
+    let (_up, addr2) = items_upstream(items).await;
+    let settings = Settings::from_toml_str(
+        &toml("integer").replace(&addr.to_string(), &addr2.to_string()),
+        "test.toml",
+    )
+    .unwrap();
+    let r = pass_items(&settings).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(r.keys.purge, vec!["-3", "100"], "{r:?}");
+    assert_eq!(
+        (r.found.missing, r.found.stale, r.found.extra),
+        (3, 1, 2),
+        "{r:?}"
+    );
+    assert_eq!(pass_items(&settings).await.outcome, Outcome::InSync);
+}
+
 both_backends!(
+    an_ordered_merge_pairs_keys_bytewise_whatever_the_collation,
     check_and_run_refuse_an_unsafe_table,
     case_insensitive_key_collation_is_refused,
     uuid_keys_are_canonical,
