@@ -20,7 +20,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 // The engine's modules keep their short paths (`driftd::pass`, ...).
-pub use engine::{decode, diff, guard, pass, upstream};
+pub use engine::{decode, diff, guard, pass, rows, upstream};
 pub mod jobs;
 pub mod metrics;
 pub mod model;

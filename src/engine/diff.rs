@@ -24,6 +24,7 @@ use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::config::{KeyOrder, KeyType};
 use crate::model::{fingerprint, Key, Row};
+use crate::rows::Rows;
 
 /// Index bit marking a local row as seen in the upstream listing.
 pub const SEEN: u64 = 1 << 63;
@@ -167,12 +168,12 @@ impl LocalIndex {
 }
 
 /// What a pass would change.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default)]
 pub struct Plan {
     /// Upstream rows with no local row.
-    pub insert: Vec<Row>,
+    pub insert: Rows,
     /// Upstream rows whose local row differs in an owned column.
-    pub update: Vec<Row>,
+    pub update: Rows,
     /// Local keys absent from the complete upstream listing.
     pub purge: Vec<Key>,
     /// Rows in the local table when scanned.
@@ -432,10 +433,20 @@ impl Differ {
         }
         self.previous = None;
         self.new_keys.clear();
-        self.plan = Plan {
-            local_rows: self.plan.local_rows,
-            ..Plan::default()
-        };
+        let plan = &mut self.plan;
+        plan.insert.clear();
+        plan.update.clear();
+        plan.purge.clear();
+        plan.upstream_rows = 0;
+        plan.canary = None;
+    }
+
+    /// Keeps at most `limit` rows of each kind to write in memory, the
+    /// rest in a temporary file (see [`Rows`]).
+    pub fn rows_in_memory(mut self, limit: usize) -> Self {
+        self.plan.insert = Rows::with_limit(limit);
+        self.plan.update = Rows::with_limit(limit);
+        self
     }
 
     /// Ends the listing: every local row not seen becomes a purge candidate.
@@ -641,7 +652,7 @@ mod tests {
             // of any size, or looked up in an index.
             let merging = order == KeyOrder::Asc && rng.bool();
             let batch = rng.usize(1..8);
-            let mut d = if merging {
+            let d = if merging {
                 Differ::merging(KeyType::Text)
             } else {
                 let mut index = LocalIndex::default();
@@ -650,6 +661,9 @@ mod tests {
                 }
                 Differ::new(index, order, KeyType::Text)
             };
+            // Rows to write past a few go to a file, whose rows must come
+            // back as they went in.
+            let mut d = d.rows_in_memory(rng.usize(0..6));
             let mut feeder = Feeder::new(&local, batch);
             // Sometimes a listing that moved: part of it, then a restart.
             if rng.u8(..4) == 0 {
@@ -677,7 +691,7 @@ mod tests {
             while d.local_pending() {
                 feeder.feed(&mut d);
             }
-            let plan = d.finish().unwrap();
+            let mut plan = d.finish().unwrap();
             if merging {
                 assert_eq!(plan.local_rows, local.len() as u64, "seed {seed}");
             }
@@ -688,14 +702,14 @@ mod tests {
                     "seed {seed}: purge of an unknown key"
                 );
             }
-            for r in &plan.update {
+            for r in plan.update.to_vec().unwrap() {
                 let old = applied.insert(r.key.clone(), r.values.clone());
                 assert!(
                     old.is_some_and(|o| o != r.values),
                     "seed {seed}: needless update"
                 );
             }
-            for r in &plan.insert {
+            for r in plan.insert.to_vec().unwrap() {
                 assert!(
                     applied.insert(r.key.clone(), r.values.clone()).is_none(),
                     "seed {seed}"

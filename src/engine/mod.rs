@@ -12,6 +12,7 @@ pub mod guard;
 pub mod incremental;
 pub mod pass;
 pub mod reprovision;
+pub mod rows;
 pub mod upstream;
 
 use crate::config::ChildLink;

@@ -37,6 +37,8 @@ use crate::upstream::{Client, Pager, Presence, UpstreamError};
 const PAGES_IN_FLIGHT: usize = 4;
 /// Keys listed per kind in a report (all of them in dry-run).
 const SAMPLE: usize = 10;
+/// Rows read back at a time to check that they fit their columns.
+const WRITE_READ: usize = 4096;
 /// Get-by-key confirmations in flight at once.
 const CONFIRM_CONCURRENCY: usize = 8;
 
@@ -65,6 +67,8 @@ pub enum PassError {
     Canary(Key),
     #[error("a value does not fit its column unchanged, nothing was written: {0}")]
     DoesNotFit(String),
+    #[error("{0}")]
+    Rows(String),
     #[error("cancelled")]
     Cancelled,
     #[error("upstream task ended unexpectedly: {0}")]
@@ -79,7 +83,7 @@ impl PassError {
         match self {
             PassError::Upstream(e) => e.is_transient(),
             PassError::Store(e) => e.is_transient(),
-            PassError::Listing(_) => true,
+            PassError::Listing(_) | PassError::Rows(_) => true,
             PassError::Canary(_)
             | PassError::DoesNotFit(_)
             | PassError::Task(_)
@@ -229,8 +233,13 @@ async fn execute<S: Store>(
         extra: plan.purge.len() as u64,
     };
     let mut plan = restrict(plan, res, opts.mode);
-    for row in plan.insert.iter().chain(&plan.update) {
-        shape.check_row(&spec, row).map_err(PassError::DoesNotFit)?;
+    for rows in [&mut plan.insert, &mut plan.update] {
+        let mut reader = rows.reader().map_err(PassError::Rows)?;
+        while let Some(batch) = reader.next_batch(WRITE_READ).map_err(PassError::Rows)? {
+            for row in batch.iter() {
+                shape.check_row(&spec, row).map_err(PassError::DoesNotFit)?;
+            }
+        }
     }
 
     if let Some(trip) = guard::judge(&plan, &res.policy) {
@@ -242,7 +251,7 @@ async fn execute<S: Store>(
             report.guard = Some(trip);
             report.outcome = Outcome::GuardTripped;
             report.left = report.found.clone();
-            fill_planned(report, &plan, true);
+            fill_planned(report, &mut plan, true)?;
             return Ok(());
         }
         tracing::warn!(guard = trip.name(), "{trip}; applying anyway (forced)");
@@ -261,7 +270,7 @@ async fn execute<S: Store>(
     if opts.dry_run {
         // Nothing applied: everything found is still there.
         report.left = report.found.clone();
-        fill_planned(report, &plan, true);
+        fill_planned(report, &mut plan, true)?;
         report.outcome = if drift {
             Outcome::DryRun
         } else {
@@ -269,7 +278,7 @@ async fn execute<S: Store>(
         };
         return Ok(());
     }
-    fill_planned(report, &plan, false);
+    fill_planned(report, &mut plan, false)?;
     let writer = Writer {
         spec: &spec,
         resource: name,
@@ -279,7 +288,7 @@ async fn execute<S: Store>(
     let yielded = apply(
         store,
         &writer,
-        &plan,
+        &mut plan,
         res.policy.batch_size,
         &hooks.cancel,
         report,
@@ -546,26 +555,17 @@ fn restrict(mut plan: Plan, res: &ResourceConfig, mode: Mode) -> Plan {
     plan
 }
 
-fn fill_planned(report: &mut PassReport, plan: &Plan, all_keys: bool) {
+fn fill_planned(report: &mut PassReport, plan: &mut Plan, all_keys: bool) -> Result<(), PassError> {
     let take = if all_keys { usize::MAX } else { SAMPLE };
     report.actions.insert = plan.insert.len() as u64;
     report.actions.update = plan.update.len() as u64;
     report.actions.purge = plan.purge.len() as u64;
     report.keys = Samples {
-        insert: plan
-            .insert
-            .iter()
-            .take(take)
-            .map(|r| r.key.to_string())
-            .collect(),
-        update: plan
-            .update
-            .iter()
-            .take(take)
-            .map(|r| r.key.to_string())
-            .collect(),
+        insert: plan.insert.keys(take).map_err(PassError::Rows)?,
+        update: plan.update.keys(take).map_err(PassError::Rows)?,
         purge: plan.purge.iter().take(take).map(Key::to_string).collect(),
     };
+    Ok(())
 }
 
 /// Checks that the get-by-key endpoint finds a key the listing has.
@@ -620,7 +620,7 @@ async fn confirm(
 async fn apply<S: Store>(
     store: &S,
     w: &Writer<'_>,
-    plan: &Plan,
+    plan: &mut Plan,
     batch: usize,
     cancel: &CancellationToken,
     report: &mut PassReport,
@@ -639,15 +639,17 @@ async fn apply<S: Store>(
     done.update = 0;
     done.purge = 0;
     let mut yielded = Yielded::default();
-    for chunk in plan.insert.chunks(batch) {
+    let mut inserts = plan.insert.reader().map_err(PassError::Rows)?;
+    while let Some(chunk) = inserts.next_batch(batch).map_err(PassError::Rows)? {
         stop()?;
-        let written = w.write(store, PassWrite::Insert(chunk)).await?;
+        let written = w.write(store, PassWrite::Insert(&chunk)).await?;
         done.insert += written.done;
         yielded.insert += written.yielded.len() as u64;
     }
-    for chunk in plan.update.chunks(batch) {
+    let mut updates = plan.update.reader().map_err(PassError::Rows)?;
+    while let Some(chunk) = updates.next_batch(batch).map_err(PassError::Rows)? {
         stop()?;
-        let written = w.write(store, PassWrite::Update(chunk)).await?;
+        let written = w.write(store, PassWrite::Update(&chunk)).await?;
         done.update += written.done;
         yielded.update += written.yielded.len() as u64;
     }

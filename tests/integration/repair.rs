@@ -230,6 +230,7 @@ both_backends!(
     unowned_columns_are_left_alone,
     bad_local_schema_is_a_clear_error,
     look_ahead_costs_one_request_and_can_be_turned_off,
+    a_load_bigger_than_memory_goes_through_a_file,
 );
 
 /// The page look-ahead: a listing of full pages asks for at most one page
@@ -263,4 +264,69 @@ async fn look_ahead_costs_one_request_and_can_be_turned_off(backend: Backend) {
         (12..=13).contains(&requests[1]),
         "requests with look-ahead: {requests:?}"
     );
+}
+
+/// A first load bigger than the rows a pass keeps in memory
+/// (`driftd::rows::IN_MEMORY`): the rows past it go through a temporary
+/// file and come back whole. A value that does not fit its column in a row
+/// that went to the file still stops the pass before anything is written;
+/// without it, every row lands, and the next pass is in sync.
+async fn a_load_bigger_than_memory_goes_through_a_file(backend: Backend) {
+    let n = driftd::rows::IN_MEMORY as u64 + 3000;
+    let db = TestDb::new(backend).await;
+    db.exec(match backend {
+        Backend::Sqlite => "CREATE TABLE users (uuid TEXT PRIMARY KEY, tenant_uuid TEXT, firstname TEXT, lastname TEXT, email TEXT, enabled BOOLEAN, extension INTEGER)",
+        Backend::Postgres => "CREATE TABLE users (uuid UUID PRIMARY KEY, tenant_uuid UUID, firstname TEXT, lastname VARCHAR(64), email TEXT, enabled BOOLEAN, extension INTEGER CHECK (extension < 1000000000))",
+    })
+    .await;
+    let mut all = users(n);
+    let last = all.len() - 1;
+    all[last]["extension"] = json!(i64::MAX);
+    let (up, addr) = upstream(all).await;
+    let mut config = ConfigBuilder {
+        page_size: 1000,
+        ..ConfigBuilder::default()
+    };
+    let settings = config.settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    if backend == Backend::Sqlite {
+        // SQLite's INTEGER holds any i64: the row fits there.
+        assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+        assert_eq!(db.count("users").await, n as i64);
+        db.exec("DELETE FROM users").await;
+    } else {
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        assert_eq!(db.count("users").await, 0, "nothing written: {r:?}");
+    }
+    // A lastname too long for the column, in the last row (PostgreSQL's
+    // varchar(64); SQLite stores any length, so it fits there).
+    up.upsert("users", "uuid", {
+        let mut u = users(n)[last].clone();
+        u["lastname"] = json!("x".repeat(if backend == Backend::Postgres { 65 } else { 64 }));
+        u
+    });
+    let r = pass(&settings, PassOptions::default()).await;
+    let r = if backend == Backend::Postgres {
+        assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+        assert!(
+            r.error.as_deref().unwrap_or("").contains("does not fit"),
+            "{r:?}"
+        );
+        assert_eq!(db.count("users").await, 0, "nothing written: {r:?}");
+        up.upsert("users", "uuid", users(n)[last].clone());
+        config.policy.push_str("\nbatch_size = 5000");
+        pass(&config.settings(&db, addr), PassOptions::default()).await
+    } else {
+        r
+    };
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!((r.found.missing, r.actions.insert), (n, n), "{r:?}");
+    assert_eq!(db.count("users").await, n as i64);
+    let want: std::collections::BTreeSet<String> = users(n)
+        .iter()
+        .map(|u| u["uuid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(db.keys("users").await, want);
+    let again = pass(&settings, PassOptions::default()).await;
+    assert_eq!(again.outcome, Outcome::InSync, "{again:?}");
 }
