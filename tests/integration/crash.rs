@@ -5,9 +5,15 @@
 //! half-written and nothing upstream never had; the next run marks the
 //! killed job abandoned and converges to exactly the upstream rows.
 //!
-//! `DRIFTD_CRASH_TRIALS` kills inside a pass per backend (default 6, the
-//! suite's short run), from seed `DRIFTD_CRASH_SEED` (default: random, printed). The full
-//! run: `DRIFTD_CRASH_TRIALS=50 ./scripts/test.sh --test integration crash`.
+//! And `driftd run` killed the same way while it applies events from a
+//! Redis stream: after each kill the table is what the stream's entries
+//! up to some point make of it (whole batches, in order, never behind
+//! what it was), and the next run applies the rest.
+//!
+//! `DRIFTD_CRASH_TRIALS` kills inside a pass, and inside the applying of
+//! events, per backend (default 6, the suite's short run), from seed
+//! `DRIFTD_CRASH_SEED` (default: random, printed). The full run:
+//! `DRIFTD_CRASH_TRIALS=50 ./scripts/test.sh --test integration crash`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
@@ -68,7 +74,9 @@ fn reconcile(config: &std::path::Path) -> std::process::Child {
         .expect("run driftd")
 }
 
-async fn crash_trials(backend: Backend) {
+/// Trials per backend and the seed, from `DRIFTD_CRASH_TRIALS` and
+/// `DRIFTD_CRASH_SEED`.
+fn trials_and_seed(what: &str, backend: Backend) -> (usize, u64) {
     let trials: usize = std::env::var("DRIFTD_CRASH_TRIALS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -77,7 +85,12 @@ async fn crash_trials(backend: Backend) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
-    println!("crash trials on {backend:?}: {trials}, seed {seed} (DRIFTD_CRASH_SEED)");
+    println!("{what} on {backend:?}: {trials}, seed {seed} (DRIFTD_CRASH_SEED)");
+    (trials, seed)
+}
+
+async fn crash_trials(backend: Backend) {
+    let (trials, seed) = trials_and_seed("crash trials", backend);
     let mut rng = fastrand::Rng::with_seed(seed);
     let users: Vec<Json> = (0..USERS).map(|i| user(i, TENANTS)).collect();
     let wanted: BTreeMap<String, Option<String>> = users
@@ -255,4 +268,228 @@ async fn a_job_killed_while_queued_is_abandoned(backend: Backend) {
     );
 }
 
-both_backends!(crash_trials, a_job_killed_while_queued_is_abandoned);
+both_backends!(
+    event_crash_trials,
+    crash_trials,
+    a_job_killed_while_queued_is_abandoned
+);
+
+/// uuid → `email|firstname` of the table now.
+async fn user_states(db: &TestDb) -> BTreeMap<String, String> {
+    db.text("SELECT CAST(uuid AS TEXT) || '|' || COALESCE(email, '') || '|' || COALESCE(firstname, '') FROM users")
+        .await
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let (k, state) = r.split_once('|').expect("row");
+            (k.to_string(), state.to_string())
+        })
+        .collect()
+}
+
+/// `driftd run` applying a Redis stream of upserts and deletes over 200
+/// users, SIGKILLed at seeded random moments while it holds entries it
+/// read and has not acknowledged. Entries are applied in batches, each
+/// committed before it is acknowledged, in stream order; so after each
+/// kill the table must be exactly what the first `j` entries make of an
+/// empty table, for some `j` no smaller than after the previous kill:
+/// nothing half-applied, nothing applied out of order, no row deleted
+/// that its entries left standing. At the end, one more run applies the
+/// rest and acknowledges everything.
+async fn event_crash_trials(backend: Backend) {
+    use crate::streams::{pending, redis, setup, source, Setup};
+    let (trials, seed) = trials_and_seed("event crash trials", backend);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let schedules = dir.path().join("schedules");
+    std::fs::create_dir(&schedules).unwrap();
+    let config = dir.path().join("driftd.toml");
+    let cfg = ConfigBuilder {
+        tail: format!("{}{}", open_worker_tail(&schedules), source(&stream, "")),
+        ..ConfigBuilder::default()
+    };
+    std::fs::write(&config, cfg.toml(&db, addr)).unwrap();
+    let people = users(200);
+    let mut con = redis().await;
+    // Every entry in stream order: the key and the state it leaves (None:
+    // deleted).
+    let mut entries: Vec<(String, Option<String>)> = Vec::new();
+    // The table after the first `at` entries.
+    let mut folded: BTreeMap<String, String> = BTreeMap::new();
+    let mut at = 0usize;
+    // Entries applied when each kill landed, of those written.
+    let mut landed = Vec::new();
+    let mut killed = 0;
+    let mut attempts = 0;
+    while killed < trials {
+        attempts += 1;
+        assert!(
+            attempts <= trials * 5,
+            "only {killed} of {attempts} kills landed while entries were held"
+        );
+        // A burst of entries, written before the worker starts.
+        let mut pipe = redis::pipe();
+        for _ in 0..rng.usize(200..600) {
+            let n = entries.len();
+            let mut u = people[rng.usize(..people.len())].clone();
+            let key = u["uuid"].as_str().unwrap().to_string();
+            let (name, body, state) = if rng.u8(..5) == 0 {
+                let body = serde_json::json!({"name": "user_deleted", "data": {"uuid": key}});
+                ("user_deleted", body, None)
+            } else {
+                u["email"] = Json::String(format!("e{n}@example.com"));
+                u["firstname"] = Json::String(format!("F{n}"));
+                let state = format!("e{n}@example.com|F{n}");
+                let body = serde_json::json!({"name": "user_edited", "data": u});
+                ("user_edited", body, Some(state))
+            };
+            pipe.cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("name")
+                .arg(name)
+                .arg("payload")
+                .arg(body.to_string())
+                .ignore();
+            entries.push((key, state));
+        }
+        let _: () = pipe.query_async(&mut con).await.unwrap();
+        let mut run = Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start driftd run");
+        // Half the kills: a random moment after the start (while it
+        // starts, re-applies what the last run held, or reads on). The
+        // other half: once it has read entries past what any run read
+        // before, a random moment more.
+        if rng.bool() {
+            std::thread::sleep(Duration::from_micros(rng.u64(..300_000)));
+        } else {
+            let before = last_delivered(&mut con, &stream).await;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                assert!(
+                    run.try_wait().unwrap().is_none(),
+                    "driftd run exited by itself"
+                );
+                if last_delivered(&mut con, &stream).await != before {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "driftd never read the burst");
+            }
+        }
+        std::thread::sleep(Duration::from_micros(rng.u64(..30_000)));
+        run.kill().unwrap();
+        run.wait().unwrap();
+        if pending(&mut con, &stream)
+            .await
+            .get("driftd-test")
+            .is_some_and(|n| *n > 0)
+        {
+            killed += 1;
+        }
+        let table = user_states(&db).await;
+        let from = at;
+        loop {
+            if folded == table {
+                break;
+            }
+            assert!(
+                at < entries.len(),
+                "trial {attempts}: the table is what no prefix of the stream from entry {from} makes"
+            );
+            apply(&mut folded, &entries[at]);
+            at += 1;
+        }
+        landed.push(format!("{at}/{}", entries.len()));
+    }
+    println!(
+        "{backend:?}: {killed} kills while entries were held, in {attempts} runs; entries applied at each kill: {}",
+        landed.join(" ")
+    );
+    // The next run applies the rest and acknowledges every entry.
+    let mut run = Command::new(env!("CARGO_BIN_EXE_driftd"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start driftd run");
+    while at < entries.len() {
+        apply(&mut folded, &entries[at]);
+        at += 1;
+    }
+    let folded = &folded;
+    eventually(Duration::from_secs(30), "every entry applied", || {
+        let db = &db;
+        async move {
+            let table = user_states(db).await;
+            (&table == folded).then_some(()).ok_or(format!(
+                "{} rows, want {}",
+                table.len(),
+                folded.len()
+            ))
+        }
+    })
+    .await;
+    eventually(Duration::from_secs(10), "every entry acknowledged", || {
+        let mut con = con.clone();
+        let stream = stream.clone();
+        async move {
+            let p = pending(&mut con, &stream).await;
+            p.values()
+                .all(|n| *n == 0)
+                .then_some(())
+                .ok_or(format!("pending: {p:?}"))
+        }
+    })
+    .await;
+    run.kill().unwrap();
+    run.wait().unwrap();
+}
+
+/// The id of the last entry the group was handed ("" before it exists).
+async fn last_delivered(con: &mut redis::aio::MultiplexedConnection, stream: &str) -> String {
+    let Ok(redis::Value::Array(groups)) = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(con)
+        .await
+    else {
+        return String::new();
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::SimpleString(s) => s.clone(),
+        _ => String::new(),
+    };
+    for group in &groups {
+        if let redis::Value::Array(fields) = group {
+            for pair in fields.chunks(2) {
+                if let [k, v] = pair {
+                    if text(k) == "last-delivered-id" {
+                        return text(v);
+                    }
+                }
+            }
+        }
+    }
+    String::new()
+}
+
+/// One entry applied to a model of the table.
+fn apply(table: &mut BTreeMap<String, String>, (key, state): &(String, Option<String>)) {
+    match state {
+        Some(s) => table.insert(key.clone(), s.clone()),
+        None => table.remove(key),
+    };
+}

@@ -151,7 +151,7 @@ async fn raw(con: &mut MultiplexedConnection, args: &[&str]) -> Value {
 }
 
 /// Entries pending in the group, by consumer.
-async fn pending(con: &mut MultiplexedConnection, stream: &str) -> BTreeMap<String, i64> {
+pub async fn pending(con: &mut MultiplexedConnection, stream: &str) -> BTreeMap<String, i64> {
     let reply: Value = match redis::cmd("XPENDING")
         .arg(stream)
         .arg("driftd")
