@@ -77,6 +77,16 @@ impl SqliteStore {
         }
     }
 
+    /// The rows of `spec`'s table, soft-deleted ones included.
+    async fn count(&self, spec: &TableSpec) -> Result<usize, StoreError> {
+        let count: i64 =
+            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
+                .fetch_one(&self.pool)
+                .await
+                .map_err(query_err(format!("count {}", spec.table)))?;
+        Ok(count.max(0) as usize)
+    }
+
     /// Opens `url`; a missing file is created only when `create` is set.
     pub async fn open_with(url: &str, create: bool) -> Result<Self, StoreError> {
         let in_memory = url.contains(":memory:");
@@ -415,16 +425,17 @@ impl Mirror for SqliteStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let count: i64 =
-            sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {}", spec.table.quoted()))
-                .fetch_one(&self.pool)
-                .await
-                .map_err(query_err(format!("count {}", spec.table)))?;
-        super::sqlite_scan::scan(&self.pool, spec, count.max(0) as usize).await
+        super::sqlite_scan::scan(&self.pool, spec, self.count(spec).await?).await
     }
 
     async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
-        super::sqlite_scan::scan_sorted(&self.pool, spec).await
+        // An in-memory database has one connection, which events need too.
+        let whole = if self.path.is_none() {
+            Some(self.count(spec).await?)
+        } else {
+            None
+        };
+        super::sqlite_scan::scan_sorted(&self.pool, spec, whole).await
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {

@@ -46,13 +46,18 @@ pub(super) async fn scan(
 
 /// Reads the live rows in key order, bytewise (`COLLATE BINARY`) for text
 /// keys, in batches sent from a blocking task that holds one pooled
-/// connection until the end or until the receiver is dropped.
+/// connection until the end or until the receiver is dropped. With `whole`
+/// (the row count of a database whose pool has one connection, in
+/// memory), the channel holds every batch, so the connection is free again
+/// as soon as the table is read, not when the listing ends.
 pub(super) async fn scan_sorted(
     pool: &SqlitePool,
     spec: &TableSpec,
+    whole: Option<usize>,
 ) -> Result<SortedScan, StoreError> {
     let sql = select(spec, true);
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let batches = whole.map_or(4, |rows| rows / SORTED_BATCH + 8);
+    let (tx, rx) = tokio::sync::mpsc::channel(batches);
     let spec = spec.clone();
     let failed = tx.clone();
     let task = blocking(pool.clone(), &spec.clone(), move |db, context| {

@@ -131,7 +131,17 @@ impl TestDb {
 
     /// Inserts users as given (JSON objects shaped like the sample's).
     pub async fn insert_users(&self, users: &[Json]) {
-        for chunk in users.chunks(500) {
+        for statement in insert_users_sql(users) {
+            self.exec(&statement).await;
+        }
+    }
+}
+
+/// INSERT statements of `users` into the users table, 500 rows each.
+pub fn insert_users_sql(users: &[Json]) -> Vec<String> {
+    users
+        .chunks(500)
+        .map(|chunk| {
             let rows: Vec<String> = chunk
                 .iter()
                 .map(|u| {
@@ -147,13 +157,12 @@ impl TestDb {
                     )
                 })
                 .collect();
-            self.exec(&format!(
+            format!(
                 "INSERT INTO users (uuid, tenant_uuid, firstname, lastname, email, enabled, extension) VALUES {}",
                 rows.join(",")
-            ))
-            .await;
-        }
-    }
+            )
+        })
+        .collect()
 }
 
 /// A SQL literal for test data (which the tests control).

@@ -330,3 +330,73 @@ async fn a_load_bigger_than_memory_goes_through_a_file(backend: Backend) {
     let again = pass(&settings, PassOptions::default()).await;
     assert_eq!(again.outcome, Outcome::InSync, "{again:?}");
 }
+
+/// An in-memory SQLite database has one connection, which events and the
+/// API need too: the ordered merge reads the whole table into its channel
+/// and frees the connection while the listing goes on (here held up for
+/// 1.8 seconds by a slow page).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_memory_database_stays_usable_while_a_merge_lists() {
+    use driftd::store::{AnyStore, Ledger, SqliteStore};
+    let n = 40_000;
+    let store = SqliteStore::open("sqlite::memory:").await.unwrap();
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE users (uuid TEXT PRIMARY KEY, tenant_uuid TEXT, firstname TEXT, lastname TEXT, email TEXT, enabled BOOLEAN, extension INTEGER, deleted_at TEXT, note TEXT)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    for statement in insert_users_sql(&users(n)) {
+        sqlx::raw_sql(&statement)
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+    let (up, addr) = upstream(users(n)).await;
+    up.inject(driftd::sample::Fault::Delay {
+        offset: 6_000,
+        ms: 1800,
+    });
+    let toml = ConfigBuilder {
+        page_size: 1000,
+        ..ConfigBuilder::default()
+    }
+    .toml(&TestDb::new(Backend::Sqlite).await, addr)
+    .lines()
+    .map(|l| {
+        if l.starts_with("url = ") {
+            "url = \"sqlite::memory:\"".to_string()
+        } else {
+            l.to_string()
+        }
+    })
+    .collect::<Vec<_>>()
+    .join("\n");
+    let settings = driftd::config::Settings::from_toml_str(&toml, "test.toml").unwrap();
+    let store = std::sync::Arc::new(AnyStore::Sqlite(store));
+    let pass = tokio::spawn({
+        let store = store.clone();
+        async move {
+            let res = settings.resource("users").unwrap();
+            driftd::pass::run_pass(
+                &*store,
+                "users",
+                res,
+                PassOptions::default(),
+                &driftd::pass::Hooks::default(),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    if pass.is_finished() {
+        panic!("the listing should still be held up: {:?}", pass.await);
+    }
+    let ping = tokio::time::timeout(std::time::Duration::from_millis(800), store.ping()).await;
+    assert!(
+        matches!(ping, Ok(Ok(()))),
+        "the connection is held by the listing: {ping:?}"
+    );
+    let r = pass.await.unwrap();
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+    assert_eq!(r.local_rows, n);
+}
