@@ -25,6 +25,8 @@ use tokio::net::TcpListener;
 #[derive(Debug, Clone)]
 struct Item {
     key: String,
+    /// The key, when it is a JSON integer.
+    number: Option<i64>,
     json: String,
 }
 
@@ -129,21 +131,21 @@ impl Churn<'_> {
     /// Adds or replaces an item, in key order.
     pub fn put(&mut self, item: Json) {
         let item = Item::new(item, self.key_field);
-        match self.items.binary_search_by(|i| by_key(&i.key, &item.key)) {
+        match self.items.binary_search_by(|i| by_key(i, &item)) {
             Ok(at) => self.items[at] = item,
             Err(at) => self.items.insert(at, item),
         }
     }
 }
 
-/// The listing's order: integer keys numerically, then other keys
-/// bytewise (a total order, whatever a collection mixes).
-fn by_key(a: &str, b: &str) -> std::cmp::Ordering {
-    let rank = |k: &str| match k.parse::<i64>() {
-        Ok(n) => (false, n),
-        Err(_) => (true, 0),
+/// The listing's order: keys that are JSON integers numerically, then
+/// string keys bytewise (a total order, whatever a collection mixes).
+fn by_key(a: &Item, b: &Item) -> std::cmp::Ordering {
+    let rank = |i: &Item| match i.number {
+        Some(n) => (false, n),
+        None => (true, 0),
     };
-    rank(a).cmp(&rank(b)).then_with(|| a.cmp(b))
+    rank(a).cmp(&rank(b)).then_with(|| a.key.cmp(&b.key))
 }
 
 impl Item {
@@ -153,6 +155,7 @@ impl Item {
                 Json::String(s) => s.clone(),
                 other => other.to_string(),
             },
+            number: j[key].as_i64(),
             json: j.to_string(),
         }
     }
@@ -182,7 +185,7 @@ impl SampleUpstream {
     /// Replaces a collection; `key` is the field holding each item's key.
     pub fn set(&self, collection: &str, key: &str, items: Vec<Json>) {
         let mut items: Vec<Item> = items.into_iter().map(|j| Item::new(j, key)).collect();
-        items.sort_by(|a, b| by_key(&a.key, &b.key));
+        items.sort_by(by_key);
         self.collections
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -499,10 +502,7 @@ async fn get_one(
         .cloned();
     let all = up.collections.read().unwrap_or_else(|p| p.into_inner());
     let found = all.get(&collection).and_then(|items| match &field {
-        None => items
-            .binary_search_by(|i| by_key(&i.key, &key))
-            .ok()
-            .map(|at| items[at].json.clone()),
+        None => items.iter().find(|i| i.key == key).map(|i| i.json.clone()),
         Some(field) => items
             .iter()
             .find(|i| {

@@ -47,7 +47,7 @@ pub enum IndexError {
     DuplicateKey(Key),
     #[error("local keys exceed 4 GiB in total; the index cannot hold them")]
     Full,
-    #[error("local key `{key}` was read after `{previous}`: the key column does not sort the way the key type does (a collation other than binary, or keys stored as another type), so the two lists cannot be merged; set upstream.key_order = \"none\" or fix the column")]
+    #[error("local key `{key}` was read after `{previous}`: the database sorts the key column otherwise than bytewise (for text) or numerically (for integers), so the table and the listing cannot be merged; nothing was written (please report the column's type, collation and the database's encoding)")]
     Unordered { previous: Key, key: Key },
 }
 
@@ -215,6 +215,11 @@ impl LocalBatch {
 
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
+    }
+
+    /// The key of the last row.
+    pub fn last_key(&self) -> Option<&str> {
+        (!self.rows.is_empty()).then(|| self.key(self.rows.len() - 1))
     }
 
     fn key(&self, i: usize) -> &str {

@@ -345,10 +345,15 @@ async fn list_and_diff<S: Store>(
     ));
     let cancel = &hooks.cancel;
     let started = Instant::now();
-    let merging = res.upstream.key_order == KeyOrder::Asc;
     let mut local = None;
+    if res.upstream.key_order == KeyOrder::Asc {
+        local = until_cancelled(cancel, store.scan_sorted(spec)).await??;
+        if local.is_none() {
+            tracing::debug!(table = %spec.table, "the table does not sort bytewise by its key: reading it into an index");
+        }
+    }
+    let merging = local.is_some();
     let mut differ = if merging {
-        local = Some(until_cancelled(cancel, store.scan_sorted(spec)).await??);
         Differ::merging(res.key.kind)
     } else {
         let index = until_cancelled(cancel, store.scan(spec)).await??;
@@ -367,7 +372,14 @@ async fn list_and_diff<S: Store>(
                 differ.restart();
                 if merging {
                     // The old scan stops when its receiver is dropped.
-                    local = Some(until_cancelled(cancel, store.scan_sorted(spec)).await??);
+                    local = until_cancelled(cancel, store.scan_sorted(spec)).await??;
+                    if local.is_none() {
+                        return Err(StoreError::Unavailable(format!(
+                            "{} could be read in key order, and then not",
+                            spec.table
+                        ))
+                        .into());
+                    }
                 }
                 report.upstream_relists += 1;
                 rows = 0;

@@ -212,12 +212,17 @@ pub trait Mirror: Send + Sync {
         -> impl Future<Output = Result<LocalIndex, StoreError>> + Send;
 
     /// Reads the live rows in key order (bytewise for text and uuid keys,
-    /// numeric for integers, whatever the column's collation), in batches
-    /// sent by a task of its own, which stops when the receiver is dropped.
+    /// numeric for integers), a batch at a time, each batch its own short
+    /// statement after the last key of the one before (so no connection,
+    /// snapshot or statement stays open for the length of a listing), sent
+    /// by a task of its own, which stops when the receiver is dropped.
+    /// `None` when the database cannot give that order from an index: a
+    /// collation or an encoding that sorts otherwise (the pass reads the
+    /// table into an index instead).
     fn scan_sorted(
         &self,
         spec: &TableSpec,
-    ) -> impl Future<Output = Result<SortedScan, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<SortedScan>, StoreError>> + Send;
 
     /// The resource's current journal mark: take it before listing
     /// upstream, hand it to [`Mirror::write_pass`].
@@ -576,17 +581,42 @@ pub type SortedScan = tokio::sync::mpsc::Receiver<Result<Option<LocalBatch>, Sto
 /// Rows in a sorted scan's batch.
 pub(crate) const SORTED_BATCH: usize = 4096;
 
-/// Sends a full batch of a sorted scan and starts the next; false when
-/// the receiver is gone (the pass stopped reading).
-pub(crate) fn send_full(
-    tx: &tokio::sync::mpsc::Sender<Result<Option<LocalBatch>, StoreError>>,
-    batch: &mut LocalBatch,
-) -> bool {
-    if batch.len() < SORTED_BATCH {
-        return true;
-    }
-    let full = std::mem::replace(batch, LocalBatch::with_capacity(SORTED_BATCH));
-    tx.blocking_send(Ok(Some(full))).is_ok()
+/// Runs a sorted scan in a task of its own: `read(after)` reads the live
+/// rows after key `after` in key order (from the first with `None`), at
+/// most [`SORTED_BATCH`]; each batch is sent, then `Ok(None)` after a
+/// short one. Stops at the first error (sent) or when the receiver is
+/// dropped.
+pub(crate) fn spawn_sorted<F, Fut>(mut read: F) -> SortedScan
+where
+    F: FnMut(Option<String>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<LocalBatch, StoreError>> + Send,
+{
+    use tracing::Instrument;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let scan = async move {
+        let mut after = None;
+        loop {
+            let batch = match read(after.take()).await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    drop(tx.send(Err(e)).await);
+                    return;
+                }
+            };
+            let last = batch.len() < SORTED_BATCH;
+            after = batch.last_key().map(str::to_string);
+            // A send fails only when the pass stopped reading.
+            if tx.send(Ok(Some(batch))).await.is_err() {
+                return;
+            }
+            if last {
+                drop(tx.send(Ok(None)).await);
+                return;
+            }
+        }
+    };
+    tokio::spawn(scan.in_current_span());
+    rx
 }
 
 /// Adds one row of a sorted scan to its batch, refusing what
@@ -661,7 +691,7 @@ impl Mirror for AnyStore {
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
         delegate!(self, scan(spec))
     }
-    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<Option<SortedScan>, StoreError> {
         delegate!(self, scan_sorted(spec))
     }
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {

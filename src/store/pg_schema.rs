@@ -20,6 +20,16 @@ pub struct PgColumn {
     pub deterministic: bool,
 }
 
+/// The key column's collation (name, provider, locale) and the database's
+/// default collation, its provider (NULL before PostgreSQL 15) and its
+/// encoding; `$1` is the quoted table name, `$2` the column.
+pub const KEY_COLLATION: &str =
+    "SELECT co.collname::text, co.collprovider::text, co.collcollate::text, \
+     d.datcollate::text, to_jsonb(d) ->> 'datlocprovider', pg_encoding_to_char(d.encoding)::text \
+     FROM pg_attribute a JOIN pg_collation co ON co.oid = a.attcollation \
+     JOIN pg_database d ON d.datname = current_database() \
+     WHERE a.attrelid = to_regclass($1) AND a.attname = $2";
+
 /// The catalog query behind [`PgColumn`]; `$1` is the quoted table name.
 pub const COLUMNS: &str = "SELECT a.attname::text AS name, \
      format_type(a.atttypid, NULL) AS base, \

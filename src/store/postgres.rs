@@ -10,15 +10,14 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgPoolOptions, PgRow};
 use sqlx::{PgConnection, PgPool, Row as _};
-use tracing::Instrument;
 
 use super::pg_schema::{self, PgColumn};
 use super::shape::{self, Shape};
 use super::write::{self, WriteTx};
 use super::{
-    batch_row, check_columns, index_row_fp, jobs, lock_key, query_err, Change, ChangeResult,
-    Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, SortedScan, StoreError, Written,
-    SORTED_BATCH,
+    batch_row, check_columns, index_row_fp, jobs, lock_key, query_err, spawn_sorted, Change,
+    ChangeResult, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, SortedScan, StoreError,
+    Written, SORTED_BATCH,
 };
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
@@ -67,6 +66,28 @@ impl PgStore {
 
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// Whether the key column's text sorts bytewise as UTF-8: a `C`,
+    /// `POSIX`, `C.UTF-8` or `ucs_basic` collation (the column's, or the
+    /// database's default), in a UTF-8, SQL_ASCII or LATIN1 database.
+    async fn bytewise(&self, spec: &TableSpec) -> Result<bool, StoreError> {
+        let found: Option<KeyCollation> = sqlx::query_as(pg_schema::KEY_COLLATION)
+            .bind(spec.table.quoted())
+            .bind(spec.key_column.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect table {}", spec.table)))?;
+        let Some((name, provider, collate, db_collate, db_provider, encoding)) = found else {
+            return Ok(false);
+        };
+        let c_like = |c: &str| matches!(c, "C" | "POSIX" | "C.UTF-8" | "C.utf8");
+        let collation = match name.as_str() {
+            "C" | "POSIX" | "ucs_basic" => true,
+            "default" => db_provider.as_deref().unwrap_or("c") == "c" && c_like(&db_collate),
+            _ => provider == "c" && collate.as_deref().is_some_and(c_like),
+        };
+        Ok(collation && matches!(encoding.as_str(), "UTF8" | "SQL_ASCII" | "LATIN1"))
     }
 
     /// The scan's `SELECT key as text, signature` of `spec`'s live rows.
@@ -549,59 +570,61 @@ impl Mirror for PgStore {
         Ok(index)
     }
 
-    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<Option<SortedScan>, StoreError> {
+        let base = self.type_of(spec, spec.key_column.as_str());
+        // uuid and integer columns sort as the key type does; text sorts
+        // bytewise only under a bytewise collation, in an encoding whose
+        // bytes sort as UTF-8's do.
+        if !(spec.key_type == KeyType::Integer || base == "uuid" || self.bytewise(spec).await?) {
+            return Ok(None);
+        }
         // Qualified: unqualified, `id` would name the output column, the
         // key cast to text.
         let key = format!("{}.{}", spec.table.quoted(), spec.key_column.quoted());
-        let natural = spec.key_type == KeyType::Integer
-            || self
-                .column(spec, spec.key_column.as_str())
-                .is_some_and(|c| c.base == "uuid");
-        // uuid and integer columns sort as the key type does; anything
-        // else sorts as its text, bytewise.
-        let order = if natural {
-            key
-        } else {
-            format!("CAST({key} AS text) COLLATE \"C\"")
-        };
-        let sql = format!("{} ORDER BY {order}", self.scan_query(spec).plain());
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let pool = self.pool.clone();
-        let spec = spec.clone();
-        let failed = tx.clone();
-        let read = async move {
-            let mut rows = sqlx::query(&sql).fetch(&pool);
-            let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
-            while let Some(row) = rows
-                .try_next()
-                .await
-                .map_err(query_err(format!("scan {}", spec.table)))?
-            {
-                let (key, fp) = scanned(&row, &spec)?;
-                batch_row(&mut batch, &spec, key, fp)?;
-                if batch.len() >= SORTED_BATCH {
-                    let full =
-                        std::mem::replace(&mut batch, LocalBatch::with_capacity(SORTED_BATCH));
-                    if tx.send(Ok(Some(full))).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            // A send fails only when the pass stopped reading.
-            if tx.send(Ok(Some(batch))).await.is_ok() {
-                drop(tx.send(Ok(None)).await);
-            }
-            Ok::<(), StoreError>(())
-        };
-        tokio::spawn(
-            async move {
-                if let Err(e) = read.await {
-                    drop(failed.send(Err(e)).await);
-                }
-            }
-            .in_current_span(),
+        let query = self.scan_query(spec);
+        let null_key = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE {key} IS NULL{})",
+            query.table,
+            query
+                .live
+                .as_ref()
+                .map(|l| format!(" AND {l}"))
+                .unwrap_or_default()
         );
-        Ok(rx)
+        let has_null: bool = sqlx::query_scalar(&null_key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("scan {}", spec.table)))?;
+        if has_null {
+            // The keyset below never reaches a NULL key: refuse it here.
+            batch_row(&mut LocalBatch::default(), spec, None, 0)?;
+        }
+        let plain = query.plain();
+        let and = if query.live.is_some() { "AND" } else { "WHERE" };
+        let order = format!("ORDER BY {key} LIMIT {SORTED_BATCH}");
+        let first = format!("{plain} {order}");
+        let next = format!("{plain} {and} {key} > CAST($1 AS {base}) {order}");
+        let (pool, spec) = (self.pool.clone(), spec.clone());
+        Ok(Some(spawn_sorted(move |after: Option<String>| {
+            let (pool, spec, first, next) =
+                (pool.clone(), spec.clone(), first.clone(), next.clone());
+            async move {
+                let query = match &after {
+                    None => sqlx::query(&first),
+                    Some(last) => sqlx::query(&next).bind(last),
+                };
+                let rows = query
+                    .fetch_all(&pool)
+                    .await
+                    .map_err(query_err(format!("scan {}", spec.table)))?;
+                let mut batch = LocalBatch::with_capacity(rows.len());
+                for row in &rows {
+                    let (key, fp) = scanned(row, &spec)?;
+                    batch_row(&mut batch, &spec, key, fp)?;
+                }
+                Ok(batch)
+            }
+        })))
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
@@ -799,6 +822,17 @@ impl Ledger for PgStore {
         Ok(())
     }
 }
+
+/// [`pg_schema::KEY_COLLATION`]'s row: the column's collation name,
+/// provider and locale, the database's locale, provider and encoding.
+type KeyCollation = (
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    String,
+);
 
 /// A scanned row's key (as text) and the fingerprint of its signature.
 fn scanned<'r>(row: &'r PgRow, spec: &TableSpec) -> Result<(Option<&'r str>, u64), StoreError> {

@@ -428,14 +428,8 @@ impl Mirror for SqliteStore {
         super::sqlite_scan::scan(&self.pool, spec, self.count(spec).await?).await
     }
 
-    async fn scan_sorted(&self, spec: &TableSpec) -> Result<SortedScan, StoreError> {
-        // An in-memory database has one connection, which events need too.
-        let whole = if self.path.is_none() {
-            Some(self.count(spec).await?)
-        } else {
-            None
-        };
-        super::sqlite_scan::scan_sorted(&self.pool, spec, whole).await
+    async fn scan_sorted(&self, spec: &TableSpec) -> Result<Option<SortedScan>, StoreError> {
+        super::sqlite_scan::scan_sorted(&self.pool, spec).await
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {

@@ -19,9 +19,9 @@ use std::ptr::{null_mut, NonNull};
 use libsqlite3_sys as ffi;
 use sqlx::SqlitePool;
 
-use tracing::Instrument;
-
-use super::{batch_row, index_row_fp, query_err, send_full, SortedScan, StoreError, SORTED_BATCH};
+use super::{
+    batch_row, index_row_fp, query_err, spawn_sorted, SortedScan, StoreError, SORTED_BATCH,
+};
 use crate::config::{ColumnType, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
 use crate::model::{fingerprint_bytes, push_decimal};
@@ -32,11 +32,11 @@ pub(super) async fn scan(
     spec: &TableSpec,
     count: usize,
 ) -> Result<LocalIndex, StoreError> {
-    let sql = select(spec, false);
+    let sql = select(spec, None);
     let spec = spec.clone();
     blocking(pool.clone(), &spec.clone(), move |db, context| {
         let mut index = LocalIndex::with_capacity(count);
-        read(db, &sql, &spec, context, |key, fp| {
+        read(db, &sql, None, &spec, context, |key, fp| {
             index_row_fp(&mut index, &spec, key, fp).map(|()| true)
         })?;
         Ok(index)
@@ -44,52 +44,51 @@ pub(super) async fn scan(
     .await
 }
 
-/// Reads the live rows in key order, bytewise (`COLLATE BINARY`) for text
-/// keys, in batches sent from a blocking task that holds one pooled
-/// connection until the end or until the receiver is dropped. With `whole`
-/// (the row count of a database whose pool has one connection, in
-/// memory), the channel holds every batch, so the connection is free again
-/// as soon as the table is read, not when the listing ends.
+/// Reads the live rows in key order, bytewise (`COLLATE BINARY`: the key
+/// column's collation, which `prepare` checked) for text keys, a batch at
+/// a time: each batch one `SELECT ... WHERE key > last ORDER BY key LIMIT`
+/// on a pooled connection taken for it alone. `None` for a database whose
+/// text is not UTF-8 (UTF-16 bytes sort otherwise).
 pub(super) async fn scan_sorted(
     pool: &SqlitePool,
     spec: &TableSpec,
-    whole: Option<usize>,
-) -> Result<SortedScan, StoreError> {
-    let sql = select(spec, true);
-    let batches = whole.map_or(4, |rows| rows / SORTED_BATCH + 8);
-    let (tx, rx) = tokio::sync::mpsc::channel(batches);
-    let spec = spec.clone();
-    let failed = tx.clone();
-    let task = blocking(pool.clone(), &spec.clone(), move |db, context| {
-        let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
-        let read = read(db, &sql, &spec, context, |key, fp| {
-            batch_row(&mut batch, &spec, key, fp)?;
-            Ok(send_full(&tx, &mut batch))
+) -> Result<Option<SortedScan>, StoreError> {
+    let encoding: String = sqlx::query_scalar("PRAGMA encoding")
+        .fetch_one(pool)
+        .await
+        .map_err(query_err(format!("scan {}", spec.table)))?;
+    if encoding != "UTF-8" {
+        return Ok(None);
+    }
+    let (first, next) = (select(spec, Some(false)), select(spec, Some(true)));
+    let (pool, spec) = (pool.clone(), spec.clone());
+    Ok(Some(spawn_sorted(move |after: Option<String>| {
+        let sql = if after.is_some() { &next } else { &first }.clone();
+        let bound = after.map(|k| match k.parse() {
+            Ok(i) if spec.key_type == KeyType::Integer => After::Int(i),
+            _ => After::Text(k),
         });
-        let ended = match read {
-            Ok(true) => tx
-                .blocking_send(Ok(Some(batch)))
-                .and_then(|()| tx.blocking_send(Ok(None))),
-            Ok(false) => Ok(()),
-            Err(e) => tx.blocking_send(Err(e)),
-        };
-        // A send fails only when the pass stopped reading: nothing to tell.
-        drop(ended);
-        Ok(())
-    });
-    tokio::spawn(
-        async move {
-            if let Err(e) = task.await {
-                drop(failed.send(Err(e)).await);
-            }
-        }
-        .in_current_span(),
-    );
-    Ok(rx)
+        let for_batch = spec.clone();
+        blocking(pool.clone(), &spec, move |db, context| {
+            let spec = for_batch;
+            let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
+            read(db, &sql, bound.as_ref(), &spec, context, |key, fp| {
+                batch_row(&mut batch, &spec, key, fp).map(|()| true)
+            })?;
+            Ok(batch)
+        })
+    })))
 }
 
-/// `SELECT key, columns... FROM table [WHERE live] [ORDER BY key]`.
-fn select(spec: &TableSpec, sorted: bool) -> String {
+/// The last key of a sorted scan's batch, bound as `?1` of the next.
+enum After {
+    Int(i64),
+    Text(String),
+}
+
+/// `SELECT key, columns... FROM table [WHERE live]`; `sorted`: in key
+/// order, a batch at a time, with `true` after the key bound as `?1`.
+fn select(spec: &TableSpec, sorted: Option<bool>) -> String {
     let key = spec.key_column.quoted();
     let mut sql = format!("SELECT {key}");
     for (c, _) in &spec.columns {
@@ -97,14 +96,22 @@ fn select(spec: &TableSpec, sorted: bool) -> String {
         sql.push_str(&c.quoted());
     }
     sql.push_str(&format!(" FROM {}", spec.table.quoted()));
+    let mut conditions = Vec::new();
     if let Some(soft) = &spec.soft_delete {
-        sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+        conditions.push(format!("{} IS NULL", soft.quoted()));
     }
-    if sorted {
+    if sorted == Some(true) {
+        conditions.push(format!("{key} > ?1"));
+    }
+    if !conditions.is_empty() {
+        sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
+    }
+    if sorted.is_some() {
         sql.push_str(&format!(" ORDER BY {key}"));
         if spec.key_type != KeyType::Integer {
             sql.push_str(" COLLATE BINARY");
         }
+        sql.push_str(&format!(" LIMIT {SORTED_BATCH}"));
     }
     sql
 }
@@ -187,6 +194,7 @@ unsafe fn cell<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> Cell<'a> {
 fn read(
     db: NonNull<ffi::sqlite3>,
     sql: &str,
+    after: Option<&After>,
     spec: &TableSpec,
     context: &str,
     mut row: impl FnMut(Option<&str>, u64) -> Result<bool, StoreError>,
@@ -209,6 +217,24 @@ fn read(
     let stmt = Statement(raw);
     if rc != ffi::SQLITE_OK {
         return Err(failed("prepare"));
+    }
+    // SAFETY: a prepared statement with parameter 1 when `after` is given;
+    // SQLITE_TRANSIENT has SQLite copy the text before the call returns.
+    let rc = match after {
+        None => ffi::SQLITE_OK,
+        Some(After::Int(i)) => unsafe { ffi::sqlite3_bind_int64(stmt.0, 1, *i) },
+        Some(After::Text(t)) => unsafe {
+            ffi::sqlite3_bind_text(
+                stmt.0,
+                1,
+                t.as_ptr().cast(),
+                c_int::try_from(t.len()).unwrap_or(c_int::MAX),
+                ffi::SQLITE_TRANSIENT(),
+            )
+        },
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(failed("bind the last key"));
     }
     let mut sig: Vec<u8> = Vec::with_capacity(256);
     let mut number = String::with_capacity(24);

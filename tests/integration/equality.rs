@@ -376,13 +376,13 @@ columns = {{ name = {{ from = "/name" }} }}
     }
 }
 
-/// With `key_order = "asc"` the pass merges the listing with the local
-/// rows read in key order. The local order must be the listing's,
-/// bytewise, whatever the key column's collation: under ICU's en-US,
-/// `a` sorts before `A` and `_x` before `a`, so a scan in the column's
-/// own order would pair the wrong rows (or purge listed ones). Integer
-/// keys merge numerically (9 before 10).
-async fn an_ordered_merge_pairs_keys_bytewise_whatever_the_collation(backend: Backend) {
+/// With `key_order = "asc"` the pass pairs the listing with the local
+/// rows bytewise, whatever the key column's collation: under ICU's en-US,
+/// `a` sorts before `A` and `_x` before `a`, so a merge with the column's
+/// own order would pair the wrong rows (or purge listed ones); there the
+/// pass reads an index instead. Integer keys merge numerically (9 before
+/// 10).
+async fn an_ordered_listing_pairs_keys_whatever_the_collation(backend: Backend) {
     let db = TestDb::new(backend).await;
     db.exec(match backend {
         Backend::Sqlite => "CREATE TABLE items (id TEXT PRIMARY KEY, name TEXT)",
@@ -476,7 +476,7 @@ max_purge_fraction = 1.0
 }
 
 both_backends!(
-    an_ordered_merge_pairs_keys_bytewise_whatever_the_collation,
+    an_ordered_listing_pairs_keys_whatever_the_collation,
     check_and_run_refuse_an_unsafe_table,
     case_insensitive_key_collation_is_refused,
     uuid_keys_are_canonical,

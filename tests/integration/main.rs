@@ -11,6 +11,7 @@ mod events;
 mod guards;
 mod incremental;
 mod live;
+mod merge;
 mod outage;
 mod prometheus;
 mod rabbit;
