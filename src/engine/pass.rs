@@ -13,8 +13,10 @@
 //!    purges last: a crash leaves whole batches and the next pass converges.
 //!
 //! The upstream side runs in its own task (fetch, parse, map to typed rows),
-//! handing over at most [`PAGES_IN_FLIGHT`] pages, while this task scans the
-//! local table and diffs; the two overlap on two cores.
+//! handing over at most [`PAGES_IN_FLIGHT`] pages, while this task diffs
+//! them against the local rows: read into an index first, or, when the
+//! listing promises key order, read in that order beside it by a task of
+//! their own and merged; the sides overlap on two cores.
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};

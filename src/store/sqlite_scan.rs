@@ -1,5 +1,6 @@
-//! The SQLite scan: one `SELECT key, columns... FROM table` stepped through
-//! SQLite's C API on a pooled connection's own handle, each row's
+//! The SQLite scan: `SELECT key, columns... FROM table` (the whole table
+//! for an index, or a batch at a time in key order for a merge) stepped
+//! through SQLite's C API on a pooled connection's own handle, each row's
 //! signature built in Rust from the cells' storage classes and bytes.
 //! Building the signature in SQL (string functions per cell) and carrying
 //! rows through sqlx's channel cost five times what the `sqlite3` CLI
