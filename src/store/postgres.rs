@@ -68,9 +68,10 @@ impl PgStore {
         &self.pool
     }
 
-    /// Whether the key column's text sorts bytewise as UTF-8: a `C`,
-    /// `POSIX`, `C.UTF-8` or `ucs_basic` collation (the column's, or the
-    /// database's default), in a UTF-8, SQL_ASCII or LATIN1 database.
+    /// Whether the key column's text sorts bytewise as UTF-8: a libc
+    /// collation of locale `C`, `POSIX` or `C.UTF-8` (the column's, or the
+    /// database's default; pg_catalog's `ucs_basic` is one), in a UTF-8,
+    /// SQL_ASCII or LATIN1 database.
     async fn bytewise(&self, spec: &TableSpec) -> Result<bool, StoreError> {
         let found: Option<KeyCollation> = sqlx::query_as(pg_schema::KEY_COLLATION)
             .bind(spec.table.quoted())
@@ -82,10 +83,13 @@ impl PgStore {
             return Ok(false);
         };
         let c_like = |c: &str| matches!(c, "C" | "POSIX" | "C.UTF-8" | "C.utf8");
-        let collation = match name.as_str() {
-            "C" | "POSIX" | "ucs_basic" => true,
-            "default" => db_provider.as_deref().unwrap_or("c") == "c" && c_like(&db_collate),
-            _ => provider == "c" && collate.as_deref().is_some_and(c_like),
+        // By provider and locale, never by name: anyone can create an ICU
+        // collation called "C" (pg_catalog's C, POSIX and ucs_basic are
+        // libc collations of locale C or POSIX).
+        let collation = if name == "default" && provider == "d" {
+            db_provider.as_deref().unwrap_or("c") == "c" && c_like(&db_collate)
+        } else {
+            provider == "c" && collate.as_deref().is_some_and(c_like)
         };
         Ok(collation && matches!(encoding.as_str(), "UTF8" | "SQL_ASCII" | "LATIN1"))
     }

@@ -219,7 +219,13 @@ impl SqliteStore {
         .await
         .map_err(query_err(context.clone()))?
         .flatten();
-        let mut collation = ddl.as_deref().and_then(|sql| column_collation(sql, key));
+        // What SQLite says the column's collation is, and what its DDL
+        // says (the DDL alone was fooled once, by a comment).
+        let declared =
+            super::sqlite_scan::declared_collation(&self.pool, schema, table, key).await?;
+        let mut collation = declared
+            .filter(|c| c != "BINARY")
+            .or_else(|| ddl.as_deref().and_then(|sql| column_collation(sql, key)));
         let rowid_alias: bool = sqlx::query_scalar(
             "SELECT COUNT(*) = 1 AND SUM(name = ?3 AND upper(type) = 'INTEGER') = 1 \
              FROM pragma_table_info(?1, ?2) WHERE pk > 0",

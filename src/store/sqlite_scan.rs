@@ -102,7 +102,12 @@ fn select(spec: &TableSpec, sorted: Option<bool>) -> String {
         conditions.push(format!("{} IS NULL", soft.quoted()));
     }
     if sorted == Some(true) {
-        conditions.push(format!("{key} > ?1"));
+        // Bytewise, as the ORDER BY, whatever the column says.
+        conditions.push(if spec.key_type == KeyType::Integer {
+            format!("{key} > ?1")
+        } else {
+            format!("{key} COLLATE BINARY > ?1")
+        });
     }
     if !conditions.is_empty() {
         sql.push_str(&format!(" WHERE {}", conditions.join(" AND ")));
@@ -117,6 +122,60 @@ fn select(spec: &TableSpec, sorted: Option<bool>) -> String {
     sql
 }
 
+/// The collation SQLite applies to `column` of `schema.table`, as SQLite
+/// itself reports it (`sqlite3_table_column_metadata`), upper-cased.
+pub(super) async fn declared_collation(
+    pool: &SqlitePool,
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>, StoreError> {
+    let context = format!("inspect the key of {table}");
+    let name = |s: &str| {
+        CString::new(s).map_err(|_| StoreError::Schema {
+            table: table.to_string(),
+            problem: "a name holds a NUL character".into(),
+        })
+    };
+    let (schema, table, column) = (name(schema)?, name(table)?, name(column)?);
+    on_handle(pool.clone(), context, move |db, context| {
+        let db = db.as_ptr();
+        let mut collation: *const std::ffi::c_char = std::ptr::null();
+        // SAFETY: `db` is open and held; the names are NUL-terminated and
+        // outlive the call; the collation name SQLite hands back is valid
+        // until the next call on this connection, and is copied at once.
+        let rc = unsafe {
+            ffi::sqlite3_table_column_metadata(
+                db,
+                schema.as_ptr(),
+                table.as_ptr(),
+                column.as_ptr(),
+                null_mut(),
+                &mut collation,
+                null_mut(),
+                null_mut(),
+                null_mut(),
+            )
+        };
+        if rc != ffi::SQLITE_OK {
+            // SAFETY: as in `read`.
+            let msg = unsafe { CStr::from_ptr(ffi::sqlite3_errmsg(db)) };
+            return Err(StoreError::Unavailable(format!(
+                "{context}: {}",
+                msg.to_string_lossy()
+            )));
+        }
+        Ok((!collation.is_null()).then(|| {
+            // SAFETY: non-null, NUL-terminated, owned by SQLite until the
+            // next call.
+            unsafe { CStr::from_ptr(collation) }
+                .to_string_lossy()
+                .to_ascii_uppercase()
+        }))
+    })
+    .await
+}
+
 /// Runs `work` on a pooled connection's raw handle, off the async workers
 /// (stepping a million rows takes a second).
 fn blocking<T: Send + 'static>(
@@ -124,19 +183,25 @@ fn blocking<T: Send + 'static>(
     spec: &TableSpec,
     work: impl FnOnce(NonNull<ffi::sqlite3>, &str) -> Result<T, StoreError> + Send + 'static,
 ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-    let context = format!("scan {}", spec.table);
-    async move {
-        let mut conn = pool.acquire().await.map_err(query_err(context.clone()))?;
-        let runtime = tokio::runtime::Handle::current();
-        tokio::task::spawn_blocking(move || {
-            let mut handle = runtime
-                .block_on(conn.lock_handle())
-                .map_err(query_err(context.clone()))?;
-            work(handle.as_raw_handle(), &context)
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("the scan task stopped: {e}")))?
-    }
+    on_handle(pool, format!("scan {}", spec.table), work)
+}
+
+/// [`blocking`] with its own context for errors.
+async fn on_handle<T: Send + 'static>(
+    pool: SqlitePool,
+    context: String,
+    work: impl FnOnce(NonNull<ffi::sqlite3>, &str) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let mut conn = pool.acquire().await.map_err(query_err(context.clone()))?;
+    let runtime = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        let mut handle = runtime
+            .block_on(conn.lock_handle())
+            .map_err(query_err(context.clone()))?;
+        work(handle.as_raw_handle(), &context)
+    })
+    .await
+    .map_err(|e| StoreError::Unavailable(format!("the scan task stopped: {e}")))?
 }
 
 /// A prepared statement, finalized when dropped.

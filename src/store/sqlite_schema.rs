@@ -59,6 +59,18 @@ fn tokens(sql: &str) -> Vec<Token> {
                     }
                 }
             }
+            // A block comment, to its end or the end of the text (SQLite
+            // accepts one left open).
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut star = false;
+                for d in chars.by_ref() {
+                    if star && d == '/' {
+                        break;
+                    }
+                    star = d == '*';
+                }
+            }
             c if c.is_alphanumeric() || c == '_' => {
                 let mut word = String::from(c);
                 while let Some(&d) = chars.peek() {
@@ -141,5 +153,9 @@ mod tests {
         assert_eq!(column_collation(sql, "odd name"), None);
         assert_eq!(column_collation(sql, "note"), None);
         assert_eq!(column_collation(sql, "missing"), None);
+        let hidden = "CREATE TABLE t (id TEXT COLLATE /* folded */ NOCASE, a /* x, y */ TEXT COLLATE RTRIM, b TEXT /* open";
+        assert_eq!(column_collation(hidden, "id").as_deref(), Some("NOCASE"));
+        assert_eq!(column_collation(hidden, "a").as_deref(), Some("RTRIM"));
+        assert_eq!(column_collation(hidden, "b"), None);
     }
 }

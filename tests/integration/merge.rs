@@ -830,3 +830,78 @@ async fn the_store_merges_only_keys_that_sort_bytewise() {
         assert_eq!(sorted.is_some(), merges, "case {n}: {column}");
     }
 }
+
+/// A SQLite key column whose NOCASE collation hides behind a block
+/// comment in its DDL (`COLLATE /* ... */ NOCASE`), made unique by a BINARY
+/// index (review 9). A DDL reader that skipped only `--` comments took it
+/// for BINARY: the merge then paged with `id > ?` under NOCASE and
+/// reported in sync over a ghost, and the index pass purged the ghost
+/// `a0000` with `id IN (...)` under NOCASE, deleting `A0000`, which
+/// upstream has. Now the collation is SQLite's own answer, and the pass
+/// refuses the table, both ways, with nothing written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nocase_key_behind_a_comment_is_refused() {
+    for ordered in [true, false] {
+        let db = TestDb::new(Backend::Sqlite).await;
+        db.exec("CREATE TABLE items (id TEXT COLLATE /* case-folded */ NOCASE, name TEXT); CREATE UNIQUE INDEX items_id ON items (id COLLATE BINARY)")
+            .await;
+        let up: Vec<Json> = (0..4096)
+            .map(|i| json!({"id": format!("A{i:04}"), "name": "v"}))
+            .collect();
+        let mut values: Vec<String> = (0..4096).map(|i| format!("('A{i:04}', 'v')")).collect();
+        values.push("('a0000', 'ghost')".into());
+        db.exec(&format!("INSERT INTO items VALUES {}", values.join(",")))
+            .await;
+        let (_up, addr) = items_upstream(up).await;
+        let s = settings(
+            &db,
+            addr,
+            &Cfg {
+                ordered,
+                page_size: 500,
+                upstream: if ordered {
+                    ""
+                } else {
+                    "get_path = \"/0.1/items/{key}\""
+                },
+                ..Cfg::default()
+            },
+        );
+        let r = pass_items(&s).await;
+        assert_eq!(r.outcome, Outcome::Failed, "ordered={ordered}: {r:?}");
+        let err = r.error.as_deref().unwrap_or("");
+        assert!(err.contains("collation"), "ordered={ordered}: {err}");
+        assert_eq!(db.count("items").await, 4097, "nothing written");
+    }
+}
+
+/// A collation called "C" that is not C (`CREATE COLLATION public."C"
+/// (provider = icu, locale = 'en')`, review 9): judged by its name, it made
+/// the pass merge, the local order check trip on the first case pair, and
+/// every pass fail. Judged by provider and locale, the pass reads an index
+/// and converges.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collation_named_c_that_is_not_c_reads_an_index() {
+    for name in ["C", "ucs_basic", "POSIX"] {
+        let db = TestDb::new(Backend::Postgres).await;
+        db.exec(&format!(
+            "CREATE COLLATION public.\"{name}\" (provider = icu, locale = 'en'); \
+             CREATE TABLE items (id TEXT COLLATE public.\"{name}\" PRIMARY KEY, name TEXT); \
+             INSERT INTO items VALUES ('a', 'old'), ('B', 'v'), ('ghost', 'g')"
+        ))
+        .await;
+        let up = vec![
+            json!({"id": "B", "name": "v"}),
+            json!({"id": "a", "name": "v"}),
+        ];
+        let (_up, addr) = items_upstream(up).await;
+        let merge = settings(&db, addr, &Cfg::default());
+        let r = pass_items(&merge).await;
+        assert_eq!(r.outcome, Outcome::Repaired, "public.\"{name}\": {r:?}");
+        assert_eq!(
+            local_pairs(&db).await,
+            vec!["B=v".to_string(), "a=v".to_string()]
+        );
+        assert_eq!(pass_items(&merge).await.outcome, Outcome::InSync);
+    }
+}
