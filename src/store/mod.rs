@@ -527,31 +527,34 @@ impl AnyStore {
     }
 }
 
-/// The parts of the scan: the key and the signature (see
-/// [`crate::model::signature`]) computed in SQL, over the live rows.
+/// The parts of the scan: the key, and each owned column as the backend
+/// selects it to build the row's signature (see
+/// [`crate::model::signature`]), over the live rows.
 pub(crate) struct ScanQuery {
     pub key: String,
-    pub signature: String,
+    /// The owned columns' select expressions, comma-separated (`NULL` when
+    /// there are none, so the list is never empty).
+    pub cells: String,
     pub table: String,
     /// `"soft" IS NULL` when purges are soft.
     pub live: Option<String>,
 }
 
 impl ScanQuery {
-    /// `key` is the key column as text; `part` gives one owned column's
-    /// part of the signature, in the backend's SQL.
-    pub fn new(spec: &TableSpec, key: String, part: impl Fn(&Ident, ColumnType) -> String) -> Self {
-        let parts: Vec<String> = spec
+    /// `key` is the key column as text; `cell` gives one owned column's
+    /// select expression, in the backend's SQL.
+    pub fn new(spec: &TableSpec, key: String, cell: impl Fn(&Ident, ColumnType) -> String) -> Self {
+        let cells: Vec<String> = spec
             .columns
             .iter()
-            .map(|(c, kind)| part(c, *kind))
+            .map(|(c, kind)| cell(c, *kind))
             .collect();
         ScanQuery {
             key,
-            signature: if parts.is_empty() {
-                "''".to_string()
+            cells: if cells.is_empty() {
+                "NULL".to_string()
             } else {
-                parts.join(" || ")
+                cells.join(", ")
             },
             table: spec.table.quoted(),
             live: spec
@@ -561,12 +564,9 @@ impl ScanQuery {
         }
     }
 
-    /// `SELECT key, signature FROM table [WHERE live]`.
+    /// `SELECT key, cells FROM table [WHERE live]`.
     pub fn plain(&self) -> String {
-        let mut sql = format!(
-            "SELECT {}, {} FROM {}",
-            self.key, self.signature, self.table
-        );
+        let mut sql = format!("SELECT {}, {} FROM {}", self.key, self.cells, self.table);
         if let Some(live) = &self.live {
             sql.push_str(&format!(" WHERE {live}"));
         }

@@ -110,30 +110,40 @@ impl PgColumn {
     }
 }
 
-/// One owned column's part of the scan signature (see
-/// [`crate::model::signature`]).
-pub fn signature_part(c: &Ident, kind: ColumnType, column: Option<&PgColumn>) -> String {
+/// How a scanned owned column reads back, to build its part of the row's
+/// signature (see [`crate::model::signature`]) in Rust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanCell {
+    /// `int8`: `I<n>;`.
+    Int,
+    /// `boolean`: `B1;` or `B0;`.
+    Bool,
+    /// `int8` of a boolean mirrored in another type: 1 and 0 are `B1;`
+    /// and `B0;`, anything else `X;` (no upstream boolean gives it).
+    IntBool,
+    /// Canonical text: `T<bytes>:<text>;`.
+    Text,
+}
+
+/// One owned column as the scan selects it, and how it reads back.
+pub fn scan_cell(c: &Ident, kind: ColumnType, column: Option<&PgColumn>) -> (String, ScanCell) {
     let q = c.quoted();
     let native_bool = column.is_none_or(|col| col.base == "boolean");
     match kind {
-        ColumnType::Integer => format!("COALESCE('I' || CAST({q} AS int8)::text || ';', 'N;')"),
-        ColumnType::Boolean if native_bool => {
-            format!("CASE WHEN {q} IS NULL THEN 'N;' WHEN {q} THEN 'B1;' ELSE 'B0;' END")
-        }
-        ColumnType::Boolean => format!(
-            "CASE WHEN {q} IS NULL THEN 'N;' WHEN CAST({q} AS int8) = 1 THEN 'B1;' WHEN CAST({q} AS int8) = 0 THEN 'B0;' ELSE 'X;' END"
-        ),
+        ColumnType::Integer => (format!("CAST({q} AS int8)"), ScanCell::Int),
+        ColumnType::Boolean if native_bool => (q, ScanCell::Bool),
+        ColumnType::Boolean => (format!("CAST({q} AS int8)"), ScanCell::IntBool),
         ColumnType::Text
         | ColumnType::Uuid
         | ColumnType::Timestamp
         | ColumnType::Numeric
-        | ColumnType::Json => {
-            let text = match column {
+        | ColumnType::Json => (
+            match column {
                 Some(col) => col.canonical_text(&q),
                 None => format!("{q}::text"),
-            };
-            format!("COALESCE('T' || octet_length({text}) || ':' || {text} || ';', 'N;')")
-        }
+            },
+            ScanCell::Text,
+        ),
     }
 }
 

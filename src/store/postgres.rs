@@ -22,7 +22,7 @@ use super::{
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
-use crate::model::{fingerprint_signature, Key, Row, Value};
+use crate::model::{fingerprint_bytes, push_decimal, Key, Row, Value};
 
 /// Serializes concurrent migrations from several driftd processes.
 const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
@@ -94,13 +94,22 @@ impl PgStore {
         Ok(collation && matches!(encoding.as_str(), "UTF8" | "SQL_ASCII" | "LATIN1"))
     }
 
-    /// The scan's `SELECT key as text, signature` of `spec`'s live rows.
-    fn scan_query(&self, spec: &TableSpec) -> ScanQuery {
-        ScanQuery::new(
+    /// The scan's `SELECT key as text, cells...` of `spec`'s live rows, and
+    /// how each owned column's cell reads back.
+    fn scan_query(&self, spec: &TableSpec) -> (ScanQuery, Vec<pg_schema::ScanCell>) {
+        let cell =
+            |c: &Ident, kind| pg_schema::scan_cell(c, kind, self.column(spec, c.as_str()).as_ref());
+        let query = ScanQuery::new(
             spec,
             format!("CAST({} AS text)", spec.key_column.quoted()),
-            |c, kind| pg_schema::signature_part(c, kind, self.column(spec, c.as_str()).as_ref()),
-        )
+            |c, kind| cell(c, kind).0,
+        );
+        let cells = spec
+            .columns
+            .iter()
+            .map(|(c, kind)| cell(c, *kind).1)
+            .collect();
+        (query, cells)
     }
 
     /// The catalog description of `column`, once `prepare` ran.
@@ -552,7 +561,8 @@ impl Mirror for PgStore {
     }
 
     async fn scan(&self, spec: &TableSpec) -> Result<LocalIndex, StoreError> {
-        let sql = self.scan_query(spec).plain();
+        let (query, cells) = self.scan_query(spec);
+        let sql = query.plain();
         let estimate: i64 = sqlx::query_scalar(
             "SELECT GREATEST(reltuples, 0)::int8 FROM pg_class WHERE oid = to_regclass($1)",
         )
@@ -563,12 +573,13 @@ impl Mirror for PgStore {
         .unwrap_or(0);
         let mut index = LocalIndex::with_capacity(estimate.clamp(0, 50_000_000) as usize);
         let mut rows = sqlx::query(&sql).fetch(&self.pool);
+        let mut sig = Vec::with_capacity(256);
         while let Some(row) = rows
             .try_next()
             .await
             .map_err(query_err(format!("scan {}", spec.table)))?
         {
-            let (key, fp) = scanned(&row, spec)?;
+            let (key, fp) = scanned(&row, spec, &cells, &mut sig)?;
             index_row_fp(&mut index, spec, key, fp)?;
         }
         Ok(index)
@@ -585,7 +596,7 @@ impl Mirror for PgStore {
         // Qualified: unqualified, `id` would name the output column, the
         // key cast to text.
         let key = format!("{}.{}", spec.table.quoted(), spec.key_column.quoted());
-        let query = self.scan_query(spec);
+        let (query, cells) = self.scan_query(spec);
         let null_key = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE {key} IS NULL{})",
             query.table,
@@ -612,6 +623,7 @@ impl Mirror for PgStore {
         Ok(Some(spawn_sorted(move |after: Option<String>| {
             let (pool, spec, first, next) =
                 (pool.clone(), spec.clone(), first.clone(), next.clone());
+            let cells = cells.clone();
             async move {
                 let query = match &after {
                     None => sqlx::query(&first),
@@ -622,8 +634,9 @@ impl Mirror for PgStore {
                     .await
                     .map_err(query_err(format!("scan {}", spec.table)))?;
                 let mut batch = LocalBatch::with_capacity(rows.len());
+                let mut sig = Vec::with_capacity(256);
                 for row in &rows {
-                    let (key, fp) = scanned(row, &spec)?;
+                    let (key, fp) = scanned(row, &spec, &cells, &mut sig)?;
                     batch_row(&mut batch, &spec, key, fp)?;
                 }
                 Ok(batch)
@@ -838,10 +851,67 @@ type KeyCollation = (
     String,
 );
 
-/// A scanned row's key (as text) and the fingerprint of its signature.
-fn scanned<'r>(row: &'r PgRow, spec: &TableSpec) -> Result<(Option<&'r str>, u64), StoreError> {
-    let cells = (|| Ok((row.try_get(0)?, row.try_get(1)?)))();
-    let (key, signature): (Option<&str>, Option<&str>) =
-        cells.map_err(query_err(format!("scan {}", spec.table)))?;
-    Ok((key, fingerprint_signature(signature.unwrap_or(""))))
+/// A scanned row's key (as text) and the fingerprint of its signature,
+/// built in `sig` from its `cells` (the signature
+/// [`crate::model::signature`] gives the same values).
+fn scanned<'r>(
+    row: &'r PgRow,
+    spec: &TableSpec,
+    cells: &[pg_schema::ScanCell],
+    sig: &mut Vec<u8>,
+) -> Result<(Option<&'r str>, u64), StoreError> {
+    use pg_schema::ScanCell;
+    let failed = || query_err(format!("scan {}", spec.table));
+    let key: Option<&str> = row.try_get(0).map_err(failed())?;
+    let mut number = String::with_capacity(20);
+    sig.clear();
+    for (i, cell) in cells.iter().enumerate() {
+        let at = i + 1;
+        match cell {
+            ScanCell::Int | ScanCell::IntBool => {
+                let n: Option<i64> = row.try_get(at).map_err(failed())?;
+                match (cell, n) {
+                    (_, None) => sig.extend_from_slice(b"N;"),
+                    (ScanCell::IntBool, Some(b @ (0 | 1))) => {
+                        sig.extend_from_slice(if b == 1 { b"B1;" } else { b"B0;" })
+                    }
+                    (ScanCell::IntBool, Some(_)) => sig.extend_from_slice(b"X;"),
+                    (_, Some(n)) => {
+                        number.clear();
+                        if n < 0 {
+                            number.push('-');
+                        }
+                        push_decimal(&mut number, n.unsigned_abs());
+                        sig.push(b'I');
+                        sig.extend_from_slice(number.as_bytes());
+                        sig.push(b';');
+                    }
+                }
+            }
+            ScanCell::Bool => {
+                let b: Option<bool> = row.try_get(at).map_err(failed())?;
+                sig.extend_from_slice(match b {
+                    None => b"N;",
+                    Some(true) => b"B1;",
+                    Some(false) => b"B0;",
+                });
+            }
+            ScanCell::Text => {
+                let t: Option<&str> = row.try_get(at).map_err(failed())?;
+                match t {
+                    None => sig.extend_from_slice(b"N;"),
+                    Some(t) => {
+                        number.clear();
+                        push_decimal(&mut number, t.len() as u64);
+                        sig.push(b'T');
+                        sig.extend_from_slice(number.as_bytes());
+                        sig.push(b':');
+                        sig.extend_from_slice(t.as_bytes());
+                        sig.push(b';');
+                    }
+                }
+            }
+        }
+    }
+    Ok((key, fingerprint_bytes(sig)))
 }
