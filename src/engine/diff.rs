@@ -480,11 +480,6 @@ impl Differ {
         Ok(self.plan)
     }
 
-    /// Whether this differ merges ordered local rows (and wants them fed).
-    pub fn merges(&self) -> bool {
-        matches!(self.local, Local::Merge(_))
-    }
-
     /// Whether a merge still waits for local rows.
     pub fn local_pending(&self) -> bool {
         matches!(&self.local, Local::Merge(w) if !w.done)
