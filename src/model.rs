@@ -178,20 +178,62 @@ pub fn signature(values: &[Value], out: &mut String) {
     }
 }
 
-/// Appends `n` in decimal (as `{n}` formats it, without the formatter).
-pub(crate) fn push_decimal(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+/// `n`'s decimal digits (as `{n}` formats it, without the formatter),
+/// written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
+        buf[at] = b'0' + (n % 10) as u8;
         n /= 10;
         if n == 0 {
             break;
         }
     }
-    for &d in &digits[at..] {
+    &buf[at..]
+}
+
+/// Appends `n` in decimal.
+pub(crate) fn push_decimal(out: &mut String, n: u64) {
+    for &d in decimal(n, &mut [0; 20]) {
         out.push(char::from(d));
+    }
+}
+
+/// One owned column's value as a store reads it back, for its part of the
+/// row's [`signature`].
+pub(crate) enum Part<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Text(&'a [u8]),
+    /// Anything no upstream value gives (a REAL, a BLOB, a boolean 2):
+    /// `X;`, so the row shows as stale and is written back.
+    Foreign,
+}
+
+/// Appends `part`'s piece of a [`signature`], the same bytes `signature`
+/// writes for the equal [`Value`].
+pub(crate) fn push_part(sig: &mut Vec<u8>, part: Part<'_>) {
+    match part {
+        Part::Null => sig.extend_from_slice(b"N;"),
+        Part::Bool(b) => sig.extend_from_slice(if b { b"B1;" } else { b"B0;" }),
+        Part::Int(i) => {
+            sig.push(b'I');
+            if i < 0 {
+                sig.push(b'-');
+            }
+            sig.extend_from_slice(decimal(i.unsigned_abs(), &mut [0; 20]));
+            sig.push(b';');
+        }
+        Part::Text(t) => {
+            sig.push(b'T');
+            sig.extend_from_slice(decimal(t.len() as u64, &mut [0; 20]));
+            sig.push(b':');
+            sig.extend_from_slice(t);
+            sig.push(b';');
+        }
+        Part::Foreign => sig.extend_from_slice(b"X;"),
     }
 }
 
@@ -202,7 +244,7 @@ pub fn fingerprint(values: &[Value]) -> u64 {
     fingerprint_signature(&sig)
 }
 
-/// The fingerprint of a signature computed elsewhere (in SQL). The top bit
+/// The fingerprint of a signature built elsewhere. The top bit
 /// is reserved by the diff index (it marks a row as seen upstream), so it is
 /// always clear here. `DefaultHasher::new()` has fixed keys: equal
 /// signatures hash equal within a process, which is all one pass needs.
@@ -220,6 +262,29 @@ pub fn fingerprint_bytes(sig: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the stores read back spells a value exactly as the upstream
+    /// side's signature does.
+    #[test]
+    fn parts_spell_values_as_the_signature_does() {
+        let text = "é;\u{10FFFF}:x".to_string();
+        for (value, part) in [
+            (Value::Null, Part::Null),
+            (Value::Bool(true), Part::Bool(true)),
+            (Value::Bool(false), Part::Bool(false)),
+            (Value::Int(0), Part::Int(0)),
+            (Value::Int(i64::MIN), Part::Int(i64::MIN)),
+            (Value::Int(i64::MAX), Part::Int(i64::MAX)),
+            (Value::Text(String::new()), Part::Text(b"")),
+            (Value::Text(text.clone()), Part::Text(text.as_bytes())),
+        ] {
+            let mut want = String::new();
+            signature(std::slice::from_ref(&value), &mut want);
+            let mut got = Vec::new();
+            push_part(&mut got, part);
+            assert_eq!(got, want.as_bytes(), "{value:?}");
+        }
+    }
     use serde_json::json;
 
     #[test]

@@ -22,7 +22,7 @@ use super::{
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
-use crate::model::{fingerprint_bytes, push_decimal, Key, Row, Value};
+use crate::model::{fingerprint_bytes, push_part, Key, Part, Row, Value};
 
 /// Serializes concurrent migrations from several driftd processes.
 const MIGRATION_LOCK: i64 = 0x6472_6966_7464; // "driftd"
@@ -863,55 +863,28 @@ fn scanned<'r>(
     use pg_schema::ScanCell;
     let failed = || query_err(format!("scan {}", spec.table));
     let key: Option<&str> = row.try_get(0).map_err(failed())?;
-    let mut number = String::with_capacity(20);
     sig.clear();
     for (i, cell) in cells.iter().enumerate() {
         let at = i + 1;
-        match cell {
+        let part = match cell {
             ScanCell::Int | ScanCell::IntBool => {
-                let n: Option<i64> = row.try_get(at).map_err(failed())?;
-                match (cell, n) {
-                    (_, None) => sig.extend_from_slice(b"N;"),
-                    (ScanCell::IntBool, Some(b @ (0 | 1))) => {
-                        sig.extend_from_slice(if b == 1 { b"B1;" } else { b"B0;" })
-                    }
-                    (ScanCell::IntBool, Some(_)) => sig.extend_from_slice(b"X;"),
-                    (_, Some(n)) => {
-                        number.clear();
-                        if n < 0 {
-                            number.push('-');
-                        }
-                        push_decimal(&mut number, n.unsigned_abs());
-                        sig.push(b'I');
-                        sig.extend_from_slice(number.as_bytes());
-                        sig.push(b';');
-                    }
+                match (cell, row.try_get::<Option<i64>, _>(at).map_err(failed())?) {
+                    (_, None) => Part::Null,
+                    (ScanCell::IntBool, Some(b @ (0 | 1))) => Part::Bool(b == 1),
+                    (ScanCell::IntBool, Some(_)) => Part::Foreign,
+                    (_, Some(n)) => Part::Int(n),
                 }
             }
-            ScanCell::Bool => {
-                let b: Option<bool> = row.try_get(at).map_err(failed())?;
-                sig.extend_from_slice(match b {
-                    None => b"N;",
-                    Some(true) => b"B1;",
-                    Some(false) => b"B0;",
-                });
-            }
-            ScanCell::Text => {
-                let t: Option<&str> = row.try_get(at).map_err(failed())?;
-                match t {
-                    None => sig.extend_from_slice(b"N;"),
-                    Some(t) => {
-                        number.clear();
-                        push_decimal(&mut number, t.len() as u64);
-                        sig.push(b'T');
-                        sig.extend_from_slice(number.as_bytes());
-                        sig.push(b':');
-                        sig.extend_from_slice(t.as_bytes());
-                        sig.push(b';');
-                    }
-                }
-            }
-        }
+            ScanCell::Bool => match row.try_get::<Option<bool>, _>(at).map_err(failed())? {
+                None => Part::Null,
+                Some(b) => Part::Bool(b),
+            },
+            ScanCell::Text => match row.try_get::<Option<&str>, _>(at).map_err(failed())? {
+                None => Part::Null,
+                Some(t) => Part::Text(t.as_bytes()),
+            },
+        };
+        push_part(sig, part);
     }
     Ok((key, fingerprint_bytes(sig)))
 }

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::config::{ColumnType, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
-use crate::model::{fingerprint_bytes, push_decimal};
+use crate::model::{fingerprint_bytes, push_decimal, push_part, Part};
 
 /// Reads the live rows of `spec`'s table into an index sized for `count`.
 pub(super) async fn scan(
@@ -303,7 +303,6 @@ fn read(
         return Err(failed("bind the last key"));
     }
     let mut sig: Vec<u8> = Vec::with_capacity(256);
-    let mut number = String::with_capacity(24);
     let mut integer_key = String::with_capacity(24);
     loop {
         // SAFETY: a prepared statement on the held connection.
@@ -340,7 +339,7 @@ fn read(
         sig.clear();
         for (i, (_, kind)) in spec.columns.iter().enumerate() {
             let c = unsafe { cell(stmt.0, i as c_int + 1) };
-            part(&mut sig, *kind, c, &mut number);
+            part(&mut sig, *kind, c);
         }
         if !row(key, fingerprint_bytes(&sig))? {
             return Ok(false);
@@ -348,42 +347,25 @@ fn read(
     }
 }
 
-/// Appends one cell's part of the signature (`number`: a scratch buffer).
-fn part(sig: &mut Vec<u8>, kind: ColumnType, cell: Cell<'_>, number: &mut String) {
-    let mut tagged = |sig: &mut Vec<u8>, tag: u8, negative: bool, n: u64| {
-        number.clear();
-        push_decimal(number, n);
-        sig.push(tag);
-        if negative {
-            sig.push(b'-');
-        }
-        sig.extend_from_slice(number.as_bytes());
-    };
-    match (kind, cell) {
-        (_, Cell::Null) => sig.extend_from_slice(b"N;"),
-        (ColumnType::Integer, Cell::Integer(i)) => {
-            tagged(sig, b'I', i < 0, i.unsigned_abs());
-            sig.push(b';');
-        }
-        (ColumnType::Boolean, Cell::Integer(i @ (0 | 1))) => {
-            tagged(sig, b'B', false, i as u64);
-            sig.push(b';');
-        }
-        (
-            ColumnType::Text
-            | ColumnType::Uuid
-            | ColumnType::Timestamp
-            | ColumnType::Numeric
-            | ColumnType::Json,
-            Cell::Text(b),
-        ) => {
-            tagged(sig, b'T', false, b.len() as u64);
-            sig.push(b':');
-            sig.extend_from_slice(b);
-            sig.push(b';');
-        }
-        _ => sig.extend_from_slice(b"X;"),
-    }
+/// Appends one cell's part of the signature.
+fn part(sig: &mut Vec<u8>, kind: ColumnType, cell: Cell<'_>) {
+    push_part(
+        sig,
+        match (kind, cell) {
+            (_, Cell::Null) => Part::Null,
+            (ColumnType::Integer, Cell::Integer(i)) => Part::Int(i),
+            (ColumnType::Boolean, Cell::Integer(i @ (0 | 1))) => Part::Bool(i == 1),
+            (
+                ColumnType::Text
+                | ColumnType::Uuid
+                | ColumnType::Timestamp
+                | ColumnType::Numeric
+                | ColumnType::Json,
+                Cell::Text(b),
+            ) => Part::Text(b),
+            _ => Part::Foreign,
+        },
+    );
 }
 
 #[cfg(test)]
@@ -409,10 +391,9 @@ mod tests {
                 Value::Text(String::new()),
             ),
         ];
-        let mut number = String::new();
         for (kind, cell, value) in cases {
             let mut got = Vec::new();
-            part(&mut got, kind, cell, &mut number);
+            part(&mut got, kind, cell);
             let mut want = String::new();
             signature(std::slice::from_ref(&value), &mut want);
             assert_eq!(got, want.as_bytes(), "{kind:?} {value:?}");
@@ -426,7 +407,7 @@ mod tests {
             (ColumnType::Text, Cell::Other),
         ] {
             let mut got = Vec::new();
-            part(&mut got, kind, cell, &mut number);
+            part(&mut got, kind, cell);
             assert_eq!(got, b"X;");
         }
     }
