@@ -117,7 +117,7 @@ pub fn is_canonical_key(key: &str, kind: KeyType) -> bool {
     match kind {
         KeyType::Text => !key.is_empty(),
         KeyType::Integer => key.parse::<i64>().is_ok_and(|i| i.to_string() == key),
-        KeyType::Uuid => canonical::uuid(key).is_ok_and(|u| u == key),
+        KeyType::Uuid => canonical::is_canonical_uuid(key),
     }
 }
 

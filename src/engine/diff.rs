@@ -448,6 +448,7 @@ impl Differ {
 
     /// Keeps at most `limit` rows of each kind to write in memory, the
     /// rest in a temporary file (see [`Rows`]).
+    #[cfg(test)]
     pub fn rows_in_memory(mut self, limit: usize) -> Self {
         self.plan.insert = Rows::with_limit(limit);
         self.plan.update = Rows::with_limit(limit);

@@ -37,6 +37,7 @@ impl Default for Rows {
     }
 }
 
+#[cfg(test)]
 impl PartialEq<Vec<Row>> for Rows {
     /// Equal when every row is in memory and they are `other`'s (for
     /// tests).
@@ -45,6 +46,7 @@ impl PartialEq<Vec<Row>> for Rows {
     }
 }
 
+#[cfg(test)]
 impl FromIterator<Row> for Rows {
     fn from_iter<I: IntoIterator<Item = Row>>(rows: I) -> Self {
         let mut all = Rows::default();
@@ -107,6 +109,7 @@ impl Rows {
     }
 
     /// Whether some rows are in the file.
+    #[cfg(test)]
     pub fn spilled(&self) -> bool {
         self.spilled > 0
     }
@@ -125,6 +128,7 @@ impl Rows {
     }
 
     /// Every row, read back.
+    #[cfg(test)]
     pub fn to_vec(&mut self) -> Result<Vec<Row>, String> {
         let mut all = Vec::with_capacity(self.len());
         let mut reader = self.reader()?;

@@ -580,23 +580,20 @@ impl Pager {
                 .predicted_next()
                 .map(|next| Fetch::start(&self.client, next, decoder));
         }
+        // The page task decodes the body of a success, and only of one.
         let (status, headers, body, decoded) = this.finish::<D>().await?;
-        if !status.is_success() {
+        let Some(decoded) = decoded else {
             return Err(UpstreamError::Status {
                 url: url.to_string(),
                 status: status.as_u16(),
                 body: snippet(&body),
             });
-        }
+        };
         let malformed = |problem: String| UpstreamError::Malformed {
             url: url.to_string(),
             problem,
         };
-        let page = match decoded {
-            Some(decoded) => decoded,
-            None => decoder.decode(&body),
-        }
-        .map_err(malformed)?;
+        let page = decoded.map_err(malformed)?;
         drop(body);
         self.check_total(page.total.as_ref(), &url)?;
         let next_token = self.next_token(page.next.as_ref()).map_err(malformed)?;

@@ -29,7 +29,7 @@ pub use postgres::PgStore;
 pub use shape::Shape;
 pub use sqlite::SqliteStore;
 
-use crate::config::{ColumnType, Ident, TableSpec};
+use crate::config::{Ident, TableSpec};
 use crate::diff::{IndexError, LocalBatch, LocalIndex};
 use crate::jobs::{Job, JobFilter, JobId};
 use crate::model::{is_canonical_key, Key, Row};
@@ -541,14 +541,9 @@ pub(crate) struct ScanQuery {
 }
 
 impl ScanQuery {
-    /// `key` is the key column as text; `cell` gives one owned column's
-    /// select expression, in the backend's SQL.
-    pub fn new(spec: &TableSpec, key: String, cell: impl Fn(&Ident, ColumnType) -> String) -> Self {
-        let cells: Vec<String> = spec
-            .columns
-            .iter()
-            .map(|(c, kind)| cell(c, *kind))
-            .collect();
+    /// `key` is the key column as text; `cells` the owned columns' select
+    /// expressions, in the backend's SQL, in `spec`'s order.
+    pub fn new(spec: &TableSpec, key: String, cells: Vec<String>) -> Self {
         ScanQuery {
             key,
             cells: if cells.is_empty() {

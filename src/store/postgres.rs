@@ -97,18 +97,16 @@ impl PgStore {
     /// The scan's `SELECT key as text, cells...` of `spec`'s live rows, and
     /// how each owned column's cell reads back.
     fn scan_query(&self, spec: &TableSpec) -> (ScanQuery, Vec<pg_schema::ScanCell>) {
-        let cell =
-            |c: &Ident, kind| pg_schema::scan_cell(c, kind, self.column(spec, c.as_str()).as_ref());
+        let (exprs, cells): (Vec<String>, Vec<_>) = spec
+            .columns
+            .iter()
+            .map(|(c, kind)| pg_schema::scan_cell(c, *kind, self.column(spec, c.as_str()).as_ref()))
+            .unzip();
         let query = ScanQuery::new(
             spec,
             format!("CAST({} AS text)", spec.key_column.quoted()),
-            |c, kind| cell(c, kind).0,
+            exprs,
         );
-        let cells = spec
-            .columns
-            .iter()
-            .map(|(c, kind)| cell(c, *kind).1)
-            .collect();
         (query, cells)
     }
 
@@ -612,7 +610,7 @@ impl Mirror for PgStore {
             .map_err(query_err(format!("scan {}", spec.table)))?;
         if has_null {
             // The keyset below never reaches a NULL key: refuse it here.
-            batch_row(&mut LocalBatch::default(), spec, None, 0)?;
+            super::checked_key(spec, None)?;
         }
         let plain = query.plain();
         let and = if query.live.is_some() { "AND" } else { "WHERE" };
@@ -861,25 +859,25 @@ fn scanned<'r>(
     sig: &mut Vec<u8>,
 ) -> Result<(Option<&'r str>, u64), StoreError> {
     use pg_schema::ScanCell;
-    let failed = || query_err(format!("scan {}", spec.table));
-    let key: Option<&str> = row.try_get(0).map_err(failed())?;
+    let failed = |e| query_err(format!("scan {}", spec.table))(e);
+    let key: Option<&str> = row.try_get(0).map_err(failed)?;
     sig.clear();
     for (i, cell) in cells.iter().enumerate() {
         let at = i + 1;
         let part = match cell {
             ScanCell::Int | ScanCell::IntBool => {
-                match (cell, row.try_get::<Option<i64>, _>(at).map_err(failed())?) {
+                match (cell, row.try_get::<Option<i64>, _>(at).map_err(failed)?) {
                     (_, None) => Part::Null,
                     (ScanCell::IntBool, Some(b @ (0 | 1))) => Part::Bool(b == 1),
                     (ScanCell::IntBool, Some(_)) => Part::Foreign,
                     (_, Some(n)) => Part::Int(n),
                 }
             }
-            ScanCell::Bool => match row.try_get::<Option<bool>, _>(at).map_err(failed())? {
+            ScanCell::Bool => match row.try_get::<Option<bool>, _>(at).map_err(failed)? {
                 None => Part::Null,
                 Some(b) => Part::Bool(b),
             },
-            ScanCell::Text => match row.try_get::<Option<&str>, _>(at).map_err(failed())? {
+            ScanCell::Text => match row.try_get::<Option<&str>, _>(at).map_err(failed)? {
                 None => Part::Null,
                 Some(t) => Part::Text(t.as_bytes()),
             },

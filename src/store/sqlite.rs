@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 use sqlx::{SqliteConnection, SqlitePool};
 
 use super::shape::{self, Kind, Shape};
-use super::sqlite_schema::{affinity, column_collation};
+use super::sqlite_schema::affinity;
 use super::write::{self, WriteTx};
 use super::{
     check_columns, jobs, query_err, rows_per_statement, Change, ChangeResult, Ledger, Mirror,
@@ -206,26 +206,11 @@ impl SqliteStore {
         key: &str,
     ) -> Result<(Option<String>, bool), StoreError> {
         let context = format!("inspect the key of {table}");
-        let master = if schema.eq_ignore_ascii_case("temp") {
-            "sqlite_temp_master".to_string()
-        } else {
-            format!("\"{}\".sqlite_master", schema.replace('"', ""))
-        };
-        let ddl: Option<String> = sqlx::query_scalar(&format!(
-            "SELECT sql FROM {master} WHERE type = 'table' AND name = ?1"
-        ))
-        .bind(table)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(query_err(context.clone()))?
-        .flatten();
-        // What SQLite says the column's collation is, and what its DDL
-        // says (the DDL alone was fooled once, by a comment).
-        let declared =
-            super::sqlite_scan::declared_collation(&self.pool, schema, table, key).await?;
-        let mut collation = declared
-            .filter(|c| c != "BINARY")
-            .or_else(|| ddl.as_deref().and_then(|sql| column_collation(sql, key)));
+        // SQLite's own answer: reading the DDL by hand was once fooled by
+        // a comment (`COLLATE /* ... */ NOCASE`).
+        let mut collation = super::sqlite_scan::declared_collation(&self.pool, schema, table, key)
+            .await?
+            .filter(|c| c != "BINARY");
         let rowid_alias: bool = sqlx::query_scalar(
             "SELECT COUNT(*) = 1 AND SUM(name = ?3 AND upper(type) = 'INTEGER') = 1 \
              FROM pragma_table_info(?1, ?2) WHERE pk > 0",

@@ -371,6 +371,48 @@ fn part(sig: &mut Vec<u8>, kind: ColumnType, cell: Cell<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The collation SQLite applies to each column, whatever the DDL's
+    /// spelling (case, quoting, comments, commas in defaults); a column
+    /// that does not exist is an error.
+    #[tokio::test]
+    async fn sqlite_reports_each_columns_collation() {
+        let pool = SqlitePool::connect("sqlite::memory:").await.unwrap();
+        sqlx::raw_sql(
+            r#"CREATE TABLE "users" (
+                "uuid" TEXT COLLATE NOCASE PRIMARY KEY, -- a comment, with a comma
+                name VARCHAR(10, 2) collate rtrim,
+                [odd name] TEXT,
+                note TEXT DEFAULT 'a, COLLATE x',
+                CHECK (length(name) > 0)
+            );
+            CREATE TABLE t (id TEXT COLLATE /* folded */ NOCASE, a /* x, y */ TEXT COLLATE RTRIM, b TEXT) /* open"#,
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let of = |table: &'static str, column: &'static str| {
+            let pool = pool.clone();
+            async move { declared_collation(&pool, "main", table, column).await }
+        };
+        assert_eq!(
+            of("users", "uuid").await.unwrap().as_deref(),
+            Some("NOCASE")
+        );
+        assert_eq!(of("users", "NAME").await.unwrap().as_deref(), Some("RTRIM"));
+        assert_eq!(
+            of("users", "odd name").await.unwrap().as_deref(),
+            Some("BINARY")
+        );
+        assert_eq!(
+            of("users", "note").await.unwrap().as_deref(),
+            Some("BINARY")
+        );
+        assert!(of("users", "missing").await.is_err());
+        assert_eq!(of("t", "id").await.unwrap().as_deref(), Some("NOCASE"));
+        assert_eq!(of("t", "a").await.unwrap().as_deref(), Some("RTRIM"));
+        assert_eq!(of("t", "b").await.unwrap().as_deref(), Some("BINARY"));
+    }
     use crate::model::{signature, Value};
 
     #[test]
