@@ -32,12 +32,35 @@ pub fn uuid(raw: &str) -> Result<String, String> {
 /// Whether `raw` is already a uuid's canonical form: 36 characters,
 /// lower-case hex digits in groups of 8-4-4-4-12 (what [`uuid`] gives).
 pub fn is_canonical_uuid(raw: &str) -> bool {
+    // Each byte's class (1: a lower-case hex digit, 2: '-', 0: anything
+    // else) must be the class its position wants; checked without
+    // branching, as this runs on every uuid of a pass.
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut c = 0;
+        while c < 256 {
+            t[c] = match c as u8 {
+                b'0'..=b'9' | b'a'..=b'f' => 1,
+                b'-' => 2,
+                _ => 0,
+            };
+            c += 1;
+        }
+        t
+    };
+    const WANT: [u8; 36] = {
+        let mut w = [1u8; 36];
+        w[8] = 2;
+        w[13] = 2;
+        w[18] = 2;
+        w[23] = 2;
+        w
+    };
     let b = raw.as_bytes();
     b.len() == 36
-        && b.iter().enumerate().all(|(i, &c)| match i {
-            8 | 13 | 18 | 23 => c == b'-',
-            _ => c.is_ascii_digit() || (b'a'..=b'f').contains(&c),
-        })
+        && b.iter().zip(WANT).fold(0, |wrong, (&c, want)| {
+            wrong | (CLASS[usize::from(c)] ^ want)
+        }) == 0
 }
 
 /// The canonical form of an RFC 3339 timestamp, in UTC.
@@ -284,6 +307,27 @@ mod tests {
                 "{raw}"
             );
         }
+        // Every byte value at every position of a canonical uuid.
+        let base = b"6f9619ff-8b86-d011-b42d-00c04fc964ff".to_vec();
+        let mut checked = 0;
+        for at in 0..base.len() {
+            for byte in 0..=127u8 {
+                let mut raw = base.clone();
+                raw[at] = byte;
+                let raw = String::from_utf8(raw).unwrap();
+                let parsed = uuid::Uuid::try_parse(&raw).map(|u| u.hyphenated().to_string());
+                assert_eq!(
+                    is_canonical_uuid(&raw),
+                    parsed.as_deref() == Ok(raw.as_str()),
+                    "{raw:?}"
+                );
+                checked += usize::from(is_canonical_uuid(&raw));
+            }
+        }
+        // 16 hex digits at each of 32 places, '-' at each of 4.
+        assert_eq!(checked, 32 * 16 + 4);
+        // A multi-byte character in place of a digit.
+        assert!(!is_canonical_uuid("6f9619ff-8b86-d011-b42d-00c04fc964é"));
     }
 
     #[test]

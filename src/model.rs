@@ -121,6 +121,20 @@ pub fn is_canonical_key(key: &str, kind: KeyType) -> bool {
     }
 }
 
+/// [`key_from_json`] of a value it may keep: a string already in its
+/// canonical form becomes the key without a copy.
+pub fn key_from_json_owned(json: Option<Json>, kind: KeyType) -> Result<Key, String> {
+    match (kind, json) {
+        (KeyType::Text, Some(Json::String(s))) if !s.is_empty() && !s.contains('\0') => {
+            Ok(Key(s.into()))
+        }
+        (KeyType::Uuid, Some(Json::String(s))) if canonical::is_canonical_uuid(&s) => {
+            Ok(Key(s.into()))
+        }
+        (kind, json) => key_from_json(json.as_ref(), kind),
+    }
+}
+
 /// Reads a key from an upstream item.
 pub fn key_from_json(json: Option<&Json>, kind: KeyType) -> Result<Key, String> {
     match (kind, json) {

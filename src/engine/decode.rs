@@ -9,9 +9,8 @@
 //! element one way only. Any other shape goes through a `serde_json::Value`
 //! document. Both paths give the same rows from the same page, and fail on
 //! the same bad rows. The fast path does not read what it skips: a page
-//! whose skipped parts are not well-formed JSON text (bytes that are not
-//! UTF-8, a lone surrogate escape, nesting past serde_json's depth limit)
-//! decodes there and fails on the document path; the rows it takes are the
+//! whose skipped parts are not well-formed JSON text (a lone surrogate
+//! escape, nesting past serde_json's depth limit) decodes there and fails on the document path; the rows it takes are the
 //! same either way.
 
 use std::fmt;
@@ -21,7 +20,7 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 
 use crate::config::{ColumnType, KeyType, ResourceConfig};
-use crate::model::{key_from_json, Row, Value};
+use crate::model::{key_from_json_owned, Row, Value};
 
 /// What a decoder found in one page.
 #[derive(Debug)]
@@ -121,7 +120,22 @@ struct FastPlan {
 #[derive(Debug, Default)]
 struct Node {
     ends: Vec<usize>,
-    children: Vec<(String, Node)>,
+    children: Vec<Child>,
+}
+
+/// A pointer token under a [`Node`], and the node it leads to.
+#[derive(Debug)]
+struct Child {
+    token: String,
+    /// The array index the token names, read as [`resolve`] reads it.
+    index: Option<usize>,
+    node: Node,
+}
+
+impl AsRef<str> for Child {
+    fn as_ref(&self) -> &str {
+        &self.token
+    }
 }
 
 impl Node {
@@ -133,10 +147,10 @@ impl Node {
     /// document path.
     fn ambiguous(&self) -> bool {
         let mut indexes = std::collections::HashSet::new();
-        self.children.iter().any(|(token, child)| {
-            token.starts_with("$serde_json")
-                || token.parse::<usize>().is_ok_and(|i| !indexes.insert(i))
-                || child.ambiguous()
+        self.children.iter().any(|child| {
+            child.token.starts_with("$serde_json")
+                || child.index.is_some_and(|i| !indexes.insert(i))
+                || child.node.ambiguous()
         })
     }
 
@@ -144,14 +158,18 @@ impl Node {
         match tokens.split_first() {
             None => self.ends.push(pick),
             Some((first, rest)) => {
-                let at = match self.children.iter().position(|(t, _)| t == first) {
+                let at = match self.children.iter().position(|c| &c.token == first) {
                     Some(at) => at,
                     None => {
-                        self.children.push((first.clone(), Node::default()));
+                        self.children.push(Child {
+                            token: first.clone(),
+                            index: first.parse().ok(),
+                            node: Node::default(),
+                        });
                         self.children.len() - 1
                     }
                 };
-                self.children[at].1.add(rest, pick);
+                self.children[at].node.add(rest, pick);
             }
         }
     }
@@ -162,8 +180,8 @@ impl Node {
         for &p in &self.ends {
             slots[p] = Some(value.clone());
         }
-        for (_, child) in &self.children {
-            child.fill_all(slots, value);
+        for child in &self.children {
+            child.node.fill_all(slots, value);
         }
     }
 
@@ -174,19 +192,19 @@ impl Node {
             slots[p] = Some(value.clone());
         }
         if value.is_null() {
-            for (_, child) in &self.children {
-                child.fill_all(slots, value);
+            for child in &self.children {
+                child.node.fill_all(slots, value);
             }
             return;
         }
-        for (token, child) in &self.children {
+        for child in &self.children {
             let found = match value {
-                Json::Object(map) => map.get(token),
-                Json::Array(items) => token.parse::<usize>().ok().and_then(|i| items.get(i)),
+                Json::Object(map) => map.get(&child.token),
+                Json::Array(items) => child.index.and_then(|i| items.get(i)),
                 _ => None,
             };
             if let Some(v) = found {
-                child.fill_from(slots, v);
+                child.node.fill_from(slots, v);
             }
         }
     }
@@ -273,7 +291,7 @@ impl RowDecoder {
         mut values: impl FnMut(usize) -> Option<Json>,
     ) -> Result<Row, String> {
         let key_json = values(0);
-        let key = key_from_json(key_json.as_ref(), self.key_type)
+        let key = key_from_json_owned(key_json, self.key_type)
             .map_err(|p| format!("item {index}: `{}`: {p}", self.key_pointer))?;
         let mut row = Row {
             key,
@@ -357,7 +375,12 @@ impl PageDecoder for RowDecoder {
         let Some(plan) = &self.fast else {
             return self.decode_document(body);
         };
-        let mut de = serde_json::Deserializer::from_slice(body);
+        // The body is checked to be UTF-8 once, whole, so that the strings
+        // read from it need no check of their own (the fast half of reading
+        // one). A body that is not UTF-8 fails here, as in a document.
+        let text = std::str::from_utf8(body)
+            .map_err(|e| format!("invalid JSON: the body is not UTF-8 text ({e})"))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         let page = PageSeed {
             decoder: self,
             plan,
@@ -561,13 +584,15 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
         f.write_str("a JSON value")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let names: Vec<&str> = self.node.children.iter().map(|(t, _)| t.as_str()).collect();
-        while let Some(hit) = map.next_key_seed(KeySeed(&names))? {
+        while let Some(hit) = map.next_key_seed(KeySeed(&self.node.children))? {
             match hit {
                 Some(at) => {
-                    let node = &self.node.children[at].1;
-                    // A key met twice: the last one counts, as in a document.
-                    node.clear(self.slots);
+                    let node = &self.node.children[at].node;
+                    // A key met twice: the last one counts, as in a document
+                    // (a leaf's value is replaced whole, its slots set anew).
+                    if !node.children.is_empty() {
+                        node.clear(self.slots);
+                    }
                     map.next_value_seed(NodeSeed {
                         node,
                         slots: self.slots,
@@ -583,15 +608,11 @@ impl<'de> Visitor<'de> for NodeSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut index = 0usize;
         loop {
-            let child = self
-                .node
-                .children
-                .iter()
-                .find(|(t, _)| t.parse::<usize>().ok() == Some(index));
+            let child = self.node.children.iter().find(|c| c.index == Some(index));
             let more = match child {
-                Some((_, node)) => seq
+                Some(child) => seq
                     .next_element_seed(NodeSeed {
-                        node,
+                        node: &child.node,
                         slots: self.slots,
                     })?
                     .is_some(),
@@ -634,8 +655,8 @@ impl Node {
         for &p in &self.ends {
             slots[p] = None;
         }
-        for (_, child) in &self.children {
-            child.clear(slots);
+        for child in &self.children {
+            child.node.clear(slots);
         }
     }
 }
@@ -757,7 +778,20 @@ tag = { from = "/a~1b/~0c", optional = true }
     /// for, so that most items come close to matching.
     fn random_json(rng: &mut fastrand::Rng, depth: u32) -> String {
         let names = [
-            "id", "name", "flags", "on", "address", "city", "0", "1", "a/b", "~c", "",
+            "id",
+            "name",
+            "flags",
+            "on",
+            "address",
+            "city",
+            "0",
+            "1",
+            "a/b",
+            "~c",
+            "",
+            // Escaped spellings of names the mapping matches.
+            "i\\u0064",
+            "\\u0061ddress",
         ];
         match rng.u8(..if depth > 3 { 6 } else { 9 }) {
             0 => "null".into(),
@@ -848,6 +882,26 @@ f = { from = "/name/1/on", optional = true, type = "boolean" }
         }
         // Enough pages decode for the agreement to mean something.
         assert!(agreed > 1000, "only {agreed} pages decoded");
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_fails_on_both_paths() {
+        let d = decoder("");
+        // The bad byte is in a field the fast path skips.
+        let page = b"{\"items\": [{\"id\": 1, \"name\": \"a\", \"junk\": \"\xff\", \"address\": {\"city\": \"X\"}}]}";
+        let fast = d.decode(page).unwrap_err();
+        assert!(fast.contains("not UTF-8 text"), "{fast}");
+        assert!(d.decode_document(page).is_err());
+    }
+
+    #[test]
+    fn keys_match_by_their_unescaped_text() {
+        let d = decoder("");
+        let page = br#"{"items": [{"i\u0064": 1, "\u006eame": "a", "address": {"city": "X"}}]}"#;
+        let fast = d.decode(page).unwrap();
+        assert_eq!(fast.items, d.decode_document(page).unwrap().items);
+        assert_eq!(fast.items[0].key.as_str(), "1");
+        assert_eq!(fast.items[0].values[1], Value::Text("a".into()));
     }
 
     #[test]
