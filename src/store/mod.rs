@@ -576,30 +576,76 @@ pub type SortedScan = tokio::sync::mpsc::Receiver<Result<Option<LocalBatch>, Sto
 /// Rows in a sorted scan's batch.
 pub(crate) const SORTED_BATCH: usize = 4096;
 
-/// Runs a sorted scan in a task of its own: `read(after)` reads the live
+/// A batch of a sorted scan as read from the database, before it is
+/// checked and made a [`LocalBatch`].
+pub(crate) trait ReadBatch: Send + 'static {
+    fn rows(&self) -> usize;
+    /// The last row's key as the next batch is bound after, if it has one.
+    fn last_key(&self) -> Option<String>;
+}
+
+impl ReadBatch for LocalBatch {
+    fn rows(&self) -> usize {
+        self.len()
+    }
+    fn last_key(&self) -> Option<String> {
+        LocalBatch::last_key(self).map(str::to_string)
+    }
+}
+
+/// Runs a sorted scan in a task of its own: `fetch(after)` reads the live
 /// rows after key `after` in key order (from the first with `None`), at
-/// most [`SORTED_BATCH`]; each batch is sent, then `Ok(None)` after a
-/// short one. Stops at the first error (sent) or when the receiver is
-/// dropped.
-pub(crate) fn spawn_sorted<F, Fut>(mut read: F) -> SortedScan
+/// most [`SORTED_BATCH`], and `check` makes them a batch; each batch is
+/// sent, then `Ok(None)` after a short one. The next batch is fetched, in
+/// a task of its own, while `check` works on this one (the database
+/// answers while driftd reads). Stops at the first error (sent) or when
+/// the receiver is dropped.
+pub(crate) fn spawn_sorted<F, Fut, R, C>(mut fetch: F, check: C) -> SortedScan
 where
     F: FnMut(Option<String>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<LocalBatch, StoreError>> + Send,
+    Fut: Future<Output = Result<R, StoreError>> + Send + 'static,
+    R: ReadBatch,
+    C: Fn(R) -> Result<LocalBatch, StoreError> + Send + 'static,
 {
+    use tokio_util::task::AbortOnDropHandle;
     use tracing::Instrument;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let scan = async move {
+        let mut ahead: Option<AbortOnDropHandle<Result<R, StoreError>>> = None;
         let mut after = None;
         loop {
-            let batch = match read(after.take()).await {
+            let read = match ahead.take() {
+                Some(task) => task.await.unwrap_or_else(|e| {
+                    Err(StoreError::Unavailable(format!(
+                        "the scan's read stopped: {e}"
+                    )))
+                }),
+                None => fetch(after.take()).await,
+            };
+            let read = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    drop(tx.send(Err(e)).await);
+                    return;
+                }
+            };
+            let last = read.rows() < SORTED_BATCH;
+            if !last {
+                if let Some(key) = read.last_key() {
+                    let next = fetch(Some(key)).in_current_span();
+                    ahead = Some(AbortOnDropHandle::new(tokio::spawn(next)));
+                }
+            }
+            let batch = match check(read) {
                 Ok(batch) => batch,
                 Err(e) => {
                     drop(tx.send(Err(e)).await);
                     return;
                 }
             };
-            let last = batch.len() < SORTED_BATCH;
-            after = batch.last_key().map(str::to_string);
+            if ahead.is_none() {
+                after = batch.last_key().map(str::to_string);
+            }
             // A send fails only when the pass stopped reading.
             if tx.send(Ok(Some(batch))).await.is_err() {
                 return;

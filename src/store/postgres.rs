@@ -16,8 +16,8 @@ use super::shape::{self, Shape};
 use super::write::{self, WriteTx};
 use super::{
     batch_row, check_columns, index_row_fp, jobs, lock_key, query_err, spawn_sorted, Change,
-    ChangeResult, Ledger, Mirror, PassWrite, ResourceLock, ScanQuery, SortedScan, StoreError,
-    Written, SORTED_BATCH,
+    ChangeResult, Ledger, Mirror, PassWrite, ReadBatch, ResourceLock, ScanQuery, SortedScan,
+    StoreError, Written, SORTED_BATCH,
 };
 use crate::config::{ColumnType, Ident, KeyType, TableSpec};
 use crate::diff::{LocalBatch, LocalIndex};
@@ -617,11 +617,11 @@ impl Mirror for PgStore {
         let order = format!("ORDER BY {key} LIMIT {SORTED_BATCH}");
         let first = format!("{plain} {order}");
         let next = format!("{plain} {and} {key} > CAST($1 AS {base}) {order}");
-        let (pool, spec) = (self.pool.clone(), spec.clone());
-        Ok(Some(spawn_sorted(move |after: Option<String>| {
-            let (pool, spec, first, next) =
-                (pool.clone(), spec.clone(), first.clone(), next.clone());
-            let cells = cells.clone();
+        let (pool, table) = (self.pool.clone(), spec.table.to_string());
+        let spec = spec.clone();
+        let fetch = move |after: Option<String>| {
+            let (pool, table, first, next) =
+                (pool.clone(), table.clone(), first.clone(), next.clone());
             async move {
                 let query = match &after {
                     None => sqlx::query(&first),
@@ -630,16 +630,20 @@ impl Mirror for PgStore {
                 let rows = query
                     .fetch_all(&pool)
                     .await
-                    .map_err(query_err(format!("scan {}", spec.table)))?;
-                let mut batch = LocalBatch::with_capacity(rows.len());
-                let mut sig = Vec::with_capacity(256);
-                for row in &rows {
-                    let (key, fp) = scanned(row, &spec, &cells, &mut sig)?;
-                    batch_row(&mut batch, &spec, key, fp)?;
-                }
-                Ok(batch)
+                    .map_err(query_err(format!("scan {table}")))?;
+                Ok(ScanRows(rows))
             }
-        })))
+        };
+        let check = move |ScanRows(rows): ScanRows| {
+            let mut batch = LocalBatch::with_capacity(rows.len());
+            let mut sig = Vec::with_capacity(256);
+            for row in &rows {
+                let (key, fp) = scanned(row, &spec, &cells, &mut sig)?;
+                batch_row(&mut batch, &spec, key, fp)?;
+            }
+            Ok(batch)
+        };
+        Ok(Some(spawn_sorted(fetch, check)))
     }
 
     async fn journal_mark(&self, resource: &str) -> Result<i64, StoreError> {
@@ -848,6 +852,24 @@ type KeyCollation = (
     Option<String>,
     String,
 );
+
+/// A sorted scan's batch as PostgreSQL sent it.
+struct ScanRows(Vec<PgRow>);
+
+impl ReadBatch for ScanRows {
+    fn rows(&self) -> usize {
+        self.0.len()
+    }
+    /// The key as the batch reads it: the next batch is bound after the
+    /// very text [`scanned`] takes for this one's last key.
+    fn last_key(&self) -> Option<String> {
+        self.0
+            .last()?
+            .try_get::<Option<String>, _>(0)
+            .ok()
+            .flatten()
+    }
+}
 
 /// A scanned row's key (as text) and the fingerprint of its signature,
 /// built in `sig` from its `cells` (the signature

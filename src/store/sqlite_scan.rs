@@ -63,22 +63,25 @@ pub(super) async fn scan_sorted(
     }
     let (first, next) = (select(spec, Some(false)), select(spec, Some(true)));
     let (pool, spec) = (pool.clone(), spec.clone());
-    Ok(Some(spawn_sorted(move |after: Option<String>| {
-        let sql = if after.is_some() { &next } else { &first }.clone();
-        let bound = after.map(|k| match k.parse() {
-            Ok(i) if spec.key_type == KeyType::Integer => After::Int(i),
-            _ => After::Text(k),
-        });
-        let for_batch = spec.clone();
-        blocking(pool.clone(), &spec, move |db, context| {
-            let spec = for_batch;
-            let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
-            read(db, &sql, bound.as_ref(), &spec, context, |key, fp| {
-                batch_row(&mut batch, &spec, key, fp).map(|()| true)
-            })?;
-            Ok(batch)
-        })
-    })))
+    Ok(Some(spawn_sorted(
+        move |after: Option<String>| {
+            let sql = if after.is_some() { &next } else { &first }.clone();
+            let bound = after.map(|k| match k.parse() {
+                Ok(i) if spec.key_type == KeyType::Integer => After::Int(i),
+                _ => After::Text(k),
+            });
+            let for_batch = spec.clone();
+            blocking(pool.clone(), &spec, move |db, context| {
+                let spec = for_batch;
+                let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
+                read(db, &sql, bound.as_ref(), &spec, context, |key, fp| {
+                    batch_row(&mut batch, &spec, key, fp).map(|()| true)
+                })?;
+                Ok(batch)
+            })
+        },
+        Ok,
+    )))
 }
 
 /// The last key of a sorted scan's batch, bound as `?1` of the next.
