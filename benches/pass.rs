@@ -29,7 +29,10 @@
 //! ratio to the part of the floor it does the work of (scan: the CLI read;
 //! listing: the fetch), and the JSON decoded per second. In a merge the
 //! scan runs beside the listing; its figure is the time the differ waited
-//! for local rows.
+//! for local rows. The floor reads only; the apply phase is set against
+//! the same CLI writing the drift back from a script (the missing rows
+//! inserted, the stale ones updated, the extra ones deleted, in
+//! transactions of 1000 rows), timed on the drifted table before the pass.
 //!
 //! Rows: `DRIFTD_BENCH_ROWS`, one count or several separated by commas
 //! (default 1,000,000; 2,000 when `cargo test` runs it as a smoke test).
@@ -134,6 +137,12 @@ fn main() {
             rt.block_on(seed(backend, url, &users));
             let read = read_floor(backend, url);
             let floor = fetch + read;
+            // What the database's CLI takes to write the drift back, in
+            // transactions of 1000 rows as driftd's writes go: a floor for
+            // the apply phase (the pass floor above reads only). The table
+            // is drifted, written back by the CLI, then drifted again.
+            rt.block_on(drift(backend, url, &users));
+            let write = write_floor(backend, url, &users, dir.path());
             for &order in orders {
                 rt.block_on(drift(backend, url, &users));
                 let config = dir.path().join(format!("{backend}-{order}.toml"));
@@ -170,7 +179,10 @@ fn main() {
                     list / fetch,
                     users.json_bytes() as f64 / 1e6 / list
                 );
-                println!("    apply   {apply:>6.2} s  (confirm and write the drift)");
+                println!(
+                    "    apply   {apply:>6.2} s  = {:.2}x the CLI writing the same rows back ({write:.2} s)",
+                    apply / write
+                );
                 assert_eq!(report["outcome"], "repaired", "{report}");
                 for kind in ["missing", "stale", "extra"] {
                     assert_eq!(f[kind].as_u64(), Some(rows / 100), "{kind}: {report}");
@@ -434,7 +446,7 @@ const COLUMNS: &str = "uuid, tenant_uuid, username, firstname, lastname, email, 
 /// reads.
 fn read_floor(backend: &str, url: &str) -> f64 {
     let select = format!("SELECT {COLUMNS} FROM users");
-    let mut cmd = if backend == "sqlite" {
+    let cmd = if backend == "sqlite" {
         let mut c = Command::new("sqlite3");
         c.arg(url.trim_start_matches("sqlite://")).arg(select);
         c
@@ -446,6 +458,11 @@ fn read_floor(backend: &str, url: &str) -> f64 {
             .arg(format!("COPY ({select}) TO STDOUT"));
         c
     };
+    timed(cmd, backend)
+}
+
+/// Runs a database CLI to its end, output discarded; its wall seconds.
+fn timed(mut cmd: Command, backend: &str) -> f64 {
     let started = Instant::now();
     let status = cmd
         .stdout(Stdio::null())
@@ -453,6 +470,82 @@ fn read_floor(backend: &str, url: &str) -> f64 {
         .unwrap_or_else(|e| panic!("run the {backend} CLI (sqlite3 or psql): {e}"));
     assert!(status.success(), "{backend} CLI failed: {status}");
     started.elapsed().as_secs_f64()
+}
+
+/// Writes the drift back with the database's own CLI (`sqlite3`, `psql`)
+/// from a script: the missing users inserted, the stale ones' lastname
+/// set, the ghosts deleted, each kind in transactions of 1000 rows. Its
+/// wall seconds.
+fn write_floor(backend: &str, url: &str, users: &Users, dir: &std::path::Path) -> f64 {
+    let mut script = String::new();
+    let missing: Vec<[String; 7]> = (0..users.n).step_by(100).map(|i| users.row(i)).collect();
+    for rows in missing.chunks(1000) {
+        let _ = writeln!(script, "BEGIN;\n{};\nCOMMIT;", insert_sql(backend, rows));
+    }
+    let stale: Vec<u64> = (50..users.n).step_by(100).collect();
+    for chunk in stale.chunks(1000) {
+        script.push_str("BEGIN;\n");
+        for &i in chunk {
+            let r = users.row(i);
+            let _ = writeln!(
+                script,
+                "UPDATE users SET lastname = '{}' WHERE uuid = '{}';",
+                r[4], r[0]
+            );
+        }
+        script.push_str("COMMIT;\n");
+    }
+    let ghosts: Vec<String> = (0..users.n / 100)
+        .map(|i| format!("'{}'", users.ghost(i)[0]))
+        .collect();
+    for keys in ghosts.chunks(1000) {
+        let _ = writeln!(
+            script,
+            "BEGIN;\nDELETE FROM users WHERE uuid IN ({});\nCOMMIT;",
+            keys.join(",")
+        );
+    }
+    let path = dir.join(format!("{backend}-write-back.sql"));
+    std::fs::write(&path, script).expect("write the script");
+    let cmd = if backend == "sqlite" {
+        let mut c = Command::new("sqlite3");
+        c.arg("-bail")
+            .arg(url.trim_start_matches("sqlite://"))
+            .arg(format!(".read {}", path.display()));
+        c
+    } else {
+        let mut c = Command::new("psql");
+        c.arg(url)
+            .arg("-q")
+            .arg("-v")
+            .arg("ON_ERROR_STOP=1")
+            .arg("-f")
+            .arg(&path);
+        c
+    };
+    let wall = timed(cmd, backend);
+    // The script did write the drift back: every user, none stale.
+    let check = "SELECT count(*), count(CASE WHEN lastname LIKE '%-old' THEN 1 END) FROM users";
+    let out = if backend == "sqlite" {
+        Command::new("sqlite3")
+            .arg(url.trim_start_matches("sqlite://"))
+            .arg(check)
+            .output()
+    } else {
+        Command::new("psql")
+            .arg(url)
+            .arg("-qAt")
+            .arg("-c")
+            .arg(check)
+            .output()
+    }
+    .expect("count the rows");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{}|0", users.n),
+        "{backend}: the CLI's script did not write the drift back"
+    );
+    wall
 }
 
 /// Runs `driftd reconcile users`; its wall seconds, peak RSS (MiB) and
