@@ -10,8 +10,9 @@
 //! document. Both paths give the same rows from the same page, and fail on
 //! the same bad rows. The fast path does not read what it skips: a page
 //! whose skipped parts are not well-formed JSON text (a lone surrogate
-//! escape, nesting past serde_json's depth limit) decodes there and fails on the document path; the rows it takes are the
-//! same either way.
+//! escape, nesting past serde_json's depth limit, a field named as
+//! serde_json's private name for a number) decodes there and fails on the
+//! document path; the rows it takes are the same either way.
 
 use std::fmt;
 

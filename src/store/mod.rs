@@ -599,7 +599,7 @@ impl ReadBatch for LocalBatch {
 /// sent, then `Ok(None)` after a short one. The next batch is fetched, in
 /// a task of its own, while `check` works on this one (the database
 /// answers while driftd reads). Stops at the first error (sent) or when
-/// the receiver is dropped.
+/// the receiver is dropped, a read in flight then dropped with it.
 pub(crate) fn spawn_sorted<F, Fut, R, C>(mut fetch: F, check: C) -> SortedScan
 where
     F: FnMut(Option<String>) -> Fut + Send + 'static,
@@ -614,13 +614,21 @@ where
         let mut ahead: Option<AbortOnDropHandle<Result<R, StoreError>>> = None;
         let mut after = None;
         loop {
-            let read = match ahead.take() {
-                Some(task) => task.await.unwrap_or_else(|e| {
-                    Err(StoreError::Unavailable(format!(
-                        "the scan's read stopped: {e}"
-                    )))
-                }),
-                None => fetch(after.take()).await,
+            let read = async {
+                match ahead.take() {
+                    Some(task) => task.await.unwrap_or_else(|e| {
+                        Err(StoreError::Unavailable(format!(
+                            "the scan's read stopped: {e}"
+                        )))
+                    }),
+                    None => fetch(after.take()).await,
+                }
+            };
+            // A pass that stopped reading stops the scan, even while a
+            // read waits on the database (a lock, no statement timeout).
+            let read = tokio::select! {
+                read = read => read,
+                () = tx.closed() => return,
             };
             let read = match read {
                 Ok(read) => read,
@@ -989,4 +997,64 @@ pub(crate) fn check_columns(spec: &TableSpec, names: &[String]) -> Result<(), St
 /// Splits `rows` so that one statement binds at most `max_params` values.
 pub(crate) fn rows_per_statement(columns: usize, max_params: usize, batch: usize) -> usize {
     (max_params / (columns + 1)).clamp(1, batch.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Counts the reads that were dropped, finished or not.
+    struct Dropped(Arc<AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A scan whose reads after the first never answer (a lock, no
+    /// statement timeout): once the pass stops reading, every read in
+    /// flight is dropped, the one fetched ahead included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_scan_nobody_reads_drops_the_reads_in_flight() {
+        let (started, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (s, d) = (started.clone(), dropped.clone());
+        let mut scan = spawn_sorted(
+            move |_after: Option<String>| {
+                let first = s.fetch_add(1, Ordering::SeqCst) == 0;
+                let guard = Dropped(d.clone());
+                async move {
+                    let _guard = guard;
+                    if !first {
+                        std::future::pending::<()>().await;
+                    }
+                    let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
+                    for i in 0..SORTED_BATCH {
+                        batch.push(&format!("k{i:06}"), 0).unwrap();
+                    }
+                    Ok(batch)
+                }
+            },
+            Ok,
+        );
+        assert!(matches!(scan.recv().await, Some(Ok(Some(_)))));
+        drop(scan);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while dropped.load(Ordering::SeqCst) < started.load(Ordering::SeqCst) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} reads started, {} dropped",
+                started.load(Ordering::SeqCst),
+                dropped.load(Ordering::SeqCst)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            started.load(Ordering::SeqCst),
+            2,
+            "the second read was fetched ahead"
+        );
+    }
 }
