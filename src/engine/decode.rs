@@ -525,26 +525,37 @@ struct ItemSeed<'a> {
 impl<'de> DeserializeSeed<'de> for ItemSeed<'_> {
     type Value = Row;
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
+        d.deserialize_any(self)
+    }
+}
+
+impl ItemSeed<'_> {
+    /// The item's row, from its values `read` puts in the slots.
+    fn row<E: de::Error>(self, read: impl FnOnce(NodeSeed) -> Result<(), E>) -> Result<Row, E> {
+        let slots = self.slots;
+        slots.iter_mut().for_each(|s| *s = None);
+        read(NodeSeed {
+            node: &self.plan.item,
+            slots,
+        })?;
+        self.decoder
+            .row(self.index, |i| slots[i].take())
+            .map_err(de::Error::custom)
     }
 }
 
 impl<'de> Visitor<'de> for ItemSeed<'_> {
     type Value = Row;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "item {} to be an object", self.index)
+        write!(f, "item {} to be an object or an array", self.index)
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Row, A::Error> {
-        let slots = self.slots;
-        slots.iter_mut().for_each(|s| *s = None);
-        NodeSeed {
-            node: &self.plan.item,
-            slots,
-        }
-        .visit_map(map)?;
-        self.decoder
-            .row(self.index, |i| slots[i].take())
-            .map_err(de::Error::custom)
+        self.row(|node| node.visit_map(map))
+    }
+    /// An item that is an array, its fields named by index (`/0`), as a
+    /// document reads it.
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Row, A::Error> {
+        self.row(|node| node.visit_seq(seq))
     }
 }
 
@@ -841,6 +852,14 @@ c = { from = "/flags", optional = true, type = "json" }
 e = { from = "/a~1b/~0c", optional = true }
 f = { from = "/name/1/on", optional = true, type = "boolean" }
 "#);
+        // Items read by index, when an item is an array.
+        let by_index = keyed(
+            "/0",
+            r#"
+a = { from = "/1", optional = true, type = "json" }
+b = { from = "/2/city", optional = true }
+"#,
+        );
         let mut agreed = 0;
         for seed in 0..20_000u64 {
             let mut rng = fastrand::Rng::with_seed(seed);
@@ -868,7 +887,7 @@ f = { from = "/name/1/on", optional = true, type = "boolean" }
                 })
                 .collect();
             let page = format!(r#"{{"total": 1, "items": [{}]}}"#, items.join(", "));
-            for dec in [&d, &nested] {
+            for dec in [&d, &nested, &by_index] {
                 let fast = dec.decode(page.as_bytes());
                 let doc = dec.decode_document(page.as_bytes());
                 match (&fast, &doc) {
@@ -883,6 +902,26 @@ f = { from = "/name/1/on", optional = true, type = "boolean" }
         }
         // Enough pages decode for the agreement to mean something.
         assert!(agreed > 1000, "only {agreed} pages decoded");
+    }
+
+    #[test]
+    fn items_that_are_arrays_read_by_index_on_both_paths() {
+        let d = keyed("/0", r#"name = { from = "/1" }"#);
+        assert!(d.fast.is_some());
+        let page = br#"{"items": [["a", "b"], ["c", null, "x"]]}"#;
+        let fast = d.decode(page).unwrap();
+        assert_eq!(fast.items, d.decode_document(page).unwrap().items);
+        assert_eq!(fast.items[0].key.as_str(), "a");
+        assert_eq!(fast.items[1].values, vec![Value::Null]);
+        // An item that is neither fails on both.
+        for page in [
+            &br#"{"items": ["a"]}"#[..],
+            br#"{"items": [null]}"#,
+            br#"{"items": [7]}"#,
+        ] {
+            assert!(d.decode(page).is_err());
+            assert!(d.decode_document(page).is_err());
+        }
     }
 
     #[test]
@@ -985,11 +1024,16 @@ f = { from = "/name/1/on", optional = true, type = "boolean" }
     }
 
     fn dec(columns: &str) -> RowDecoder {
+        keyed("/id", columns)
+    }
+
+    /// A decoder of a text key at pointer `key` and `columns`.
+    fn keyed(key: &str, columns: &str) -> RowDecoder {
         let text = format!(
             r#"
 [resources.u]
 upstream = {{ base_url = "http://h", list_path = "/u", key_order = "asc" }}
-key = {{ upstream = "/id", column = "id", type = "text" }}
+key = {{ upstream = "{key}", column = "id", type = "text" }}
 local = {{ table = "u" }}
 [resources.u.columns]
 {columns}
