@@ -165,30 +165,18 @@ pub struct Row {
 
 /// Appends the canonical signature of `values` to `out`: per value `N;`
 /// (null), `B1;`/`B0;`, `I<decimal>;` or `T<byte length>:<text>;`. The
-/// length prefix makes the concatenation unambiguous. The stores compute
-/// the same text in SQL ([`crate::store`]), so a local row's fingerprint
-/// costs one text column to read, whatever the number of owned columns.
+/// length prefix makes the concatenation unambiguous. The stores build the
+/// same bytes from what they read back ([`push_part`]).
 pub fn signature(values: &[Value], out: &mut String) {
+    let mut sig = Vec::new();
+    push_values(&mut sig, values);
+    // Text parts are whole UTF-8 strings, the rest ASCII: nothing is lost.
+    out.push_str(&String::from_utf8_lossy(&sig));
+}
+
+fn push_values(sig: &mut Vec<u8>, values: &[Value]) {
     for v in values {
-        match v {
-            Value::Null => out.push_str("N;"),
-            Value::Bool(b) => out.push_str(if *b { "B1;" } else { "B0;" }),
-            Value::Int(i) => {
-                out.push('I');
-                if *i < 0 {
-                    out.push('-');
-                }
-                push_decimal(out, i.unsigned_abs());
-                out.push(';');
-            }
-            Value::Text(t) => {
-                out.push('T');
-                push_decimal(out, t.len() as u64);
-                out.push(':');
-                out.push_str(t);
-                out.push(';');
-            }
-        }
+        push_part(sig, Part::from(v));
     }
 }
 
@@ -226,8 +214,19 @@ pub(crate) enum Part<'a> {
     Foreign,
 }
 
-/// Appends `part`'s piece of a [`signature`], the same bytes `signature`
-/// writes for the equal [`Value`].
+impl<'a> From<&'a Value> for Part<'a> {
+    fn from(v: &'a Value) -> Self {
+        match v {
+            Value::Null => Part::Null,
+            Value::Bool(b) => Part::Bool(*b),
+            Value::Int(i) => Part::Int(*i),
+            Value::Text(t) => Part::Text(t.as_bytes()),
+        }
+    }
+}
+
+/// Appends `part`'s piece of a [`signature`]: a value read back spells
+/// what the equal [`Value`] spells.
 pub(crate) fn push_part(sig: &mut Vec<u8>, part: Part<'_>) {
     match part {
         Part::Null => sig.extend_from_slice(b"N;"),
@@ -253,20 +252,15 @@ pub(crate) fn push_part(sig: &mut Vec<u8>, part: Part<'_>) {
 
 /// The fingerprint of a row's owned columns: a hash of its [`signature`].
 pub fn fingerprint(values: &[Value]) -> u64 {
-    let mut sig = String::with_capacity(64);
-    signature(values, &mut sig);
-    fingerprint_signature(&sig)
+    let mut sig = Vec::with_capacity(64);
+    push_values(&mut sig, values);
+    fingerprint_bytes(&sig)
 }
 
-/// The fingerprint of a signature built elsewhere. The top bit
-/// is reserved by the diff index (it marks a row as seen upstream), so it is
-/// always clear here. `DefaultHasher::new()` has fixed keys: equal
-/// signatures hash equal within a process, which is all one pass needs.
-pub fn fingerprint_signature(sig: &str) -> u64 {
-    fingerprint_bytes(sig.as_bytes())
-}
-
-/// [`fingerprint_signature`] of a signature held as bytes.
+/// The fingerprint of a signature's bytes. The top bit is reserved by the
+/// diff index (it marks a row as seen upstream), so it is always clear
+/// here. `DefaultHasher::new()` has fixed keys: equal signatures hash equal
+/// within a process, which is all one pass needs.
 pub fn fingerprint_bytes(sig: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     h.write(sig);

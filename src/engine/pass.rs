@@ -342,7 +342,8 @@ async fn list_and_diff<S: Store>(
 ) -> Result<Plan, PassError> {
     let (tx, mut rx) = mpsc::channel::<Listed>(PAGES_IN_FLIGHT);
     let decoder = RowDecoder::new(res);
-    let mut lister = AbortOnDrop(tokio::spawn(
+    // Aborted when the pass leaves early.
+    let lister = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
         list_upstream(client, res.upstream.clone(), decoder, tx).in_current_span(),
     ));
     let cancel = &hooks.cancel;
@@ -403,7 +404,7 @@ async fn list_and_diff<S: Store>(
     }
     report.upstream_pages = pages;
     report.timings.list_ms = started.elapsed().as_millis() as u64;
-    match (&mut lister.0).await {
+    match lister.await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e),
         Err(e) => return Err(PassError::Task(e.to_string())),
@@ -417,15 +418,6 @@ async fn list_and_diff<S: Store>(
         report.timings.scan_ms = waited.as_millis() as u64;
     }
     Ok(differ.finish()?)
-}
-
-/// Aborts the upstream task when the pass leaves early.
-struct AbortOnDrop(tokio::task::JoinHandle<Result<(), PassError>>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// `work`, or `Cancelled` if the pass is cancelled first.

@@ -38,7 +38,7 @@ pub(super) async fn scan(
     blocking(pool.clone(), &spec.clone(), move |db, context| {
         let mut index = LocalIndex::with_capacity(count);
         read(db, &sql, None, &spec, context, |key, fp| {
-            index_row_fp(&mut index, &spec, key, fp).map(|()| true)
+            index_row_fp(&mut index, &spec, key, fp)
         })?;
         Ok(index)
     })
@@ -75,7 +75,7 @@ pub(super) async fn scan_sorted(
                 let spec = for_batch;
                 let mut batch = LocalBatch::with_capacity(SORTED_BATCH);
                 read(db, &sql, bound.as_ref(), &spec, context, |key, fp| {
-                    batch_row(&mut batch, &spec, key, fp).map(|()| true)
+                    batch_row(&mut batch, &spec, key, fp)
                 })?;
                 Ok(batch)
             })
@@ -258,16 +258,15 @@ unsafe fn cell<'a>(stmt: *mut ffi::sqlite3_stmt, i: c_int) -> Cell<'a> {
 }
 
 /// Steps `sql` (key, then the owned columns) and hands each row's key and
-/// fingerprint to `row`, which says whether to go on. True when every row
-/// was read.
+/// fingerprint to `row`; the first error stops it.
 fn read(
     db: NonNull<ffi::sqlite3>,
     sql: &str,
     after: Option<&After>,
     spec: &TableSpec,
     context: &str,
-    mut row: impl FnMut(Option<&str>, u64) -> Result<bool, StoreError>,
-) -> Result<bool, StoreError> {
+    mut row: impl FnMut(Option<&str>, u64) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let db = db.as_ptr();
     let failed = |what: &str| {
         // SAFETY: `db` is the open handle this call holds the lock of;
@@ -311,7 +310,7 @@ fn read(
         // SAFETY: a prepared statement on the held connection.
         match unsafe { ffi::sqlite3_step(stmt.0) } {
             ffi::SQLITE_ROW => {}
-            ffi::SQLITE_DONE => return Ok(true),
+            ffi::SQLITE_DONE => return Ok(()),
             _ => return Err(failed("read a row")),
         }
         // SAFETY (every `cell` call below): the last step gave a row of
@@ -344,9 +343,7 @@ fn read(
             let c = unsafe { cell(stmt.0, i as c_int + 1) };
             part(&mut sig, *kind, c);
         }
-        if !row(key, fingerprint_bytes(&sig))? {
-            return Ok(false);
-        }
+        row(key, fingerprint_bytes(&sig))?;
     }
 }
 

@@ -421,3 +421,61 @@ pub async fn start_connected(settings: Arc<Settings>) -> (driftd::daemon::Daemon
     .await;
     (d, base)
 }
+
+/// How [`items_config`] sets up `items`.
+pub struct ItemsCfg<'a> {
+    pub key_type: &'a str,
+    /// `key_order = "asc"`.
+    pub ordered: bool,
+    pub page_size: u32,
+    /// More lines of `[resources.items.upstream]`.
+    pub upstream: &'a str,
+    /// The lines of `[resources.items.policy]`.
+    pub policy: &'a str,
+}
+
+impl Default for ItemsCfg<'_> {
+    fn default() -> Self {
+        ItemsCfg {
+            key_type: "text",
+            ordered: true,
+            page_size: 97,
+            upstream: "",
+            policy:
+                "max_update_fraction = 1.0\nmax_purge_fraction = 1.0\nmax_purge_count = 100000000",
+        }
+    }
+}
+
+/// The resource `items`, keyed by `/id` into `items.id`, its `name` from
+/// `/name`, listed from `addr`, over the database at `db`.
+pub fn items_config(db: &str, addr: SocketAddr, c: &ItemsCfg) -> Settings {
+    let toml = format!(
+        r#"
+[store]
+url = "{db}"
+[resources.items]
+key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
+local = {{ table = "items" }}
+[resources.items.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/items"
+page_size = {page_size}
+total_pointer = "/total"
+backoff_ms = 1
+{order}
+{upstream}
+[resources.items.columns]
+name = {{ from = "/name" }}
+[resources.items.policy]
+{policy}
+"#,
+        db = db,
+        key_type = c.key_type,
+        page_size = c.page_size,
+        order = if c.ordered { "key_order = \"asc\"" } else { "" },
+        upstream = c.upstream,
+        policy = c.policy,
+    );
+    Settings::from_toml_str(&toml, "test.toml").expect("valid test config")
+}

@@ -302,7 +302,7 @@ async fn user_states(db: &TestDb) -> BTreeMap<String, String> {
 /// that its entries left standing. At the end, one more run applies the
 /// rest and acknowledges everything.
 async fn event_crash_trials(backend: Backend) {
-    use crate::streams::{pending, redis, setup, source, Setup};
+    use crate::streams::{pending, redis, setup, source, spawn_run, Setup};
     let (trials, seed) = trials_and_seed("event crash trials", backend);
     let mut rng = fastrand::Rng::with_seed(seed);
     let Setup {
@@ -365,13 +365,7 @@ async fn event_crash_trials(backend: Backend) {
             entries.push((key, state));
         }
         let _: () = pipe.query_async(&mut con).await.unwrap();
-        let mut run = Command::new(env!("CARGO_BIN_EXE_driftd"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start driftd run");
+        let mut run = spawn_run(&config);
         // Half the kills: a random moment after the start (while it
         // starts, re-applies what the last run held, or reads on). The
         // other half: once it has read entries past what any run read
@@ -383,7 +377,7 @@ async fn event_crash_trials(backend: Backend) {
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 assert!(
-                    run.try_wait().unwrap().is_none(),
+                    run.0.try_wait().unwrap().is_none(),
                     "driftd run exited by itself"
                 );
                 if last_delivered(&mut con, &stream).await != before {
@@ -393,8 +387,8 @@ async fn event_crash_trials(backend: Backend) {
             }
         }
         std::thread::sleep(Duration::from_micros(rng.u64(..30_000)));
-        run.kill().unwrap();
-        run.wait().unwrap();
+        run.0.kill().unwrap();
+        run.0.wait().unwrap();
         if pending(&mut con, &stream)
             .await
             .get("driftd-test")
@@ -422,13 +416,7 @@ async fn event_crash_trials(backend: Backend) {
         landed.join(" ")
     );
     // The next run applies the rest and acknowledges every entry.
-    let mut run = Command::new(env!("CARGO_BIN_EXE_driftd"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start driftd run");
+    let mut run = spawn_run(&config);
     while at < entries.len() {
         apply(&mut folded, &entries[at]);
         at += 1;
@@ -458,8 +446,8 @@ async fn event_crash_trials(backend: Backend) {
         }
     })
     .await;
-    run.kill().unwrap();
-    run.wait().unwrap();
+    run.0.kill().unwrap();
+    run.0.wait().unwrap();
 }
 
 /// The id of the last entry the group was handed ("" before it exists).

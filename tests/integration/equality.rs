@@ -400,30 +400,15 @@ async fn an_ordered_listing_pairs_keys_whatever_the_collation(backend: Backend) 
     keys.sort_unstable();
     let items: Vec<Json> = keys.iter().map(|k| json!({"id": k, "name": k})).collect();
     let (_up, addr) = items_upstream(items).await;
-    let toml = |key_type: &str| {
-        format!(
-            r#"
-[store]
-url = "{db}"
-[resources.items]
-key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
-local = {{ table = "items" }}
-[resources.items.upstream]
-base_url = "http://{addr}"
-list_path = "/0.1/items"
-page_size = 3
-total_pointer = "/total"
-key_order = "asc"
-[resources.items.columns]
-name = {{ from = "/name" }}
-[resources.items.policy]
-max_update_fraction = 1.0
-max_purge_fraction = 1.0
-"#,
-            db = db.url
-        )
+    let config = |key_type, addr| {
+        let c = ItemsCfg {
+            key_type,
+            page_size: 3,
+            ..ItemsCfg::default()
+        };
+        items_config(&db.url, addr, &c)
     };
-    let settings = Settings::from_toml_str(&toml("text"), "test.toml").unwrap();
+    let settings = config("text", addr);
     let r = pass_items(&settings).await;
     assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
     assert_eq!(
@@ -459,11 +444,7 @@ max_purge_fraction = 1.0
         .map(|i| json!({"id": i, "name": i.to_string()}))
         .collect();
     let (_up, addr2) = items_upstream(items).await;
-    let settings = Settings::from_toml_str(
-        &toml("integer").replace(&addr.to_string(), &addr2.to_string()),
-        "test.toml",
-    )
-    .unwrap();
+    let settings = config("integer", addr2);
     let r = pass_items(&settings).await;
     assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
     assert_eq!(r.keys.purge, vec!["-3", "100"], "{r:?}");

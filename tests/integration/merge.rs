@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use driftd::config::Settings;
+use driftd::config::{ResourceConfig, Settings};
 use driftd::pass::{run_pass, Hooks, Outcome, PassOptions, PassReport};
 use driftd::sample::{Fault, SampleUpstream};
 use driftd::store::AnyStore;
@@ -15,76 +15,6 @@ use serde_json::{json, Value as Json};
 
 use crate::both_backends;
 use crate::common::*;
-
-struct Cfg<'a> {
-    key_type: &'a str,
-    ordered: bool,
-    page_size: u32,
-    upstream: &'a str,
-    policy: &'a str,
-}
-
-impl Default for Cfg<'_> {
-    fn default() -> Self {
-        Cfg {
-            key_type: "text",
-            ordered: true,
-            page_size: 97,
-            upstream: "",
-            policy:
-                "max_update_fraction = 1.0\nmax_purge_fraction = 1.0\nmax_purge_count = 100000000",
-        }
-    }
-}
-
-struct TestDbUrl {
-    url: String,
-}
-
-trait HasUrl {
-    fn url(&self) -> &str;
-}
-impl HasUrl for TestDb {
-    fn url(&self) -> &str {
-        &self.url
-    }
-}
-impl HasUrl for TestDbUrl {
-    fn url(&self) -> &str {
-        &self.url
-    }
-}
-
-fn settings(db: &impl HasUrl, addr: SocketAddr, c: &Cfg) -> Settings {
-    let toml = format!(
-        r#"
-[store]
-url = "{db}"
-[resources.items]
-key = {{ upstream = "/id", column = "id", type = "{key_type}" }}
-local = {{ table = "items" }}
-[resources.items.upstream]
-base_url = "http://{addr}"
-list_path = "/0.1/items"
-page_size = {page_size}
-total_pointer = "/total"
-backoff_ms = 1
-{order}
-{upstream}
-[resources.items.columns]
-name = {{ from = "/name" }}
-[resources.items.policy]
-{policy}
-"#,
-        db = db.url(),
-        key_type = c.key_type,
-        page_size = c.page_size,
-        order = if c.ordered { "key_order = \"asc\"" } else { "" },
-        upstream = c.upstream,
-        policy = c.policy,
-    );
-    Settings::from_toml_str(&toml, "test.toml").expect("valid test config")
-}
 
 async fn items_upstream(items: Vec<Json>) -> (std::sync::Arc<SampleUpstream>, SocketAddr) {
     serve_collection("items", "id", items).await
@@ -134,6 +64,47 @@ async fn insert_rows(db: &TestDb, rows: &[(String, String)], integer: bool) {
         ))
         .await;
     }
+}
+
+/// A pass of `items` that must end within `secs`.
+async fn pass_within(
+    store: &AnyStore,
+    res: &ResourceConfig,
+    secs: u64,
+    hooks: &Hooks<'_>,
+    what: &str,
+) -> PassReport {
+    tokio::time::timeout(
+        Duration::from_secs(secs),
+        run_pass(store, "items", res, PassOptions::default(), hooks),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{what} hangs"))
+}
+
+/// A pass cancelled while the listing is slow, then a pass on the same
+/// store, which must find it in sync.
+async fn cancel_midway_then_in_sync(
+    store: &AnyStore,
+    res: &ResourceConfig,
+    upstream: &SampleUpstream,
+) {
+    upstream.clear_faults();
+    upstream.inject(Fault::Delay {
+        offset: 1998,
+        ms: 1500,
+    });
+    let hooks = Hooks::default();
+    let cancel = hooks.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel();
+    });
+    let r = pass_within(store, res, 60, &hooks, "the cancelled pass").await;
+    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
+    upstream.clear_faults();
+    let r = pass_within(store, res, 60, &Hooks::default(), "the pass after a cancel").await;
+    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
 }
 
 /// Drift right at the 4096-row batch boundaries of the sorted scan, over
@@ -200,13 +171,13 @@ async fn merge_converges_across_scan_batches(backend: Backend) {
         }
         insert_rows(&db, &local, integer).await;
         let (_up, addr) = items_upstream(up.clone()).await;
-        let s = settings(
-            &db,
+        let s = items_config(
+            &db.url,
             addr,
-            &Cfg {
+            &ItemsCfg {
                 key_type: if integer { "integer" } else { "text" },
                 page_size: 500,
-                ..Cfg::default()
+                ..ItemsCfg::default()
             },
         );
         let r = pass_items(&s).await;
@@ -233,13 +204,13 @@ async fn merge_with_soft_deleted_rows(backend: Backend) {
         .map(|k| json!({"id": k, "name": k}))
         .collect();
     let (_up, addr) = items_upstream(up.clone()).await;
-    let s = settings(
-        &db,
+    let s = items_config(
+        &db.url,
         addr,
-        &Cfg {
+        &ItemsCfg {
             page_size: 2,
             policy: "max_update_fraction = 1.0\nmax_purge_fraction = 1.0\npurge = { soft_delete = { column = \"deleted_at\" } }",
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
     let r = pass_items(&s).await;
@@ -269,30 +240,28 @@ async fn sqlite_utf16_database_and_the_merge() {
         .output()
         .unwrap();
     eprintln!("sqlite3: {}", String::from_utf8_lossy(&out.stdout));
-    let db = TestDbUrl {
-        url: format!("sqlite://{}", path.display()),
-    };
+    let db = format!("sqlite://{}", path.display());
     let up: Vec<Json> = ["a", "b", "\u{100}"]
         .iter()
         .map(|k| json!({"id": k, "name": k}))
         .collect();
     let (_up, addr) = items_upstream(up.clone()).await;
     // The index pass (no order promise; no purge, so no get_path needed).
-    let unordered = settings(
+    let unordered = items_config(
         &db,
         addr,
-        &Cfg {
+        &ItemsCfg {
             ordered: false,
             policy: "max_update_fraction = 1.0\npurge_extra = false",
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
-    let ordered = settings(
+    let ordered = items_config(
         &db,
         addr,
-        &Cfg {
+        &ItemsCfg {
             policy: "max_update_fraction = 1.0\npurge_extra = false",
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
     let r = pass_items(&ordered).await;
@@ -339,14 +308,14 @@ async fn pg_statement_timeout_kills_the_merge_scan() {
     // The index pass: reads the table at once, then waits for the listing.
     upstream.inject(delay());
     let t = std::time::Instant::now();
-    let r = pass_items(&settings(
-        &db,
+    let r = pass_items(&items_config(
+        &db.url,
         addr,
-        &Cfg {
+        &ItemsCfg {
             ordered: false,
             page_size,
             policy,
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     ))
     .await;
@@ -356,13 +325,13 @@ async fn pg_statement_timeout_kills_the_merge_scan() {
     db.exec("DELETE FROM items WHERE id LIKE 'a%'").await;
     upstream.inject(delay());
     let t = std::time::Instant::now();
-    let r = pass_items(&settings(
-        &db,
+    let r = pass_items(&items_config(
+        &db.url,
         addr,
-        &Cfg {
+        &ItemsCfg {
             page_size,
             policy,
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     ))
     .await;
@@ -387,13 +356,13 @@ async fn pg_one_connection_relists_and_cancel() {
         .map(|i| json!({"id": format!("k{i:06}"), "name": "v"}))
         .collect();
     let (upstream, addr) = items_upstream(up).await;
-    let s = settings(
-        &db,
+    let s = items_config(
+        &db.url,
         addr,
-        &Cfg {
+        &ItemsCfg {
             page_size: 1000,
             upstream: "relist_attempts = 5",
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
     let store = AnyStore::open(&s.store.url, 1).await.unwrap();
@@ -407,18 +376,7 @@ async fn pg_one_connection_relists_and_cancel() {
         offset: 4995,
         count: 1,
     });
-    let r = tokio::time::timeout(
-        Duration::from_secs(120),
-        run_pass(
-            &store,
-            "items",
-            res,
-            PassOptions::default(),
-            &Hooks::default(),
-        ),
-    )
-    .await
-    .expect("the pass hangs");
+    let r = pass_within(&store, res, 120, &Hooks::default(), "the pass").await;
     eprintln!(
         "relists={} outcome={:?} err={:?} found={:?}",
         r.upstream_relists, r.outcome, r.error, r.found
@@ -426,40 +384,8 @@ async fn pg_one_connection_relists_and_cancel() {
     assert!(r.upstream_relists >= 1, "{r:?}");
     assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
     assert_eq!(db.count("items").await, upstream.keys("items").len() as i64);
-
     // Cancelled while the listing is slow, then a pass on the same pool.
-    upstream.clear_faults();
-    upstream.inject(Fault::Delay {
-        offset: 1998,
-        ms: 1500,
-    });
-    let hooks = Hooks::default();
-    let cancel = hooks.cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cancel.cancel();
-    });
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_pass(&store, "items", res, PassOptions::default(), &hooks),
-    )
-    .await
-    .expect("the cancelled pass hangs");
-    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
-    upstream.clear_faults();
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_pass(
-            &store,
-            "items",
-            res,
-            PassOptions::default(),
-            &Hooks::default(),
-        ),
-    )
-    .await
-    .expect("the pass after a cancel hangs");
-    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+    cancel_midway_then_in_sync(&store, res, &upstream).await;
 }
 
 /// The sample upstream now lists every key that parses as an i64 first,
@@ -476,7 +402,7 @@ async fn sample_orders_text_keys_that_look_numeric() {
         .map(|k| json!({"id": k, "name": k}))
         .collect();
     let (_up, addr) = items_upstream(up.clone()).await;
-    let r = pass_items(&settings(&db, addr, &Cfg::default())).await;
+    let r = pass_items(&items_config(&db.url, addr, &ItemsCfg::default())).await;
     assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
 }
 
@@ -514,25 +440,25 @@ async fn pg_win1252_database_and_the_merge() {
         .map(|k| json!({"id": k, "name": k}))
         .collect();
     let (_up, addr) = items_upstream(up.clone()).await;
-    let db = TestDbUrl { url };
+    let db = url;
     let policy = "max_update_fraction = 1.0\npurge_extra = false";
-    let r2 = pass_items(&settings(
+    let r2 = pass_items(&items_config(
         &db,
         addr,
-        &Cfg {
+        &ItemsCfg {
             ordered: false,
             policy,
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     ))
     .await;
     eprintln!("index: {:?} {:?}", r2.outcome, r2.error);
-    let r = pass_items(&settings(
+    let r = pass_items(&items_config(
         &db,
         addr,
-        &Cfg {
+        &ItemsCfg {
             policy,
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     ))
     .await;
@@ -572,14 +498,14 @@ async fn pg_merge_holds_a_connection_for_the_whole_listing() {
             offset: 2997,
             ms: 12_000,
         });
-        let s = settings(
-            &db,
+        let s = items_config(
+            &db.url,
             addr,
-            &Cfg {
+            &ItemsCfg {
                 ordered,
                 page_size: 1000,
                 policy: "purge_extra = false",
-                ..Cfg::default()
+                ..ItemsCfg::default()
             },
         );
         let other_toml = format!(
@@ -636,7 +562,7 @@ max_purge_fraction = 1.0
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_memory_one_connection_relists_and_cancel() {
     let url = "sqlite::memory:".to_string();
-    let db = TestDbUrl { url: url.clone() };
+    let db = url.clone();
     let store = AnyStore::open(&url.clone().into(), 1).await.unwrap();
     let AnyStore::Sqlite(s) = &store else {
         panic!()
@@ -654,13 +580,13 @@ async fn sqlite_memory_one_connection_relists_and_cancel() {
         .map(|i| json!({"id": format!("k{i:06}"), "name": if i % 1000 == 0 { "new" } else { "v" }}))
         .collect();
     let (upstream, addr) = items_upstream(up).await;
-    let set = settings(
+    let set = items_config(
         &db,
         addr,
-        &Cfg {
+        &ItemsCfg {
             page_size: 1000,
             upstream: "relist_attempts = 5",
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
     let res = set.resource("items").unwrap();
@@ -672,13 +598,7 @@ async fn sqlite_memory_one_connection_relists_and_cancel() {
         offset: 5994,
         count: 1,
     });
-    let hooks = Hooks::default();
-    let r = tokio::time::timeout(
-        Duration::from_secs(120),
-        run_pass(&store, "items", res, PassOptions::default(), &hooks),
-    )
-    .await
-    .expect("the pass hangs");
+    let r = pass_within(&store, res, 120, &Hooks::default(), "the pass").await;
     eprintln!(
         "relists={} {:?} {:?} {:?}",
         r.upstream_relists, r.outcome, r.error, r.found
@@ -689,33 +609,7 @@ async fn sqlite_memory_one_connection_relists_and_cancel() {
         .await
         .unwrap();
     assert_eq!(n, upstream.keys("items").len() as i64);
-    upstream.clear_faults();
-    upstream.inject(Fault::Delay {
-        offset: 1998,
-        ms: 1500,
-    });
-    let hooks = Hooks::default();
-    let cancel = hooks.cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cancel.cancel();
-    });
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_pass(&store, "items", res, PassOptions::default(), &hooks),
-    )
-    .await
-    .expect("the cancelled pass hangs");
-    assert_eq!(r.outcome, Outcome::Cancelled, "{r:?}");
-    upstream.clear_faults();
-    let hooks = Hooks::default();
-    let r = tokio::time::timeout(
-        Duration::from_secs(60),
-        run_pass(&store, "items", res, PassOptions::default(), &hooks),
-    )
-    .await
-    .expect("the pass after a cancel hangs");
-    assert_eq!(r.outcome, Outcome::InSync, "{r:?}");
+    cancel_midway_then_in_sync(&store, res, &upstream).await;
 }
 
 /// Tiny and empty tables and listings, and mixed storage classes in a
@@ -726,12 +620,12 @@ async fn merge_tiny_and_empty(backend: Backend) {
         .await;
     // empty both
     let (up, addr) = items_upstream(vec![]).await;
-    let s = settings(
-        &db,
+    let s = items_config(
+        &db.url,
         addr,
-        &Cfg {
+        &ItemsCfg {
             page_size: 2,
-            ..Cfg::default()
+            ..ItemsCfg::default()
         },
     );
     let r = pass_items(&s).await;
@@ -773,12 +667,12 @@ async fn merge_tiny_and_empty(backend: Backend) {
             json!({"id": 2, "name": "b"}),
         ])
         .await;
-        let r = pass_items(&settings(
-            &db,
+        let r = pass_items(&items_config(
+            &db.url,
             addr,
-            &Cfg {
+            &ItemsCfg {
                 key_type: "integer",
-                ..Cfg::default()
+                ..ItemsCfg::default()
             },
         ))
         .await;
@@ -816,12 +710,12 @@ async fn the_store_merges_only_keys_that_sort_bytewise() {
         ))
         .await;
         let (_up, addr) = items_upstream(vec![]).await;
-        let s = settings(
-            &db,
+        let s = items_config(
+            &db.url,
             addr,
-            &Cfg {
+            &ItemsCfg {
                 key_type,
-                ..Cfg::default()
+                ..ItemsCfg::default()
             },
         );
         let spec = s.resource("items").unwrap().table_spec();
@@ -853,10 +747,10 @@ async fn a_nocase_key_behind_a_comment_is_refused() {
         db.exec(&format!("INSERT INTO items VALUES {}", values.join(",")))
             .await;
         let (_up, addr) = items_upstream(up).await;
-        let s = settings(
-            &db,
+        let s = items_config(
+            &db.url,
             addr,
-            &Cfg {
+            &ItemsCfg {
                 ordered,
                 page_size: 500,
                 upstream: if ordered {
@@ -864,7 +758,7 @@ async fn a_nocase_key_behind_a_comment_is_refused() {
                 } else {
                     "get_path = \"/0.1/items/{key}\""
                 },
-                ..Cfg::default()
+                ..ItemsCfg::default()
             },
         );
         let r = pass_items(&s).await;
@@ -895,7 +789,7 @@ async fn a_collation_named_c_that_is_not_c_reads_an_index() {
             json!({"id": "a", "name": "v"}),
         ];
         let (_up, addr) = items_upstream(up).await;
-        let merge = settings(&db, addr, &Cfg::default());
+        let merge = items_config(&db.url, addr, &ItemsCfg::default());
         let r = pass_items(&merge).await;
         assert_eq!(r.outcome, Outcome::Repaired, "public.\"{name}\": {r:?}");
         assert_eq!(

@@ -248,7 +248,8 @@ async fn entries_show_up_within_a_second(backend: Backend) {
 }
 
 /// A `driftd run` process.
-struct Process(Child);
+/// A `driftd` child process, killed when dropped.
+pub(crate) struct Process(pub(crate) Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -257,7 +258,8 @@ impl Drop for Process {
     }
 }
 
-fn spawn_run(config: &std::path::Path) -> Process {
+/// `driftd run` with `config`, its output discarded.
+pub(crate) fn spawn_run(config: &std::path::Path) -> Process {
     Process(
         Command::new(env!("CARGO_BIN_EXE_driftd"))
             .args(["run", "--config"])
