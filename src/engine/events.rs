@@ -489,7 +489,7 @@ impl Events {
                     {
                         Ok(mut r) => results.push(Ok(r.pop().unwrap_or(ChangeResult::Applied))),
                         Err(e) if !e.is_refusal() => return Err(e),
-                        Err(e) => results.push(Err(crate::pass::error_chain(&e))),
+                        Err(e) => results.push(Err(e.refusal_text())),
                     }
                 }
                 results
@@ -538,9 +538,24 @@ impl Events {
             {
                 continue; // a newer version of the parent lives
             }
-            let done = super::cascade(self.store.as_ref(), children, resource, parent).await?;
-            for (child, n) in done {
-                verdicts[i].cascaded.insert(child, n);
+            match super::cascade(self.store.as_ref(), children, resource, parent).await {
+                Ok(done) => {
+                    for (child, n) in done {
+                        verdicts[i].cascaded.insert(child, n);
+                    }
+                }
+                // The parent is gone; its children stay. The message is kept:
+                // replayed, its delete is stale and the cascade runs again.
+                Err(e) if e.is_refusal() => {
+                    let error = format!(
+                        "`{resource}` row `{key}` deleted, but the database refused to purge its children: {}",
+                        e.refusal_text()
+                    );
+                    tracing::warn!(resource, key = %key, error = %error, "cascade refused; the event is kept as a dead letter");
+                    verdicts[i].outcome = "dead_lettered";
+                    verdicts[i].error = Some(error);
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(())

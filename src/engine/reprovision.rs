@@ -366,17 +366,6 @@ impl Events {
         mark: i64,
     ) -> Result<Job, StoreError> {
         let span = tracing::info_span!("reprovision_purge", resource, reprovision = %r.id);
-        self.purge_unsent_in(r, resource, mark)
-            .instrument(span)
-            .await
-    }
-
-    async fn purge_unsent_in(
-        &self,
-        r: &Reprovision,
-        resource: &str,
-        mark: i64,
-    ) -> Result<Job, StoreError> {
         let mut job = Job::queued(
             resource,
             Trigger::Reprovision,
@@ -387,14 +376,39 @@ impl Events {
         job.status = JobStatus::Running;
         job.started_at = Some(crate::jobs::now());
         self.store().save_job(&job).await?;
+        match self
+            .purge_unsent_in(r, resource, mark, &mut job)
+            .instrument(span)
+            .await
+        {
+            Ok(()) => Ok(job),
+            Err(e) => {
+                // Never left `running`: the completion is tried again (with
+                // a job of its own) once the database answers.
+                job.finish(JobStatus::Failed, Some(crate::pass::error_chain(&e)));
+                if let Err(save) = self.store().save_job(&job).await {
+                    tracing::warn!(job = %job.id, error = %save, "cannot record the failed reprovision purge");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn purge_unsent_in(
+        &self,
+        r: &Reprovision,
+        resource: &str,
+        mark: i64,
+        job: &mut Job,
+    ) -> Result<(), StoreError> {
         let started = Instant::now();
         let (Some(res), Some(target)) = (
             self.settings().resources.get(resource),
             self.targets.get(resource),
         ) else {
             job.finish(JobStatus::Failed, Some("unknown resource".into()));
-            self.store().save_job(&job).await?;
-            return Ok(job);
+            self.store().save_job(job).await?;
+            return Ok(());
         };
         let spec = &target.spec;
         self.store().prepare(spec).await?;
@@ -464,27 +478,24 @@ impl Events {
             report.outcome = Outcome::GuardTripped;
             report.guard = Some(trip);
         } else {
-            let mut done = Actions::default();
-            for chunk in plan.purge.chunks(res.policy.batch_size) {
-                let written = self
-                    .store()
-                    .write_pass(spec, resource, mark, PassWrite::Purge(chunk))
-                    .await?;
-                done.purge += written.done;
-                done.yielded += written.yielded.len() as u64;
-                let purged: Vec<Key> = chunk
-                    .iter()
-                    .filter(|k| !written.yielded.contains(k))
-                    .cloned()
-                    .collect();
-                for (child, n) in
-                    super::cascade(self.store().as_ref(), &res.children, resource, &purged).await?
-                {
-                    *done.cascaded.entry(child).or_default() += n;
-                }
-            }
+            let (done, refused) = self.purge_keys(spec, resource, mark, &plan.purge).await?;
             report.actions = done;
             report.outcome = Outcome::Repaired;
+            if !refused.is_empty() {
+                report.outcome = Outcome::Failed;
+                report.left.extra = refused.len() as u64;
+                let first: Vec<String> = refused.iter().take(3).cloned().collect();
+                report.error = Some(format!(
+                    "the database refused to purge {} row(s) not re-sent: {}",
+                    refused.len(),
+                    first.join("; ")
+                ));
+                tracing::warn!(
+                    refused = refused.len(),
+                    error = report.error.as_deref().unwrap_or(""),
+                    "reprovision purge: rows refused by the database kept"
+                );
+            }
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         report.timings.apply_ms = report.duration_ms;
@@ -496,8 +507,88 @@ impl Events {
             "reprovision purge done"
         );
         job.finish_with(&report);
-        self.store().save_job(&job).await?;
-        Ok(job)
+        self.store().save_job(job).await?;
+        Ok(())
+    }
+}
+
+impl Events {
+    /// Purges `keys` batch by batch, fenced from `mark`, with their
+    /// children. A batch the database refuses (a foreign key from another
+    /// table) is purged key by key, and the keys it still refuses are
+    /// kept and returned, each with the refusal: one row never stops the
+    /// purge of the others, nor the source.
+    async fn purge_keys(
+        &self,
+        spec: &crate::config::TableSpec,
+        resource: &str,
+        mark: i64,
+        keys: &[Key],
+    ) -> Result<(Actions, Vec<String>), StoreError> {
+        let children = self
+            .settings()
+            .resources
+            .get(resource)
+            .map(|r| r.children.as_slice())
+            .unwrap_or_default();
+        let batch = self
+            .settings()
+            .resources
+            .get(resource)
+            .map_or(500, |r| r.policy.batch_size.max(1));
+        let mut done = Actions::default();
+        let mut refused = Vec::new();
+        for chunk in keys.chunks(batch) {
+            let written = match self
+                .store()
+                .write_pass(spec, resource, mark, PassWrite::Purge(chunk))
+                .await
+            {
+                Ok(w) => vec![(chunk, w)],
+                Err(e) if e.is_refusal() => {
+                    let mut one_by_one = Vec::new();
+                    for k in chunk {
+                        let one = std::slice::from_ref(k);
+                        match self
+                            .store()
+                            .write_pass(spec, resource, mark, PassWrite::Purge(one))
+                            .await
+                        {
+                            Ok(w) => one_by_one.push((one, w)),
+                            Err(e) if e.is_refusal() => {
+                                refused.push(format!("`{k}`: {}", e.refusal_text()))
+                            }
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    one_by_one
+                }
+                Err(e) => return Err(e),
+            };
+            for (keys, w) in written {
+                done.purge += w.done;
+                done.yielded += w.yielded.len() as u64;
+                let purged: Vec<Key> = keys
+                    .iter()
+                    .filter(|k| !w.yielded.contains(k))
+                    .cloned()
+                    .collect();
+                match super::cascade(self.store().as_ref(), children, resource, &purged).await {
+                    Ok(c) => {
+                        for (child, n) in c {
+                            *done.cascaded.entry(child).or_default() += n;
+                        }
+                    }
+                    Err(e) if e.is_refusal() => refused.push(format!(
+                        "children of {} purged row(s): {}",
+                        purged.len(),
+                        e.refusal_text()
+                    )),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok((done, refused))
     }
 }
 

@@ -78,22 +78,81 @@ impl StoreError {
 }
 
 impl StoreError {
-    /// Whether the database refused the data itself (a constraint, a value
-    /// the column rejects), as opposed to being unusable (gone, a missing
-    /// table, a lost connection): only a refusal is the event's fault.
+    /// Whether the database refused the data itself, as opposed to being
+    /// unusable: only a refusal is one message's fault. The server answered
+    /// and named a problem with this statement (a constraint, a check, a
+    /// trigger that raised, a value the column rejects, a row-level
+    /// security check) is a refusal; a lost connection, a pool timeout, a
+    /// missing table or column, a permission on the whole table, a
+    /// read-only or shutting-down server, a lock or serialization failure
+    /// is not (trying the same message again later may succeed, and every
+    /// other message would fail the same way).
     pub fn is_refusal(&self) -> bool {
         match self {
             StoreError::Query {
                 source: sqlx::Error::Database(db),
                 ..
-            } => {
-                !matches!(db.kind(), sqlx::error::ErrorKind::Other)
-                    || db
-                        .code()
-                        .is_some_and(|c| c.starts_with("22") || c.starts_with("23"))
-            }
+            } => refused(db.as_ref()),
             _ => false,
         }
+    }
+
+    /// The refusal's text with the server's detail (PostgreSQL's `DETAIL`
+    /// names the row, as in `Key (uuid)=(...) is still referenced`).
+    pub fn refusal_text(&self) -> String {
+        let mut text = crate::pass::error_chain(self);
+        if let StoreError::Query {
+            source: sqlx::Error::Database(db),
+            ..
+        } = self
+        {
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                if let Some(detail) = pg.detail() {
+                    text.push_str(" (");
+                    text.push_str(detail);
+                    text.push(')');
+                }
+                if let Some(c) = pg.constraint() {
+                    if !text.contains(c) {
+                        text.push_str(&format!(" [constraint {c}]"));
+                    }
+                }
+            }
+        }
+        text
+    }
+}
+
+/// Whether the server's error `db` refuses this statement's data rather
+/// than saying the database cannot be used.
+fn refused(db: &dyn sqlx::error::DatabaseError) -> bool {
+    let Some(code) = db.code() else {
+        return false;
+    };
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // SQLite's extended result code: the primary code is its low byte.
+        let primary = code.parse::<i32>().map_or(0, |c| c & 0xff);
+        // CONSTRAINT (any: unique, check, foreign key, a trigger's RAISE),
+        // TOOBIG, MISMATCH, RANGE.
+        return matches!(primary, 19 | 18 | 20 | 25);
+    }
+    sqlstate_refuses(&code, db.message())
+}
+
+/// PostgreSQL: which SQLSTATEs refuse the data. Unusable: connection (08),
+/// resources (53), operator intervention (57: shutdown, cancel, statement
+/// timeout), system and internal errors (58, XX), transaction rollback (40:
+/// serialization, deadlock), object state (55: lock not available), the
+/// transaction's state (25: read-only standby), authorization and catalog
+/// (28, 3D, 3F), unsupported features (0A), and the schema (42: a missing
+/// table or column, no privilege on the table) but for a row-level
+/// security check on the row itself.
+fn sqlstate_refuses(code: &str, message: &str) -> bool {
+    let class = code.get(..2).unwrap_or("");
+    match class {
+        "08" | "53" | "57" | "58" | "XX" | "40" | "55" | "25" | "28" | "3D" | "3F" | "0A" => false,
+        "42" => code == "42501" && message.contains("row-level security"),
+        _ => true,
     }
 }
 
@@ -998,6 +1057,29 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
+
+    #[test]
+    fn sqlstates_that_refuse_a_row_and_those_that_mean_the_database() {
+        for code in [
+            "23505", "23503", "23514", "22001", "P0001", "44000", "27000", "2F005",
+        ] {
+            assert!(sqlstate_refuses(code, "x"), "{code}");
+        }
+        for code in [
+            "08006", "57P01", "57014", "53300", "40001", "40P01", "55P03", "25006", "42P01",
+            "42703", "XX000", "3D000",
+        ] {
+            assert!(!sqlstate_refuses(code, "x"), "{code}");
+        }
+        assert!(sqlstate_refuses(
+            "42501",
+            "new row violates row-level security policy for table \"users\""
+        ));
+        assert!(!sqlstate_refuses(
+            "42501",
+            "permission denied for table users"
+        ));
+    }
 
     /// A scan whose reader goes away while reads are in flight lets every
     /// read it started run to its end (a read cancelled inside the pool's

@@ -137,6 +137,52 @@ impl TestDb {
     }
 }
 
+/// The `tenants` table holding the sample's `TENANTS` tenants, which the
+/// users of [`users`] belong to.
+pub async fn create_tenants(db: &TestDb) {
+    db.exec(match db.backend {
+        Backend::Sqlite => "CREATE TABLE tenants (uuid TEXT PRIMARY KEY, name TEXT)",
+        Backend::Postgres => "CREATE TABLE tenants (uuid UUID PRIMARY KEY, name TEXT)",
+    })
+    .await;
+    for i in 0..TENANTS {
+        let t = driftd::sample::tenant(i);
+        db.exec(&format!(
+            "INSERT INTO tenants (uuid, name) VALUES ('{}', '{}')",
+            t["uuid"].as_str().unwrap(),
+            t["name"].as_str().unwrap()
+        ))
+        .await;
+    }
+}
+
+/// Config lines making `users` a child of a `tenants` resource listed
+/// (and got by key) from the sample upstream at `addr`, which purges.
+pub fn tenants_resource(addr: SocketAddr) -> String {
+    format!(
+        r#"
+[resources.users.parent]
+resource = "tenants"
+column = "tenant_uuid"
+
+[resources.tenants]
+key = {{ upstream = "/uuid", column = "uuid", type = "uuid" }}
+local = {{ table = "tenants" }}
+[resources.tenants.upstream]
+base_url = "http://{addr}"
+list_path = "/0.1/tenants"
+get_path = "/0.1/tenants/{{key}}"
+key_order = "asc"
+backoff_ms = 1
+query = {{ order = "uuid" }}
+[resources.tenants.columns]
+name = {{ from = "/name" }}
+[resources.tenants.policy]
+max_purge_fraction = 1.0
+"#
+    )
+}
+
 /// INSERT statements of `users` into the users table, 500 rows each.
 pub fn insert_users_sql(users: &[Json]) -> Vec<String> {
     users

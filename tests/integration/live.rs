@@ -22,27 +22,10 @@ fn config_text(
     dir: &std::path::Path,
     users_purge_max: u64,
 ) -> String {
+    let tenant_lines = tenants_resource(addr);
     let tail = format!(
         r#"
-[resources.users.parent]
-resource = "tenants"
-column = "tenant_uuid"
-
-[resources.tenants]
-key = {{ upstream = "/uuid", column = "uuid", type = "uuid" }}
-local = {{ table = "tenants" }}
-[resources.tenants.upstream]
-base_url = "http://{addr}"
-list_path = "/0.1/tenants"
-get_path = "/0.1/tenants/{{key}}"
-key_order = "asc"
-backoff_ms = 1
-query = {{ order = "uuid" }}
-[resources.tenants.columns]
-name = {{ from = "/name" }}
-[resources.tenants.policy]
-max_purge_fraction = 1.0
-
+{tenant_lines}
 [sources.bus]
 kind = "webhook"
 name_pointer = "/name"
@@ -97,20 +80,8 @@ struct World {
 async fn world(backend: Backend) -> World {
     let db = TestDb::new(backend).await;
     db.create_users().await;
-    db.exec(match backend {
-        Backend::Sqlite => "CREATE TABLE tenants (uuid TEXT PRIMARY KEY, name TEXT)",
-        Backend::Postgres => "CREATE TABLE tenants (uuid UUID PRIMARY KEY, name TEXT)",
-    })
-    .await;
+    create_tenants(&db).await;
     let tenants: Vec<_> = (0..TENANTS).map(tenant).collect();
-    for t in &tenants {
-        db.exec(&format!(
-            "INSERT INTO tenants (uuid, name) VALUES ('{}', '{}')",
-            t["uuid"].as_str().unwrap(),
-            t["name"].as_str().unwrap()
-        ))
-        .await;
-    }
     db.insert_users(&users(30)).await;
     let (up, addr) = upstream(users(30)).await;
     up.set("tenants", "uuid", tenants);

@@ -15,6 +15,7 @@ mod merge;
 mod outage;
 mod prometheus;
 mod rabbit;
+mod refused;
 mod repair;
 mod retention;
 mod review;
