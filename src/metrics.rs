@@ -30,6 +30,7 @@ pub struct Metrics {
     event_lag: HistogramVec,
     dead_letters: IntGaugeVec,
     source_connected: IntGaugeVec,
+    events_lost: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
@@ -157,6 +158,11 @@ impl Metrics {
                 "1 while the source is connected and consuming (a webhook always is).",
                 &["source"],
             ),
+            events_lost: counter(
+                "driftd_events_lost_total",
+                "Messages lost before driftd read them, by source and reason: trimmed (deleted from the stream unread), deleted_pending (deleted while pending), group_recreated (the consumer group was created anew). A run of entries whose number cannot be known counts one.",
+                &["source", "reason"],
+            ),
             registry: r,
         };
         let build = IntGaugeVec::new(
@@ -198,6 +204,17 @@ impl Metrics {
         self.events
             .with_label_values(&[source, "", "dead_lettered"]);
         self.events.with_label_values(&[source, "", "ignored"]);
+        for reason in crate::vocab::LossReason::ALL {
+            self.events_lost
+                .with_label_values(&[source, reason.as_str()]);
+        }
+    }
+
+    /// Counts messages of `source` lost before they were read.
+    pub fn events_lost(&self, source: &str, reason: crate::vocab::LossReason, n: u64) {
+        self.events_lost
+            .with_label_values(&[source, reason.as_str()])
+            .inc_by(n);
     }
 
     /// Counts one event's outcome.

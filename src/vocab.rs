@@ -6,6 +6,37 @@
 
 use serde::Serialize;
 
+/// How a source's messages were lost before driftd read them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossReason {
+    /// Entries deleted from a stream (trimmed by `MAXLEN`/`MINID`, or
+    /// `XDEL`) before the group read them.
+    Trimmed,
+    /// Entries deleted while pending: read, not yet settled.
+    DeletedPending,
+    /// The consumer group was created anew (the broker restarted without
+    /// persistence, or the group or stream was deleted): what was added
+    /// meanwhile was never read.
+    GroupRecreated,
+}
+
+impl LossReason {
+    pub const ALL: [LossReason; 3] = [
+        LossReason::Trimmed,
+        LossReason::DeletedPending,
+        LossReason::GroupRecreated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::Trimmed => "trimmed",
+            LossReason::DeletedPending => "deleted_pending",
+            LossReason::GroupRecreated => "group_recreated",
+        }
+    }
+}
+
 /// Which actions a pass may take.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]

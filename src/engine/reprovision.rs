@@ -26,7 +26,7 @@ use crate::diff::Plan;
 use crate::jobs::{Job, JobStatus, Trigger};
 use crate::model::Key;
 use crate::store::{Ledger, Mirror, PassWrite, Reprovision, StoreError};
-use crate::vocab::{Actions, Counts, Mode, Outcome, PassReport, Samples, Timings};
+use crate::vocab::{Actions, Counts, LossReason, Mode, Outcome, PassReport, Samples, Timings};
 
 /// A control event, read.
 #[derive(Debug, Clone)]
@@ -69,6 +69,17 @@ impl Control {
 pub struct Tracker {
     open: tokio::sync::Mutex<HashMap<String, Option<Reprovision>>>,
     activity: std::sync::Mutex<HashMap<String, Instant>>,
+    /// When each source that reads (a stream) last completed a read: a
+    /// quiet time ends only with a read that answered after it, so a hung
+    /// connection is never taken for a quiet stream.
+    heard: std::sync::Mutex<HashMap<String, Instant>>,
+    /// The highest stream position known lost per source: a reprovision
+    /// starting before it has lost entries already.
+    lost_upto: std::sync::Mutex<HashMap<String, (u64, u64)>>,
+}
+
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Events {
@@ -133,6 +144,71 @@ impl Events {
             self.store().mark_resent(&r.id, res, &keys).await?;
         }
         Ok(())
+    }
+
+    /// Records that `n` messages of `source` were lost before driftd read
+    /// them (design rule 11: a counter, a warning naming the entries, and
+    /// the source's status, which the source sets). An open reprovision can
+    /// no longer know what was re-sent: it ends `incomplete`, purging
+    /// nothing. `upto` is the highest stream position lost, when known: a
+    /// reprovision that starts before it is incomplete from its start.
+    pub async fn lost(
+        &self,
+        source: &str,
+        reason: LossReason,
+        detail: &str,
+        n: u64,
+        upto: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.metrics().events_lost(source, reason, n);
+        tracing::warn!(
+            source,
+            reason = reason.as_str(),
+            lost = n,
+            detail,
+            "messages lost before driftd read them"
+        );
+        if !self.reprovisions_of(source) {
+            return Ok(());
+        }
+        if let Some(p) = upto.and_then(stream_order) {
+            let mut l = locked(&self.reprovisions.lost_upto);
+            let e = l.entry(source.to_string()).or_insert(p);
+            *e = (*e).max(p);
+        }
+        let mut open = self.reprovisions.open.lock().await;
+        if let Some(r) = self.open_reprovision(&mut open, source).await? {
+            let r = self
+                .taint(r, &format!("{} ({detail})", reason.as_str()))
+                .await?;
+            open.insert(source.to_string(), Some(r));
+        }
+        Ok(())
+    }
+
+    /// Notes on an open reprovision that messages were lost during it.
+    async fn taint(&self, mut r: Reprovision, note: &str) -> Result<Reprovision, StoreError> {
+        r.reason = Some(match r.reason.take() {
+            Some(old) => format!("{old}; {note}"),
+            None => format!("messages were lost during it: {note}"),
+        });
+        self.store().save_reprovision(&r).await?;
+        tracing::warn!(source = %r.source, reprovision = %r.id, note, "the open reprovision lost messages: it will purge nothing");
+        Ok(r)
+    }
+
+    /// Whether `source` has a reprovision open (read from the ledger).
+    pub async fn reprovision_open(&self, source: &str) -> Result<bool, StoreError> {
+        if !self.reprovisions_of(source) {
+            return Ok(false);
+        }
+        let mut open = self.reprovisions.open.lock().await;
+        Ok(self.open_reprovision(&mut open, source).await?.is_some())
+    }
+
+    /// A read of `source` answered (with entries or none).
+    pub fn heard(&self, source: &str) {
+        locked(&self.reprovisions.heard).insert(source.to_string(), Instant::now());
     }
 
     /// Whether `source` has reprovisions configured.
@@ -218,6 +294,12 @@ impl Events {
                 for res in &cfg.resources {
                     marks.insert(res.clone(), self.store().journal_mark(res).await?);
                 }
+                let lost_after_start = match position.as_deref().and_then(stream_order) {
+                    Some(p) => locked(&self.reprovisions.lost_upto)
+                        .get(source)
+                        .is_some_and(|l| *l > p),
+                    None => false,
+                };
                 let r = Reprovision {
                     id: uuid::Uuid::new_v4().to_string(),
                     source: source.to_string(),
@@ -225,7 +307,9 @@ impl Events {
                     position,
                     marks,
                     state: "open".into(),
-                    reason: None,
+                    reason: lost_after_start.then(|| {
+                        "messages were lost during it: entries after its start were deleted before driftd read them".to_string()
+                    }),
                     jobs: Vec::new(),
                     started_at: crate::store::now_rfc3339(),
                     ended_at: None,
@@ -309,8 +393,14 @@ impl Events {
                 // Since start (of driftd) at least.
                 *a.entry(source.clone()).or_insert_with(Instant::now)
             };
-            if last.elapsed() >= Duration::from_secs_f64(quiet) {
-                tracing::info!(source, reprovision = %r.id, quiet_secs = quiet, "reprovision complete: the source has been quiet");
+            let quiet = Duration::from_secs_f64(quiet);
+            // A source that reads must have read (and found nothing) after
+            // the quiet time: a hung read is not a quiet stream.
+            let reads = cfg.kind == crate::config::SourceKind::Redis;
+            let heard = locked(&self.reprovisions.heard).get(source).copied();
+            let read_since = !reads || heard.is_some_and(|h| h >= last + quiet);
+            if last.elapsed() >= quiet && read_since {
+                tracing::info!(source, reprovision = %r.id, quiet_secs = quiet.as_secs_f64(), "reprovision complete: the source has been quiet");
                 self.complete(r).await?;
                 open.insert(source.clone(), None);
             }
@@ -321,14 +411,24 @@ impl Events {
     /// Purges, per resource, the rows the reprovision did not re-send.
     async fn complete(&self, mut r: Reprovision) -> Result<(), StoreError> {
         // Another process (`driftd replay`) may have ended it meanwhile.
-        let still_open = self
+        let Some(ledger) = self
             .store()
             .reprovisions(&r.source, 100)
             .await?
-            .iter()
-            .any(|x| x.id == r.id && x.state == "open");
-        if !still_open {
+            .into_iter()
+            .find(|x| x.id == r.id && x.state == "open")
+        else {
             tracing::info!(source = %r.source, reprovision = %r.id, "reprovision already ended elsewhere");
+            return Ok(());
+        };
+        // Messages lost during it (noted here or by another process): what
+        // was re-sent is not known, so nothing is purged.
+        if let Some(reason) = ledger.reason.or(r.reason.take()) {
+            r.state = "incomplete".into();
+            r.reason = Some(reason);
+            r.ended_at = Some(crate::store::now_rfc3339());
+            self.store().save_reprovision(&r).await?;
+            tracing::warn!(source = %r.source, reprovision = %r.id, reason = r.reason.as_deref().unwrap_or(""), "reprovision incomplete: nothing purged");
             return Ok(());
         }
         let mut tripped = Vec::new();

@@ -40,6 +40,11 @@ pub struct SourceStatus {
     pub events: u64,
     /// Connections made since start.
     pub connects: u64,
+    /// Messages (or runs of them) lost before they were read, since start.
+    pub lost: u64,
+    /// The last loss: its reason and the entries it names.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_loss: Option<String>,
 }
 
 /// Every source's status, shared with the admin API.
@@ -70,6 +75,8 @@ impl Sources {
                 last_event_at: None,
                 events: 0,
                 connects: 0,
+                lost: 0,
+                last_loss: None,
             },
         );
         StatusHandle {
@@ -126,6 +133,15 @@ impl StatusHandle {
             s.state = "down";
             s.connected = false;
             s.last_error = Some(error);
+        });
+    }
+
+    /// Records `n` messages lost before they were read.
+    pub fn lost(&self, n: u64, what: &str) {
+        let what = what.to_string();
+        self.update(|s| {
+            s.lost += n;
+            s.last_loss = Some(what);
         });
     }
 

@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::SourceContext;
 use crate::config::RedisConfig;
 use crate::engine::events::Envelope;
+use crate::vocab::LossReason;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The first pause after the database refused a batch; it doubles.
@@ -68,11 +69,14 @@ pub async fn run(ctx: SourceContext) {
         };
         let ctx = &ctx;
         let redis = &redis;
+        let watch = &std::sync::Mutex::new(Watch::default());
         super::keep_consuming(
             ctx,
             redis.resolve_url(),
             redis.max_backoff_secs,
-            |url, backoff| async move { consume(ctx, redis, url.expose_secret(), &backoff).await },
+            |url, backoff| async move {
+                consume(ctx, redis, url.expose_secret(), &backoff, watch).await
+            },
         )
         .await
     }
@@ -91,16 +95,91 @@ pub async fn connect(url: &str, block: Duration) -> anyhow::Result<MultiplexedCo
         .await?)
 }
 
+/// What a source knows of its stream across connections, to tell a loss:
+/// whether it consumed before, and the stream's deletions as last seen.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Watch {
+    /// The group was read on an earlier connection of this process.
+    pub consumed: bool,
+    /// The group's `last-delivered-id` at the last check.
+    pub last_delivered: Option<(u64, u64)>,
+    /// The stream's `max-deleted-entry-id` at the last check.
+    pub max_deleted: Option<(u64, u64)>,
+    /// The `max-deleted-entry-id` last reported as a loss (or accepted as
+    /// the baseline of a group created on a first start).
+    pub reported: Option<(u64, u64)>,
+    /// Entries found trimmed unread so far (the group's lag that no entry
+    /// left in the stream accounts for).
+    pub trim_accounted: u64,
+}
+
+impl Watch {
+    /// Whether deleting up to `max_deleted`, seen with the group delivered
+    /// up to `last_delivered`, lost entries the group never read. Certain
+    /// when a deleted entry lies beyond what the group was ever given;
+    /// likely when the deletions moved since the last check past what the
+    /// group had been given then (an entry deleted unread, and read around
+    /// since). The second may also be an entry read in between and deleted
+    /// after: counted too, so a reprovision never purges on a doubt.
+    pub fn lost(&self, max_deleted: (u64, u64), last_delivered: (u64, u64)) -> bool {
+        if self.reported == Some(max_deleted) || max_deleted == (0, 0) {
+            return false;
+        }
+        let moved = self.max_deleted.is_some_and(|m| m != max_deleted);
+        max_deleted > last_delivered
+            || (moved && self.last_delivered.is_some_and(|l| max_deleted > l))
+    }
+}
+
+impl Watch {
+    /// Entries trimmed before the group read them and not yet reported:
+    /// `(new, total)`. When every entry left comes after what the group was
+    /// given, the group's lag beyond those entries are entries it will never
+    /// read. Without a lag (Redis cannot count after some deletions), or
+    /// with entries the group read still in the stream (trimming takes the
+    /// oldest first, so none after them went), nothing is known lost.
+    pub fn trimmed(&self, state: &StreamState) -> Option<(u64, u64)> {
+        let lag = state.lag?;
+        let delivered = state.last_delivered?;
+        if state.first.is_some_and(|f| f <= delivered) {
+            return None;
+        }
+        let total = lag.saturating_sub(state.length);
+        (total > self.trim_accounted).then(|| (total - self.trim_accounted, total))
+    }
+}
+
 /// One connection's life. `Ok` on shutdown.
 async fn consume(
     ctx: &SourceContext,
     redis: &RedisConfig,
     url: &str,
     backoff: &super::Backoff,
+    watch: &std::sync::Mutex<Watch>,
 ) -> anyhow::Result<()> {
     let block = Duration::from_millis(redis.block_ms);
     let mut con = connect(url, block).await?;
-    create_group(&mut con, redis).await?;
+    let created = create_group(&mut con, redis).await?;
+    let consumed_before = lock(watch).consumed;
+    if created {
+        if consumed_before || ctx.events.reprovision_open(&ctx.name).await? {
+            let detail = format!(
+                "group `{}` of stream `{}` was created anew at `{}` (Redis restarted without persistence, or the group or stream was deleted): entries added while it was gone were never read",
+                redis.group, redis.stream, redis.group_start
+            );
+            report_loss(ctx, LossReason::GroupRecreated, &detail, 1, None).await?;
+            *lock(watch) = Watch::default();
+        } else {
+            // A first start: what the stream lost before the group existed
+            // is not a loss of driftd's.
+            let state = stream_state(&mut con, redis).await?;
+            let mut w = lock(watch);
+            w.reported = state.max_deleted;
+            w.trim_accounted = w.trimmed(&state).map_or(0, |(_, total)| total);
+        }
+    }
+    lock(watch).consumed = true;
+    check_deletions(ctx, redis, &mut con, watch).await?;
     backoff.reset();
     let consumer = redis.consumer_name();
     ctx.status.connected();
@@ -117,12 +196,14 @@ async fn consume(
         };
         let Some(last) = entries.last() else { break };
         cursor = last.id.clone();
-        if !settle(ctx, redis, &mut con, &consumer, entries, true).await? {
+        if !settle(ctx, redis, &mut con, &consumer, entries, true, watch).await? {
             return Ok(());
         }
     }
     let claim_every = Duration::from_secs_f64(redis.claim_every_secs);
     let mut next_claim = Instant::now();
+    let reprovisions = ctx.events.reprovisions_of(&ctx.name);
+    let mut next_check = Instant::now();
     loop {
         if Instant::now() >= next_claim {
             if !claim(ctx, redis, &mut con, &consumer).await? {
@@ -131,10 +212,18 @@ async fn consume(
             next_claim = Instant::now() + claim_every;
         }
         let wait = block.min(next_claim.saturating_duration_since(Instant::now()));
+        // Before reading on: entries deleted unread since the last read
+        // are lost, before whatever comes next is settled (under a
+        // reprovision at every read, else once a second).
+        if reprovisions || Instant::now() >= next_check {
+            check_deletions(ctx, redis, &mut con, watch).await?;
+            next_check = Instant::now() + Duration::from_secs(1);
+        }
         let entries = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
             r = read_group(&mut con, redis, &consumer, count, Some(wait), ">") => r?,
         };
+        ctx.events.heard(&ctx.name);
         if entries.is_empty() {
             // Caught up. Entries still pending on another consumer may
             // re-send rows: a reprovision is not quiet while they wait.
@@ -143,7 +232,7 @@ async fn consume(
             {
                 ctx.events.touch(&ctx.name);
             }
-        } else if !settle(ctx, redis, &mut con, &consumer, entries, false).await? {
+        } else if !settle(ctx, redis, &mut con, &consumer, entries, false, watch).await? {
             return Ok(());
         }
     }
@@ -228,8 +317,12 @@ pub async fn replay(
     Ok(out)
 }
 
-/// Creates the group (and the stream) unless it exists.
-async fn create_group(con: &mut MultiplexedConnection, redis: &RedisConfig) -> anyhow::Result<()> {
+/// Creates the group (and the stream) unless it exists; `true` when it
+/// created it.
+async fn create_group(
+    con: &mut MultiplexedConnection,
+    redis: &RedisConfig,
+) -> anyhow::Result<bool> {
     let created: redis::RedisResult<Value> = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(&redis.stream)
@@ -241,9 +334,9 @@ async fn create_group(con: &mut MultiplexedConnection, redis: &RedisConfig) -> a
     match created {
         Ok(_) => {
             tracing::info!(stream = %redis.stream, group = %redis.group, start = %redis.group_start, "consumer group created");
-            Ok(())
+            Ok(true)
         }
-        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(false),
         Err(e) => Err(anyhow::anyhow!(
             "create group `{}` on stream `{}`: {e}",
             redis.group,
@@ -308,7 +401,24 @@ async fn claim(
             .query_async(con)
             .await
             .map_err(|e| anyhow::anyhow!("XAUTOCLAIM on `{}`: {e}", redis.stream))?;
-        let (next, entries) = autoclaim_reply(reply)?;
+        let (next, entries, deleted) = autoclaim_reply(reply)?;
+        if !deleted.is_empty() {
+            let detail = format!(
+                "entries pending on another consumer deleted from the stream before they were settled: {}",
+                deleted.join(", ")
+            );
+            report_loss(
+                ctx,
+                LossReason::DeletedPending,
+                &detail,
+                deleted.len() as u64,
+                deleted
+                    .iter()
+                    .max_by_key(|d| stream_id(d))
+                    .map(String::as_str),
+            )
+            .await?;
+        }
         if !entries.is_empty() {
             tracing::warn!(entries = entries.len(), first = %entries[0].id, "took over entries left pending by another consumer");
             if !settle_now(ctx, redis, con, consumer, entries, true).await? {
@@ -334,6 +444,7 @@ async fn settle(
     consumer: &str,
     mut entries: Vec<Entry>,
     redelivered: bool,
+    watch: &std::sync::Mutex<Watch>,
 ) -> anyhow::Result<bool> {
     let completion = ctx
         .events
@@ -348,6 +459,9 @@ async fn settle(
     let Some(at) = completion else {
         return settle_now(ctx, redis, con, consumer, entries, redelivered).await;
     };
+    // An entry before the completion deleted unread since the last check
+    // (even while this batch was read) is a loss of this reprovision.
+    check_deletions(ctx, redis, con, watch).await?;
     let before = format!("({}", entries[at].id);
     if !others_hold(con, redis, consumer, &before).await? {
         return settle_now(ctx, redis, con, consumer, entries, redelivered).await;
@@ -414,12 +528,30 @@ async fn settle_now(
     } else {
         BTreeMap::new()
     };
+    let gone: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.fields.is_none())
+        .map(|e| e.id.as_str())
+        .collect();
+    if !gone.is_empty() {
+        let detail = format!(
+            "pending entries deleted from the stream before they were settled: {}",
+            gone.join(", ")
+        );
+        report_loss(
+            ctx,
+            LossReason::DeletedPending,
+            &detail,
+            gone.len() as u64,
+            gone.last().copied(),
+        )
+        .await?;
+    }
     let mut apply = Vec::with_capacity(entries.len());
     let mut buried = 0;
     for entry in &entries {
         let env = entry.envelope(&redis.body_field);
         if entry.fields.is_none() {
-            tracing::warn!(id = %entry.id, "a pending entry was deleted from the stream; acknowledged without applying");
             continue;
         }
         match counts.get(&entry.id) {
@@ -563,8 +695,9 @@ pub fn entries(v: Value) -> anyhow::Result<Vec<Entry>> {
     Ok(out)
 }
 
-/// The next cursor and the claimed entries of an XAUTOCLAIM reply.
-fn autoclaim_reply(v: Value) -> anyhow::Result<(String, Vec<Entry>)> {
+/// The next cursor, the claimed entries and the ids of pending entries
+/// found deleted (Redis 7's third field) of an XAUTOCLAIM reply.
+fn autoclaim_reply(v: Value) -> anyhow::Result<(String, Vec<Entry>, Vec<String>)> {
     let mut parts = array(v)?.into_iter();
     let next = text(
         &parts
@@ -575,7 +708,166 @@ fn autoclaim_reply(v: Value) -> anyhow::Result<(String, Vec<Entry>)> {
         Some(v) => entries(v)?,
         None => Vec::new(),
     };
-    Ok((next, claimed))
+    let deleted = match parts.next() {
+        Some(v) => array(v)?.iter().map(text).collect::<anyhow::Result<_>>()?,
+        None => Vec::new(),
+    };
+    Ok((next, claimed, deleted))
+}
+
+/// A stream entry id (`<ms>-<seq>`) as a pair that sorts like the stream.
+pub fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn lock(watch: &std::sync::Mutex<Watch>) -> std::sync::MutexGuard<'_, Watch> {
+    watch.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Tells the engine (metric, log, open reprovision) and the status of a
+/// loss.
+async fn report_loss(
+    ctx: &SourceContext,
+    reason: LossReason,
+    detail: &str,
+    n: u64,
+    upto: Option<&str>,
+) -> anyhow::Result<()> {
+    ctx.status
+        .lost(n, &format!("{}: {detail}", reason.as_str()));
+    ctx.events.lost(&ctx.name, reason, detail, n, upto).await?;
+    Ok(())
+}
+
+/// What XINFO says of the stream and the group, to tell a loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StreamState {
+    /// `max-deleted-entry-id` (Redis 7): the highest id XDEL removed.
+    pub max_deleted: Option<(u64, u64)>,
+    /// The group's `last-delivered-id`.
+    pub last_delivered: Option<(u64, u64)>,
+    /// The group's `lag` (entries added minus entries it read), when Redis
+    /// can tell: entries trimmed unread stay in it, as they are never read.
+    pub lag: Option<u64>,
+    /// Entries in the stream now.
+    pub length: u64,
+    /// The stream's first entry, if any.
+    pub first: Option<(u64, u64)>,
+}
+
+/// The stream's and the group's state (XINFO STREAM, XINFO GROUPS).
+async fn stream_state(
+    con: &mut MultiplexedConnection,
+    redis: &RedisConfig,
+) -> anyhow::Result<StreamState> {
+    let info: Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(&redis.stream)
+        .query_async(con)
+        .await
+        .map_err(|e| anyhow::anyhow!("XINFO STREAM `{}`: {e}", redis.stream))?;
+    let info = pairs(info)?;
+    let get = |name: &str| info.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let id_of = |v: Option<&Value>| -> Option<(u64, u64)> {
+        v.and_then(|v| text(v).ok()).and_then(|t| stream_id(&t))
+    };
+    let mut state = StreamState {
+        max_deleted: id_of(get("max-deleted-entry-id")),
+        length: match get("length") {
+            Some(Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        first: match get("first-entry") {
+            Some(Value::Array(e)) => id_of(e.first()),
+            _ => None,
+        },
+        ..StreamState::default()
+    };
+    let groups: Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(&redis.stream)
+        .query_async(con)
+        .await
+        .map_err(|e| anyhow::anyhow!("XINFO GROUPS `{}`: {e}", redis.stream))?;
+    for g in array(groups)? {
+        let g = pairs(g)?;
+        let get = |name: &str| g.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if get("name").and_then(|v| text(v).ok()).as_deref() == Some(redis.group.as_str()) {
+            state.last_delivered = id_of(get("last-delivered-id"));
+            state.lag = match get("lag") {
+                Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+                _ => None,
+            };
+        }
+    }
+    Ok(state)
+}
+
+/// Reports entries deleted from the stream before the group read them
+/// (trimmed by MAXLEN or MINID, or XDEL), once per deletion seen.
+async fn check_deletions(
+    ctx: &SourceContext,
+    redis: &RedisConfig,
+    con: &mut MultiplexedConnection,
+    watch: &std::sync::Mutex<Watch>,
+) -> anyhow::Result<()> {
+    let state = stream_state(con, redis).await?;
+    let Some(delivered) = state.last_delivered else {
+        return Ok(());
+    };
+    let deleted = state.max_deleted.unwrap_or((0, 0));
+    let (xdel, trimmed) = {
+        let w = lock(watch);
+        (w.lost(deleted, delivered), w.trimmed(&state))
+    };
+    let read_to = format!("{}-{}", delivered.0, delivered.1);
+    if xdel {
+        let detail = format!(
+            "entries of stream `{}` deleted (XDEL) before group `{}` read them: up to {}-{}, the group having read to {read_to}",
+            redis.stream, redis.group, deleted.0, deleted.1
+        );
+        let upto = format!("{}-{}", deleted.0, deleted.1);
+        report_loss(ctx, LossReason::Trimmed, &detail, 1, Some(&upto)).await?;
+        lock(watch).reported = Some(deleted);
+    }
+    if let Some((n, total)) = trimmed {
+        let first = state
+            .first
+            .map_or("none left".to_string(), |f| format!("{}-{}", f.0, f.1));
+        let detail = format!(
+            "{n} entries of stream `{}` trimmed before group `{}` read them: the group read to {read_to}, the stream now starts at {first}",
+            redis.stream, redis.group
+        );
+        // Everything up to the first entry left may be gone.
+        let upto = state
+            .first
+            .map_or(format!("{}-{}", u64::MAX, u64::MAX), |f| {
+                format!("{}-{}", f.0, f.1)
+            });
+        report_loss(ctx, LossReason::Trimmed, &detail, n, Some(&upto)).await?;
+        lock(watch).trim_accounted = total;
+    }
+    let mut w = lock(watch);
+    w.max_deleted = Some(deleted);
+    w.last_delivered = Some(delivered);
+    Ok(())
+}
+
+/// The field/value pairs of a RESP2 flat array or a RESP3 map.
+fn pairs(v: Value) -> anyhow::Result<Vec<(String, Value)>> {
+    match v {
+        Value::Map(m) => m.into_iter().map(|(k, v)| Ok((text(&k)?, v))).collect(),
+        other => {
+            let flat = array(other)?;
+            let mut out = Vec::with_capacity(flat.len() / 2);
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                out.push((text(&k)?, v));
+            }
+            Ok(out)
+        }
+    }
 }
 
 fn array(v: Value) -> anyhow::Result<Vec<Value>> {
@@ -616,6 +908,83 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn a_deletion_past_what_the_group_read_is_a_loss() {
+        let fresh = Watch::default();
+        // Nothing deleted, or only what the group had read.
+        assert!(!fresh.lost((0, 0), (0, 0)));
+        assert!(!fresh.lost((5, 0), (9, 0)));
+        // Deleted beyond what the group was ever given: certain.
+        assert!(fresh.lost((12, 0), (9, 0)));
+        // Reported once.
+        let reported = Watch {
+            reported: Some((12, 0)),
+            ..Watch::default()
+        };
+        assert!(!reported.lost((12, 0), (9, 0)));
+        // Deleted unread since the last check, and read around since: the
+        // group is past it now, but was not at the last check.
+        let seen = Watch {
+            consumed: true,
+            last_delivered: Some((9, 0)),
+            max_deleted: Some((5, 0)),
+            ..Watch::default()
+        };
+        assert!(seen.lost((11, 0), (20, 0)));
+        // Deletions that did not move, or stayed behind the group.
+        assert!(!seen.lost((5, 0), (20, 0)));
+        assert!(!seen.lost((8, 0), (20, 0)));
+    }
+
+    #[test]
+    fn a_lag_no_entry_left_accounts_for_is_trimmed() {
+        let state = StreamState {
+            last_delivered: Some((10, 0)),
+            lag: Some(11),
+            length: 1,
+            first: Some((30, 0)),
+            ..StreamState::default()
+        };
+        let mut w = Watch::default();
+        assert_eq!(w.trimmed(&state), Some((10, 10)));
+        w.trim_accounted = 10;
+        assert_eq!(w.trimmed(&state), None, "reported once");
+        // Entries the group read are still there: trimming took none after.
+        let kept = StreamState {
+            first: Some((5, 0)),
+            ..state
+        };
+        assert_eq!(Watch::default().trimmed(&kept), None);
+        // Redis cannot count: nothing known.
+        let unknown = StreamState { lag: None, ..state };
+        assert_eq!(Watch::default().trimmed(&unknown), None);
+        // Caught up on an empty stream with nothing lost.
+        let quiet = StreamState {
+            lag: Some(0),
+            length: 0,
+            first: None,
+            ..state
+        };
+        assert_eq!(Watch::default().trimmed(&quiet), None);
+    }
+
+    #[test]
+    fn autoclaim_replies_carry_deleted_ids() {
+        let reply = Value::Array(vec![
+            bulk("0-0"),
+            Value::Array(vec![Value::Array(vec![
+                bulk("7-0"),
+                Value::Array(vec![bulk("name"), bulk("e")]),
+            ])]),
+            Value::Array(vec![bulk("3-0"), bulk("4-1")]),
+        ]);
+        let (next, claimed, deleted) = autoclaim_reply(reply).unwrap();
+        assert_eq!(next, "0-0");
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(deleted, ["3-0", "4-1"]);
+        assert_eq!(stream_id("4-1"), Some((4, 1)));
     }
 
     #[test]

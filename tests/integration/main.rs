@@ -26,4 +26,5 @@ mod review5;
 mod review6;
 mod security;
 mod sqlite_file;
+mod stream_loss;
 mod streams;

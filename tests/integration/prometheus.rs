@@ -31,6 +31,7 @@ const SOURCE_METRICS: &[&str] = &[
     "driftd_event_lag_seconds",
     "driftd_dead_letters",
     "driftd_source_connected",
+    "driftd_events_lost_total",
 ];
 /// Grafana's variables, as Prometheus sees them in the check. Longer names
 /// first, so `$__interval` does not eat the start of `$__interval_ms`.

@@ -60,7 +60,7 @@ pub async fn setup(backend: Backend) -> Setup {
     }
 }
 
-async fn drop_stream(con: &mut MultiplexedConnection, stream: &str) {
+pub async fn drop_stream(con: &mut MultiplexedConnection, stream: &str) {
     let _: i64 = redis::cmd("DEL")
         .arg(stream)
         .query_async(con)
@@ -128,7 +128,7 @@ pub async fn add(con: &mut MultiplexedConnection, stream: &str, name: &str, data
 
 /// Waits until no entry of `stream` is pending in the group: every entry
 /// read was acknowledged.
-async fn all_acked(con: &MultiplexedConnection, stream: &str, within: Duration) {
+pub async fn all_acked(con: &MultiplexedConnection, stream: &str, within: Duration) {
     eventually(within, "every entry acknowledged", || {
         let mut con = con.clone();
         async move {
@@ -140,7 +140,7 @@ async fn all_acked(con: &MultiplexedConnection, stream: &str, within: Duration) 
 }
 
 /// Runs a command; fails the test on an error.
-async fn raw(con: &mut MultiplexedConnection, args: &[&str]) -> Value {
+pub async fn raw(con: &mut MultiplexedConnection, args: &[&str]) -> Value {
     let mut cmd = redis::cmd(args[0]);
     for a in &args[1..] {
         cmd.arg(*a);
@@ -511,14 +511,14 @@ async fn an_entry_delivered_too_often_becomes_a_dead_letter(backend: Backend) {
 }
 
 /// `[sources.bus]` with reprovision control events.
-fn reprovision_source(stream: &str, reprovision: &str) -> String {
+pub fn reprovision_source(stream: &str, reprovision: &str) -> String {
     format!(
         "{}\n[sources.bus.reprovision]\nstarted = \"ReprovisionStarted\"\nid_pointer = \"/data/id\"\n{reprovision}\n",
         source(stream, "")
     )
 }
 
-async fn wait_rows(db: &TestDb, want: i64, what: &str) {
+pub async fn wait_rows(db: &TestDb, want: i64, what: &str) {
     eventually(Duration::from_secs(5), what, || async {
         let n = db.count("users").await;
         (n == want)
@@ -528,7 +528,7 @@ async fn wait_rows(db: &TestDb, want: i64, what: &str) {
     .await;
 }
 
-async fn reprovisions(settings: &Settings) -> Vec<driftd::store::Reprovision> {
+pub async fn reprovisions(settings: &Settings) -> Vec<driftd::store::Reprovision> {
     use driftd::store::Ledger;
     let store = driftd::store::AnyStore::open(&settings.store.url, 2)
         .await
@@ -865,6 +865,13 @@ async fn quiet_time_does_not_count_while_the_source_is_down(backend: Backend) {
     events.tick_reprovisions(&|_| true).await.unwrap();
     assert_eq!(reprovisions(&s).await[0].state, "open");
     tokio::time::sleep(Duration::from_millis(2000)).await;
+    // Connected, quiet, but no read answered since: a hung connection is
+    // not a quiet stream.
+    events.tick_reprovisions(&|_| true).await.unwrap();
+    assert_eq!(reprovisions(&s).await[0].state, "open");
+    assert_eq!(db.count("users").await, 10, "nothing purged without a read");
+    // A read answers, empty, after the quiet time: complete.
+    events.heard("bus");
     events.tick_reprovisions(&|_| true).await.unwrap();
     assert_eq!(reprovisions(&s).await[0].state, "completed");
     assert_eq!(db.count("users").await, 6);
