@@ -29,6 +29,11 @@ pub struct SourceConfig {
     /// Events applied in one transaction at most.
     #[serde(default = "default_batch")]
     pub batch_size: usize,
+    /// How long the refetches of one batch may take, retries included:
+    /// those still waiting then become dead letters and the rest of the
+    /// batch applies, so a hung upstream never holds other events longer.
+    #[serde(default = "default_refetch_budget")]
+    pub refetch_budget_secs: f64,
     /// Event name → what it does.
     #[serde(default)]
     pub events: BTreeMap<String, EventMapping>,
@@ -74,6 +79,10 @@ fn default_reprovision_timeout() -> f64 {
 
 fn default_batch() -> usize {
     500
+}
+
+fn default_refetch_budget() -> f64 {
+    30.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -405,6 +414,12 @@ pub(super) fn validate_source(
     }
     if src.batch_size == 0 || src.batch_size > 10_000 {
         return Err(problem("batch_size", "must be between 1 and 10000"));
+    }
+    if !(src.refetch_budget_secs > 0.0 && src.refetch_budget_secs <= 3600.0) {
+        return Err(problem(
+            "refetch_budget_secs",
+            "must be more than 0 and at most 3600",
+        ));
     }
     if src.events.is_empty() {
         return Err(problem(

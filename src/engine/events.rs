@@ -21,6 +21,8 @@ use crate::upstream::{Client, Fetched};
 
 /// Refetches in flight at once within a batch.
 const REFETCH_CONCURRENCY: usize = 8;
+/// How long a check that `get_path` finds listed keys is trusted.
+const GET_PATH_TRUSTED: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// One message as a source received it.
 #[derive(Debug, Clone)]
@@ -93,8 +95,11 @@ pub enum ReplayError {
 /// A resource as events write it.
 pub(super) struct Target {
     pub(super) spec: TableSpec,
-    decoder: RowDecoder,
+    decoder: Arc<RowDecoder>,
     client: Option<Arc<Client>>,
+    /// When `get_path` last found a key the listing has: until then (and
+    /// [`GET_PATH_TRUSTED`] after), a refetch's 404 deletes nothing.
+    get_path_checked: std::sync::Mutex<Option<std::time::Instant>>,
     /// What the store learnt inspecting the table (PostgreSQL casts values
     /// to the column types it read): the limits the columns put on values.
     shape: std::sync::OnceLock<crate::store::Shape>,
@@ -167,8 +172,9 @@ impl Events {
                 name.clone(),
                 Target {
                     spec: res.table_spec(),
-                    decoder: RowDecoder::new(res),
+                    decoder: Arc::new(RowDecoder::new(res)),
                     client,
+                    get_path_checked: std::sync::Mutex::new(None),
                     shape: std::sync::OnceLock::new(),
                 },
             );
@@ -305,11 +311,21 @@ impl Events {
                 "unknown source `{source}`"
             )));
         };
-        let mut prepared: Vec<Prepared> = Vec::with_capacity(batch.len());
-        for chunk in batch.chunks(REFETCH_CONCURRENCY) {
-            let futures: Vec<_> = chunk.iter().map(|env| self.prepare(cfg, env)).collect();
-            prepared.extend(futures_util::future::join_all(futures).await);
-        }
+        // In order, a few at a time: a slow refetch holds only itself, and
+        // every refetch of the batch ends by the same deadline.
+        let deadline = tokio::time::Instant::now()
+            + std::time::Duration::from_secs_f64(cfg.refetch_budget_secs);
+        let prepared: Vec<Prepared> = {
+            use futures_util::StreamExt;
+            let futures: Vec<_> = batch
+                .iter()
+                .map(|env| self.prepare(cfg, env, deadline))
+                .collect();
+            futures_util::stream::iter(futures)
+                .buffered(REFETCH_CONCURRENCY)
+                .collect()
+                .await
+        };
         let mut verdicts: Vec<Verdict> = Vec::with_capacity(batch.len());
         // Which messages re-send a row (for an open reprovision).
         let mut resends: Vec<Resend> = Vec::with_capacity(batch.len());
@@ -561,8 +577,14 @@ impl Events {
         Ok(())
     }
 
-    /// Reads one message by the source's mapping; refetches if asked.
-    async fn prepare(&self, cfg: &SourceConfig, env: &Envelope) -> Prepared {
+    /// Reads one message by the source's mapping; refetches if asked, by
+    /// `deadline`.
+    async fn prepare(
+        &self,
+        cfg: &SourceConfig,
+        env: &Envelope,
+        deadline: tokio::time::Instant,
+    ) -> Prepared {
         // What cannot be read might have re-sent any row.
         let invalid =
             |name: Option<&str>, resource: Option<&str>, error: String| Prepared::Invalid {
@@ -676,10 +698,19 @@ impl Events {
                     Err(e) => return failed(&name, resource, &key, mapping.op, e),
                 }
             }
-            EventOp::Refetch => match refetch(target, res, &key).await {
-                Ok(row) => row,
-                Err(e) => return failed(&name, resource, &key, mapping.op, e),
-            },
+            EventOp::Refetch => {
+                match tokio::time::timeout_at(deadline, refetch(target, res, &key)).await {
+                    Ok(Ok(row)) => row,
+                    Ok(Err(e)) => return failed(&name, resource, &key, mapping.op, e),
+                    Err(_) => {
+                        let e = format!(
+                            "refetch of `{key}` still waiting when the batch's refetch budget ran out (refetch_budget_secs = {}); the rest of the batch applied",
+                            cfg.refetch_budget_secs
+                        );
+                        return failed(&name, resource, &key, mapping.op, e);
+                    }
+                }
+            }
         };
         Prepared::Change {
             name,
@@ -743,8 +774,19 @@ async fn refetch(
     let Some(client) = &target.client else {
         return Err("refetch needs upstream.get_path".into());
     };
-    match client.fetch_key(key.as_str()).await {
-        Ok(Fetched::Gone) => Ok(None),
+    let mut fetched = client.fetch_key(key.as_str()).await;
+    // A uuid key is gone only if both spellings are, as a pass confirms it:
+    // an upstream may match keys as it was given them.
+    if res.key.kind == crate::config::KeyType::Uuid && matches!(fetched, Ok(Fetched::Gone)) {
+        fetched = client.fetch_key(&key.as_str().to_ascii_uppercase()).await;
+    }
+    match fetched {
+        Ok(Fetched::Gone) => match get_path_finds_listed_keys(target, res, client, key).await {
+            Ok(()) => Ok(None),
+            Err(why) => Err(format!(
+                "refetch of `{key}` answered 404, but {why}: nothing deleted"
+            )),
+        },
         Ok(Fetched::Present(body)) => {
             let item: Json = serde_json::from_slice(&body)
                 .map_err(|e| format!("refetch of `{key}`: the answer is not JSON: {e}"))?;
@@ -757,6 +799,58 @@ async fn refetch(
         )),
         Err(e) => Err(format!(
             "refetch of `{key}` failed after retries: {}",
+            crate::pass::error_chain(&e)
+        )),
+    }
+}
+
+/// Checks, as a pass does before trusting confirmations, that `get_path`
+/// finds a key the listing's first page has (other than `except`); a
+/// success is trusted [`GET_PATH_TRUSTED`]. A `get_path` that answers 404
+/// for every key (a typo in the path) must delete nothing.
+async fn get_path_finds_listed_keys(
+    target: &Target,
+    res: &ResourceConfig,
+    client: &Arc<Client>,
+    except: &Key,
+) -> Result<(), String> {
+    let checked = *target
+        .get_path_checked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if checked.is_some_and(|t| t.elapsed() < GET_PATH_TRUSTED) {
+        return Ok(());
+    }
+    let mut cfg = res.upstream.clone();
+    cfg.look_ahead = false;
+    let mut pager = crate::upstream::Pager::new(client.clone(), cfg);
+    let page = pager.next_page(&target.decoder).await.map_err(|e| {
+        format!(
+            "the listing could not be read to check get_path ({})",
+            crate::pass::error_chain(&e)
+        )
+    })?;
+    let Some(canary) = page
+        .into_iter()
+        .flat_map(|p| p.items)
+        .map(|row| row.key)
+        .find(|k| k != except)
+    else {
+        return Err("the listing's first page has no other key to check get_path with".to_string());
+    };
+    match client.confirm(canary.as_str()).await {
+        Ok(crate::upstream::Presence::Present) => {
+            *target
+                .get_path_checked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            Ok(())
+        }
+        Ok(_) => Err(format!(
+            "get_path also answers 404 for `{canary}`, which the listing has (check upstream.get_path)"
+        )),
+        Err(e) => Err(format!(
+            "get_path could not be checked with `{canary}`, which the listing has ({})",
             crate::pass::error_chain(&e)
         )),
     }

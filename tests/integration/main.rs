@@ -15,6 +15,7 @@ mod merge;
 mod outage;
 mod prometheus;
 mod rabbit;
+mod refetch;
 mod refused;
 mod repair;
 mod retention;
