@@ -248,7 +248,7 @@ async fn dead_letters(path: &std::path::Path, action: DeadLetterAction) -> anyho
             )?;
             let verdict = events.replay(&id).await?;
             writeln!(out, "{}", serde_json::to_string(&verdict)?)?;
-            if verdict.outcome == "dead_lettered" {
+            if matches!(verdict.outcome, "dead_lettered" | "held") {
                 emit(&out)?;
                 return Ok(report::exit::ERROR);
             }

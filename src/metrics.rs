@@ -133,7 +133,7 @@ impl Metrics {
             ),
             events: counter(
                 "driftd_events_total",
-                "Events received, by source, resource (empty when unknown) and outcome: applied, stale (older than what was applied), ignored (unmapped name), dead_lettered.",
+                "Events received, by source, resource (empty when unknown) and outcome: applied, stale (older than what was applied), ignored (unmapped name), dead_lettered, held (a delete whose cascade passes a child's purge guard).",
                 &["source", "resource", "outcome"],
             ),
             event_lag: register(
@@ -197,7 +197,7 @@ impl Metrics {
         self.dead_letters.with_label_values(&[source]);
         self.event_lag.with_label_values(&[source]);
         for r in resources {
-            for outcome in ["applied", "stale", "dead_lettered"] {
+            for outcome in ["applied", "stale", "dead_lettered", "held"] {
                 self.events.with_label_values(&[source, r, outcome]);
             }
         }
@@ -238,6 +238,22 @@ impl Metrics {
         self.source_connected
             .with_label_values(&[source])
             .set(i64::from(connected));
+    }
+
+    /// Records a reprovision's purge job: as a pass of trigger
+    /// `reprovision` (its outcome, a guard it tripped, the rows it purged),
+    /// leaving the drift and row gauges to the passes that list upstream.
+    pub fn reprovision_purge(&self, report: &PassReport) {
+        let r = report.resource.as_str();
+        self.passes
+            .with_label_values(&[r, Trigger::Reprovision.as_str(), report.outcome.as_str()])
+            .inc();
+        if let Some(g) = &report.guard {
+            self.guard_trips.with_label_values(&[r, g.name()]).inc();
+        }
+        self.actions
+            .with_label_values(&[r, "purge", "false"])
+            .inc_by(report.actions.purge);
     }
 
     /// Records a finished pass.

@@ -214,15 +214,20 @@ pub enum GuardTrip {
     },
     #[error("update of {update} rows is above the limit of {max} (did upstream rename or drop a mapped field?)")]
     UpdateCount { update: u64, max: u64 },
+    /// The purge would cascade past a child resource's own purge guard:
+    /// parents and children are kept alike (no orphans).
+    #[error("{detail}")]
+    Cascade { detail: String },
 }
 
 /// Every guard's name, for metric series that exist from the start.
-pub const GUARD_NAMES: [&str; 5] = [
+pub const GUARD_NAMES: [&str; 6] = [
     "purge_fraction",
     "purge_count",
     "empty_upstream",
     "update_fraction",
     "update_count",
+    "cascade",
 ];
 
 impl GuardTrip {
@@ -234,6 +239,7 @@ impl GuardTrip {
             GuardTrip::PurgeCount { .. } => "purge_count",
             GuardTrip::UpdateFraction { .. } => "update_fraction",
             GuardTrip::UpdateCount { .. } => "update_count",
+            GuardTrip::Cascade { .. } => "cascade",
         }
     }
 }

@@ -351,8 +351,10 @@ pub struct ChildLink {
     pub spec: TableSpec,
     /// The child's column holding the parent key.
     pub column: Ident,
-    /// The child's own purge guard: at most this many rows at once.
+    /// The child's own purge guard: at most this many rows at once ...
     pub max_purge_count: u64,
+    /// ... and at most this fraction of its live rows.
+    pub max_purge_fraction: f64,
     pub purge_extra: bool,
 }
 
@@ -972,6 +974,7 @@ impl Settings {
                     spec: res.table_spec(),
                     column,
                     max_purge_count: res.policy.max_purge_count,
+                    max_purge_fraction: res.policy.max_purge_fraction,
                     purge_extra: res.policy.purge_extra,
                 },
             ));

@@ -50,7 +50,9 @@ impl Envelope {
 /// What became of one message.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Verdict {
-    /// `applied`, `stale`, `ignored` or `dead_lettered`.
+    /// `applied`, `stale`, `ignored`, `dead_lettered`, or `held` (a
+    /// delete whose cascade passes a child's purge guard: nothing deleted,
+    /// kept as a dead letter to replay).
     pub outcome: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub event: Option<String>,
@@ -256,7 +258,7 @@ impl Events {
         };
         let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
         let verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
-        if verdict.outcome == "dead_lettered" {
+        if matches!(verdict.outcome, "dead_lettered" | "held") {
             // One statement: the letter is never lost between two.
             let error = no_nul(verdict.error.as_deref().unwrap_or_default());
             self.store
@@ -417,7 +419,7 @@ impl Events {
         self.mark_resent(source, &verdicts[marked..], &resends[marked..])
             .await?;
         for (v, env) in verdicts.iter_mut().zip(batch) {
-            if v.outcome == "dead_lettered" && dead_letter {
+            if matches!(v.outcome, "dead_lettered" | "held") && dead_letter {
                 let letter = letter_for(
                     source,
                     v.event.as_deref(),
@@ -484,7 +486,45 @@ impl Events {
                 _ => fits.add(i, change),
             }
         }
-        let group = fits;
+        let children = self
+            .settings
+            .resources
+            .get(resource)
+            .map(|r| r.children.as_slice())
+            .unwrap_or_default();
+        // A delete whose cascade would pass a child's purge guard is held,
+        // parent and children alike (no orphans): kept as a letter an
+        // operator can replay once the policy allows it.
+        let group = if children.is_empty() {
+            fits
+        } else {
+            let mut kept = Group::default();
+            for (change, i) in fits.changes.into_iter().zip(fits.owners) {
+                let hold = match change.row {
+                    Some(_) => None,
+                    None => {
+                        super::cascade_hold(
+                            self.store.as_ref(),
+                            children,
+                            resource,
+                            std::slice::from_ref(&change.key),
+                        )
+                        .await?
+                    }
+                };
+                match hold {
+                    Some(why) => {
+                        tracing::warn!(resource, key = %change.key, why, "delete held: its cascade passes a child's purge guard");
+                        verdicts[i].outcome = "held";
+                        verdicts[i].error = Some(format!(
+                            "held, nothing deleted: {why}; replay it once the child's policy allows"
+                        ));
+                    }
+                    None => kept.add(i, change),
+                }
+            }
+            kept
+        };
         let results = match self
             .store
             .apply_changes(&target.spec, resource, &group.changes, None)
@@ -532,12 +572,6 @@ impl Events {
                 }
             }
         }
-        let children = self
-            .settings
-            .resources
-            .get(resource)
-            .map(|r| r.children.as_slice())
-            .unwrap_or_default();
         if children.is_empty() {
             return Ok(());
         }

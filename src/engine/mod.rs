@@ -19,11 +19,65 @@ use crate::config::ChildLink;
 use crate::model::Key;
 use crate::store::{Store, StoreError};
 
+/// Why purging `parents` would cascade past a child's own purge guard
+/// (more rows than its `max_purge_count`, or a larger share of its live
+/// rows than its `max_purge_fraction`), if it would: such a cascade is
+/// held, and its parents are kept too, so no child is left orphaned.
+pub async fn cascade_hold<S: Store>(
+    store: &S,
+    children: &[ChildLink],
+    parent: &str,
+    parents: &[Key],
+) -> Result<Option<String>, StoreError> {
+    for child in children.iter().filter(|c| c.purge_extra) {
+        store.prepare(&child.spec).await?;
+        let count = store
+            .count_children(&child.spec, &child.column, parents)
+            .await?;
+        if let Some(why) = child_guard(store, child, count).await? {
+            return Ok(Some(format!(
+                "purging {} `{parent}` row(s) would purge {count} `{}` row(s): {why}",
+                parents.len(),
+                child.resource
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// The child's purge guard on purging `count` of its rows.
+async fn child_guard<S: Store>(
+    store: &S,
+    child: &ChildLink,
+    count: u64,
+) -> Result<Option<String>, StoreError> {
+    if count == 0 {
+        return Ok(None);
+    }
+    if count > child.max_purge_count {
+        return Ok(Some(format!(
+            "more than the child's policy.max_purge_count ({})",
+            child.max_purge_count
+        )));
+    }
+    let live = store.count_live(&child.spec).await?;
+    let fraction = count as f64 / live.max(1) as f64;
+    if fraction > child.max_purge_fraction {
+        return Ok(Some(format!(
+            "{:.1}% of its {live} rows, more than the child's policy.max_purge_fraction ({:.1}%)",
+            fraction * 100.0,
+            child.max_purge_fraction * 100.0
+        )));
+    }
+    Ok(None)
+}
+
 /// Purges the children of purged parents, resource by resource, each
-/// behind its own purge guard: a child resource that does not purge
+/// behind its own purge guards: a child resource that does not purge
 /// (`purge_extra = false`), or would lose more rows than its
-/// `max_purge_count`, keeps them (its next pass finds them extra, behind
-/// the same guards). Returns the rows purged per child resource.
+/// `max_purge_count` or `max_purge_fraction`, keeps them (its next pass
+/// finds them extra, behind the same guards). Returns the rows purged per
+/// child resource.
 pub async fn cascade<S: Store>(
     store: &S,
     children: &[ChildLink],
@@ -48,13 +102,13 @@ pub async fn cascade<S: Store>(
         if count == 0 {
             continue;
         }
-        if count > child.max_purge_count {
+        if let Some(why) = child_guard(store, child, count).await? {
             tracing::warn!(
                 parent,
                 child = %child.resource,
                 rows = count,
-                max = child.max_purge_count,
-                "children of purged parents kept: more than the child's policy.max_purge_count; its next pass judges them"
+                why,
+                "children of purged parents kept; its next pass judges them"
             );
             continue;
         }

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::config::{KeyOrder, KeyType, ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
 use crate::diff::{Differ, ListingError, Plan};
-use crate::guard;
+use crate::guard::{self, GuardTrip};
 use crate::metrics::Metrics;
 use crate::model::{Key, Row};
 use crate::store::{PassWrite, SortedScan, Store, StoreError};
@@ -244,7 +244,13 @@ async fn execute<S: Store>(
         }
     }
 
-    if let Some(trip) = guard::judge(&plan, &res.policy) {
+    let mut trip = guard::judge(&plan, &res.policy);
+    if trip.is_none() && res.policy.purge_extra && !plan.purge.is_empty() {
+        trip = crate::engine::cascade_hold(store, &res.children, name, &plan.purge)
+            .await?
+            .map(|detail| GuardTrip::Cascade { detail });
+    }
+    if let Some(trip) = trip {
         if !opts.force {
             tracing::warn!(
                 guard = trip.name(),

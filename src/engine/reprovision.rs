@@ -573,7 +573,14 @@ impl Events {
             report.outcome = Outcome::DriftLeft;
             report.left.extra = plan.purge.len() as u64;
             report.actions.purge = 0;
-        } else if let Some(trip) = crate::guard::judge(&plan, &res.policy) {
+        } else if let Some(trip) = match crate::guard::judge(&plan, &res.policy) {
+            Some(trip) => Some(trip),
+            None => {
+                super::cascade_hold(self.store().as_ref(), &res.children, resource, &plan.purge)
+                    .await?
+                    .map(|detail| crate::vocab::GuardTrip::Cascade { detail })
+            }
+        } {
             tracing::warn!(guard = trip.name(), error = %trip, "reprovision purge refused by a guard; nothing purged");
             report.outcome = Outcome::GuardTripped;
             report.guard = Some(trip);
@@ -607,6 +614,7 @@ impl Events {
             "reprovision purge done"
         );
         job.finish_with(&report);
+        self.metrics().reprovision_purge(&report);
         self.store().save_job(job).await?;
         Ok(())
     }

@@ -327,6 +327,9 @@ pub trait Mirror: Send + Sync {
         column: &Ident,
         parents: &[Key],
     ) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Counts the live (not soft-deleted) rows of the table.
+    fn count_live(&self, spec: &TableSpec) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
 
 /// driftd's own ledger: migrations, jobs, dead letters, journal upkeep,
@@ -833,6 +836,9 @@ impl Mirror for AnyStore {
         parents: &[Key],
     ) -> Result<u64, StoreError> {
         delegate!(self, count_children(spec, column, parents))
+    }
+    async fn count_live(&self, spec: &TableSpec) -> Result<u64, StoreError> {
+        delegate!(self, count_live(spec))
     }
 }
 

@@ -699,6 +699,18 @@ impl Mirror for PgStore {
             .map_err(query_err(format!("count children in {}", spec.table)))?;
         Ok(n.max(0) as u64)
     }
+
+    async fn count_live(&self, spec: &TableSpec) -> Result<u64, StoreError> {
+        let mut sql = format!("SELECT COUNT(*) FROM {}", spec.table.quoted());
+        if let Some(soft) = &spec.soft_delete {
+            sql.push_str(&format!(" WHERE {} IS NULL", soft.quoted()));
+        }
+        let n: i64 = sqlx::query_scalar(&sql)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("count rows of {}", spec.table)))?;
+        Ok(n.max(0) as u64)
+    }
 }
 
 impl Ledger for PgStore {

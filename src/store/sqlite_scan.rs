@@ -143,6 +143,20 @@ pub(super) async fn declared_collation(
     let (schema, table, column) = (name(schema)?, name(table)?, name(column)?);
     on_handle(pool.clone(), context, move |db, context| {
         let db = db.as_ptr();
+        // The metadata call answers from the schema this connection last
+        // loaded: a statement first makes SQLite see a change another
+        // connection made since (a table renamed away and back).
+        // SAFETY: `db` is open and held; the SQL is NUL-terminated; no
+        // callback. Its result is of no interest: the call below reports.
+        unsafe {
+            ffi::sqlite3_exec(
+                db,
+                c"SELECT 1 FROM sqlite_master LIMIT 1".as_ptr(),
+                None,
+                null_mut(),
+                null_mut(),
+            );
+        }
         let mut collation: *const std::ffi::c_char = std::ptr::null();
         // SAFETY: `db` is open and held; the names are NUL-terminated and
         // outlive the call; the collation name SQLite hands back is valid

@@ -1,6 +1,7 @@
 //! Integration tests against real SQLite and PostgreSQL and a real HTTP
 //! upstream (the bundled sample, in process, on an ephemeral port).
 
+mod cascade;
 mod churn;
 mod cli;
 mod common;
