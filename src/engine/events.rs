@@ -104,7 +104,9 @@ pub(super) struct Target {
     get_path_checked: std::sync::Mutex<Option<std::time::Instant>>,
     /// What the store learnt inspecting the table (PostgreSQL casts values
     /// to the column types it read): the limits the columns put on values.
-    shape: std::sync::OnceLock<crate::store::Shape>,
+    /// Read again after a value is refused, so a column widened since
+    /// takes the events that did not fit, without a restart.
+    shape: std::sync::Mutex<Option<Arc<crate::store::Shape>>>,
 }
 
 /// The event side of driftd, shared by every source.
@@ -177,7 +179,7 @@ impl Events {
                     decoder: Arc::new(RowDecoder::new(res)),
                     client,
                     get_path_checked: std::sync::Mutex::new(None),
-                    shape: std::sync::OnceLock::new(),
+                    shape: std::sync::Mutex::new(None),
                 },
             );
         }
@@ -257,7 +259,21 @@ impl Events {
             position: None,
         };
         let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
-        let verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
+        let mut verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
+        if verdict.outcome == "ignored" {
+            // Not applied: the letter is all that is left of the message.
+            verdict.outcome = "dead_lettered";
+            let why = verdict.error.take().unwrap_or_else(|| {
+                format!(
+                    "event `{}` is not mapped by source `{}` any more",
+                    letter.event.as_deref().unwrap_or("?"),
+                    letter.source
+                )
+            });
+            verdict.error = Some(format!(
+                "{why}: nothing applied, the letter is kept (map the event again, or delete the letter)"
+            ));
+        }
         if matches!(verdict.outcome, "dead_lettered" | "held") {
             // One statement: the letter is never lost between two.
             let error = no_nul(verdict.error.as_deref().unwrap_or_default());
@@ -459,15 +475,22 @@ impl Events {
         let Some(target) = self.targets.get(resource) else {
             return Ok(());
         };
-        let shape = match target.shape.get() {
+        // A table driftd cannot mirror is the operator's to fix: the batch
+        // goes back to the source, nothing is dead-lettered.
+        let mut shape = match self.cached_shape(target) {
             Some(shape) => shape,
-            None => {
-                // A table driftd cannot mirror is the operator's to fix: the
-                // batch goes back to the source, nothing is dead-lettered.
-                let shape = self.store.prepare(&target.spec).await?;
-                target.shape.get_or_init(|| shape)
-            }
+            None => self.read_shape(target).await?,
         };
+        let misfit = |shape: &crate::store::Shape, change: &Change| {
+            change
+                .row
+                .as_ref()
+                .is_some_and(|r| shape.check_row(&target.spec, r).is_err())
+        };
+        if group.changes.iter().any(|c| misfit(&shape, c)) {
+            // The limits may have changed (a column widened): read them again.
+            shape = self.read_shape(target).await?;
+        }
         // A value the column would change (round, truncate) is refused as a
         // pass refuses it: applied, it would not be what upstream holds.
         let mut group = group;
@@ -609,6 +632,21 @@ impl Events {
             }
         }
         Ok(())
+    }
+
+    fn cached_shape(&self, target: &Target) -> Option<Arc<crate::store::Shape>> {
+        target
+            .shape
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Inspects the table (again) and keeps what it learnt.
+    async fn read_shape(&self, target: &Target) -> Result<Arc<crate::store::Shape>, StoreError> {
+        let shape = Arc::new(self.store.prepare(&target.spec).await?);
+        *target.shape.lock().unwrap_or_else(|p| p.into_inner()) = Some(shape.clone());
+        Ok(shape)
     }
 
     /// Reads one message by the source's mapping; refetches if asked, by

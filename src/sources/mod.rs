@@ -189,25 +189,34 @@ pub fn start_all(
             }
         }
     }
-    if events
-        .settings()
-        .sources
-        .values()
-        .any(|s| s.reprovision.is_some())
-    {
+    if !events.settings().sources.is_empty() {
+        let reprovisions = events
+            .settings()
+            .sources
+            .values()
+            .any(|s| s.reprovision.is_some());
         let shutdown = shutdown.child_token();
         let statuses = sources.clone();
         tasks.push(tokio::spawn(async move {
             let connected =
                 move |name: &str| statuses.lock().get(name).is_some_and(|s| s.connected);
-            // Quiet reprovisions complete, timed-out ones are abandoned.
+            let mut tick: u64 = 0;
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
-                if let Err(e) = events.tick_reprovisions(&connected).await {
-                    tracing::warn!(error = %e, "cannot check open reprovisions; retrying");
+                tick += 1;
+                // Quiet reprovisions complete, timed-out ones are abandoned.
+                if reprovisions {
+                    if let Err(e) = events.tick_reprovisions(&connected).await {
+                        tracing::warn!(error = %e, "cannot check open reprovisions; retrying");
+                    }
+                }
+                // The dead-letter gauge follows the table, whoever changed it
+                // (the CLI, the API, another replica).
+                if tick % 5 == 0 {
+                    events.refresh_dead_letters().await;
                 }
             }
         }));

@@ -102,6 +102,15 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
         )",
         ],
     ),
+    (
+        5,
+        &[
+            // Dead letters in arrival order: two letters of one batch share
+            // a receive time, and a replay in listed order must apply the
+            // newer edit last.
+            "ALTER TABLE driftd_dead_letters ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+        ],
+    ),
 ];
 
 /// Stores a checkpoint: `$1` resource, `$2` value, `$3` time.
@@ -137,7 +146,8 @@ pub(crate) const DEAD_LETTER_REFAIL: &str =
     "UPDATE driftd_dead_letters SET error = $2, failed_at = $3 WHERE id = $1";
 
 pub(crate) const DEAD_LETTER_INSERT: &str = "INSERT INTO driftd_dead_letters \
-     (id, source, event, error, headers, body, received_at, failed_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+     (id, source, event, error, headers, body, received_at, failed_at, seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+     (SELECT COALESCE(MAX(seq), 0) + 1 FROM driftd_dead_letters))";
 
 pub(crate) const DEAD_LETTER_COLUMNS: &str =
     "SELECT id, source, event, error, headers, body, received_at, failed_at FROM driftd_dead_letters";
@@ -414,7 +424,7 @@ macro_rules! dead_letter_methods {
             limit: i64,
         ) -> Result<Vec<$crate::store::DeadLetter>, $crate::store::StoreError> {
             let sql = format!(
-                "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY received_at, id LIMIT $2",
+                "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY seq, received_at, id LIMIT $2",
                 $crate::store::jobs::DEAD_LETTER_COLUMNS
             );
             let rows: Vec<$crate::store::DeadLetterRow> = sqlx::query_as(&$sql(&sql))

@@ -7,6 +7,7 @@ mod cli;
 mod common;
 mod crash;
 mod daemon;
+mod dead_letters;
 mod equality;
 mod events;
 mod guards;
