@@ -215,7 +215,7 @@ pub fn start_all(
                 }
                 // The dead-letter gauge follows the table, whoever changed it
                 // (the CLI, the API, another replica).
-                if tick % 5 == 0 {
+                if tick.is_multiple_of(5) {
                     events.refresh_dead_letters().await;
                 }
             }
