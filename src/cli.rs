@@ -278,6 +278,10 @@ async fn replay(path: &std::path::Path, source: &str, from: Option<String>) -> a
     let events = crate::engine::events::Events::new(settings, store, Arc::new(Metrics::new()))?;
     let done = crate::sources::redis::replay(&events, source, from).await?;
     emit(&format!("{}\n", serde_json::to_string(&done)?))?;
+    if let Some(why) = &done.unreadable {
+        eprintln!("driftd replay: {why}");
+        return Ok(report::exit::ERROR);
+    }
     Ok(report::exit::OK)
 }
 

@@ -19,13 +19,17 @@ pub enum LossReason {
     /// persistence, or the group or stream was deleted): what was added
     /// meanwhile was never read.
     GroupRecreated,
+    /// The stream went back in time (the broker restarted from an older
+    /// snapshot): what was added after it is gone.
+    RolledBack,
 }
 
 impl LossReason {
-    pub const ALL: [LossReason; 3] = [
+    pub const ALL: [LossReason; 4] = [
         LossReason::Trimmed,
         LossReason::DeletedPending,
         LossReason::GroupRecreated,
+        LossReason::RolledBack,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -33,6 +37,7 @@ impl LossReason {
             LossReason::Trimmed => "trimmed",
             LossReason::DeletedPending => "deleted_pending",
             LossReason::GroupRecreated => "group_recreated",
+            LossReason::RolledBack => "rolled_back",
         }
     }
 }

@@ -322,6 +322,8 @@ impl Events {
         &self,
         source: &str,
         batch: &[Envelope],
+        // A live delivery: dead-letters what fails, counts in the metrics,
+        // acts on reprovision controls. A replay does none of these.
         dead_letter: bool,
     ) -> Result<Vec<Verdict>, StoreError> {
         let Some(cfg) = self.settings.sources.get(source) else {
@@ -422,6 +424,17 @@ impl Events {
                 self.apply_group(&resource, group, &mut verdicts).await?;
             }
             applied_groups = before;
+            // Only the worker, reading through its group with its loss
+            // checks, starts and completes reprovisions and records what
+            // they re-sent: a replay (of a stream range or a dead letter)
+            // reads outside the group and cannot know what it missed.
+            if !dead_letter {
+                verdicts[at].outcome = "ignored";
+                verdicts[at].error = Some(
+                    "a replay does not start or complete reprovisions: the worker does, as it reads the stream".into(),
+                );
+                continue;
+            }
             self.mark_resent(source, &verdicts[marked..at], &resends[marked..at])
                 .await?;
             marked = at + 1;
@@ -432,8 +445,10 @@ impl Events {
         for (resource, group) in groups {
             self.apply_group(&resource, group, &mut verdicts).await?;
         }
-        self.mark_resent(source, &verdicts[marked..], &resends[marked..])
-            .await?;
+        if dead_letter {
+            self.mark_resent(source, &verdicts[marked..], &resends[marked..])
+                .await?;
+        }
         for (v, env) in verdicts.iter_mut().zip(batch) {
             if matches!(v.outcome, "dead_lettered" | "held") && dead_letter {
                 let letter = letter_for(

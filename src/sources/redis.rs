@@ -20,6 +20,7 @@ use tracing::Instrument;
 use super::SourceContext;
 use crate::config::RedisConfig;
 use crate::engine::events::Envelope;
+use crate::store::Ledger;
 use crate::vocab::LossReason;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -95,32 +96,38 @@ pub async fn connect(url: &str, block: Duration) -> anyhow::Result<MultiplexedCo
         .await?)
 }
 
-/// What a source knows of its stream across connections, to tell a loss:
-/// whether it consumed before, and the stream's deletions as last seen.
+/// What a source knows of its stream across connections, to tell a loss.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Watch {
     /// The group was read on an earlier connection of this process.
     pub consumed: bool,
     /// The group's `last-delivered-id` at the last check.
     pub last_delivered: Option<(u64, u64)>,
+    /// The highest entry this source has read through the group.
+    pub read_upto: Option<(u64, u64)>,
+    /// The stream's `entries-added` at the last check.
+    pub entries_added: Option<u64>,
     /// The stream's `max-deleted-entry-id` at the last check.
     pub max_deleted: Option<(u64, u64)>,
-    /// The `max-deleted-entry-id` last reported as a loss (or accepted as
-    /// the baseline of a group created on a first start).
+    /// The `max-deleted-entry-id` last reported as a loss.
     pub reported: Option<(u64, u64)>,
-    /// Entries found trimmed unread so far (the group's lag that no entry
-    /// left in the stream accounts for).
-    pub trim_accounted: u64,
+    /// Entries of the group known lost (its lag that no entry left in the
+    /// stream accounts for), as recorded in the ledger; `None` until read.
+    pub lost_total: Option<u64>,
+    /// The next count of the lag is a baseline, not a loss: a loss was
+    /// reported while Redis could not count it, or the group started anew.
+    pub resync: bool,
 }
 
 impl Watch {
     /// Whether deleting up to `max_deleted`, seen with the group delivered
-    /// up to `last_delivered`, lost entries the group never read. Certain
-    /// when a deleted entry lies beyond what the group was ever given;
-    /// likely when the deletions moved since the last check past what the
-    /// group had been given then (an entry deleted unread, and read around
-    /// since). The second may also be an entry read in between and deleted
-    /// after: counted too, so a reprovision never purges on a doubt.
+    /// up to `last_delivered`, lost entries the group never read (when
+    /// Redis cannot count the lag). Certain when a deleted entry lies beyond
+    /// what the group was ever given; likely when the deletions moved since
+    /// the last check past what the group had been given then (an entry
+    /// deleted unread, and read around since). The second may also be an
+    /// entry read in between and deleted after: counted too, so a
+    /// reprovision never purges on a doubt.
     pub fn lost(&self, max_deleted: (u64, u64), last_delivered: (u64, u64)) -> bool {
         if self.reported == Some(max_deleted) || max_deleted == (0, 0) {
             return false;
@@ -129,23 +136,31 @@ impl Watch {
         max_deleted > last_delivered
             || (moved && self.last_delivered.is_some_and(|l| max_deleted > l))
     }
-}
 
-impl Watch {
+    /// Whether the stream went back in time since the last check: the
+    /// group's last delivered entry, or the count of entries ever added,
+    /// is lower (Redis restarted from an older snapshot). What was added
+    /// after that snapshot is gone, read or not.
+    pub fn rolled_back(&self, state: &StreamState) -> bool {
+        let delivered_back = matches!(
+            (self.last_delivered.max(self.read_upto), state.last_delivered),
+            (Some(was), Some(now)) if now < was
+        );
+        let added_back = matches!(
+            (self.entries_added, state.entries_added),
+            (Some(was), Some(now)) if now < was
+        );
+        delivered_back || added_back
+    }
+
     /// Entries trimmed before the group read them and not yet reported:
-    /// `(new, total)`. When every entry left comes after what the group was
-    /// given, the group's lag beyond those entries are entries it will never
-    /// read. Without a lag (Redis cannot count after some deletions), or
-    /// with entries the group read still in the stream (trimming takes the
-    /// oldest first, so none after them went), nothing is known lost.
-    pub fn trimmed(&self, state: &StreamState) -> Option<(u64, u64)> {
-        let lag = state.lag?;
-        let delivered = state.last_delivered?;
-        if state.first.is_some_and(|f| f <= delivered) {
-            return None;
-        }
-        let total = lag.saturating_sub(state.length);
-        (total > self.trim_accounted).then(|| (total - self.trim_accounted, total))
+    /// `(new, total)`, from the group's `lag` (entries added that it has
+    /// not read: a trimmed one stays in it, never read) and the entries
+    /// left after its last delivered one.
+    pub fn trimmed(&self, lag: u64, present: u64) -> Option<(u64, u64)> {
+        let total = lag.saturating_sub(present);
+        let known = self.lost_total.unwrap_or(0);
+        (!self.resync && total > known).then(|| (total - known, total))
     }
 }
 
@@ -169,17 +184,18 @@ async fn consume(
             );
             report_loss(ctx, LossReason::GroupRecreated, &detail, 1, None).await?;
             *lock(watch) = Watch::default();
+            lock(watch).resync = true;
         } else {
             // A first start: what the stream lost before the group existed
             // is not a loss of driftd's.
             let state = stream_state(&mut con, redis).await?;
             let mut w = lock(watch);
             w.reported = state.max_deleted;
-            w.trim_accounted = w.trimmed(&state).map_or(0, |(_, total)| total);
+            w.resync = true;
         }
     }
     lock(watch).consumed = true;
-    check_deletions(ctx, redis, &mut con, watch).await?;
+    check_deletions(ctx, redis, &mut con, watch, false).await?;
     backoff.reset();
     let consumer = redis.consumer_name();
     ctx.status.connected();
@@ -216,7 +232,7 @@ async fn consume(
         // are lost, before whatever comes next is settled (under a
         // reprovision at every read, else once a second).
         if reprovisions || Instant::now() >= next_check {
-            check_deletions(ctx, redis, &mut con, watch).await?;
+            check_deletions(ctx, redis, &mut con, watch, false).await?;
             next_check = Instant::now() + Duration::from_secs(1);
         }
         let entries = tokio::select! {
@@ -224,6 +240,10 @@ async fn consume(
             r = read_group(&mut con, redis, &consumer, count, Some(wait), ">") => r?,
         };
         ctx.events.heard(&ctx.name);
+        if let Some(last) = entries.last().and_then(|e| stream_id(&e.id)) {
+            let mut w = lock(watch);
+            w.read_upto = w.read_upto.max(Some(last));
+        }
         if entries.is_empty() {
             // Caught up. Entries still pending on another consumer may
             // re-send rows: a reprovision is not quiet while they wait.
@@ -246,6 +266,9 @@ pub struct Replayed {
     pub entries: u64,
     /// Messages per outcome (applied, stale, ignored, dead_lettered).
     pub outcomes: BTreeMap<String, u64>,
+    /// Entries that could not be read: the stream was trimmed past `from`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unreadable: Option<String>,
 }
 
 /// Re-reads `source`'s stream from `from` (default: the start event of its
@@ -259,7 +282,6 @@ pub async fn replay(
     source: &str,
     from: Option<String>,
 ) -> anyhow::Result<Replayed> {
-    use crate::store::Ledger;
     let cfg = events
         .settings()
         .sources
@@ -291,6 +313,24 @@ pub async fn replay(
         from: from.clone(),
         ..Replayed::default()
     };
+    // Entries from `from` on that are gone (trimmed) cannot be applied.
+    // (Only if the stream ever lost an entry: it holds fewer than were
+    // added.)
+    let first = stream_state(&mut con, redis)
+        .await
+        .ok()
+        .filter(|s| s.entries_added.is_some_and(|added| added > s.length))
+        .and_then(|s| s.first);
+    let asked = from.trim_start_matches('(');
+    let asked = stream_id(asked).or_else(|| asked.parse::<u64>().ok().map(|ms| (ms, 0)));
+    if let (Some(asked), Some(first)) = (asked, first) {
+        if asked > (0, 0) && first > asked {
+            out.unreadable = Some(format!(
+                "the stream now starts at {}-{}: entries from {from} up to it were trimmed and could not be read",
+                first.0, first.1
+            ));
+        }
+    }
     let mut start = from;
     loop {
         let reply: Value = redis::cmd("XRANGE")
@@ -461,7 +501,7 @@ async fn settle(
     };
     // An entry before the completion deleted unread since the last check
     // (even while this batch was read) is a loss of this reprovision.
-    check_deletions(ctx, redis, con, watch).await?;
+    check_deletions(ctx, redis, con, watch, true).await?;
     let before = format!("({}", entries[at].id);
     if !others_hold(con, redis, consumer, &before).await? {
         return settle_now(ctx, redis, con, consumer, entries, redelivered).await;
@@ -754,6 +794,10 @@ pub struct StreamState {
     pub length: u64,
     /// The stream's first entry, if any.
     pub first: Option<(u64, u64)>,
+    /// `entries-added`: every entry ever added (Redis 7).
+    pub entries_added: Option<u64>,
+    /// `last-generated-id`.
+    pub last_generated: Option<(u64, u64)>,
 }
 
 /// The stream's and the group's state (XINFO STREAM, XINFO GROUPS).
@@ -782,6 +826,11 @@ async fn stream_state(
             Some(Value::Array(e)) => id_of(e.first()),
             _ => None,
         },
+        entries_added: match get("entries-added") {
+            Some(Value::Int(n)) if *n >= 0 => Some(*n as u64),
+            _ => None,
+        },
+        last_generated: id_of(get("last-generated-id")),
         ..StreamState::default()
     };
     let groups: Value = redis::cmd("XINFO")
@@ -804,53 +853,142 @@ async fn stream_state(
     Ok(state)
 }
 
-/// Reports entries deleted from the stream before the group read them
-/// (trimmed by MAXLEN or MINID, or XDEL), once per deletion seen.
+/// Entries the stream holds after `after`, and the first of them; `None`
+/// past `cap` entries (too far behind to count them now).
+async fn present_after(
+    con: &mut MultiplexedConnection,
+    redis: &RedisConfig,
+    after: (u64, u64),
+    cap: u64,
+) -> anyhow::Result<Option<(u64, Option<(u64, u64)>)>> {
+    let mut from = format!("({}-{}", after.0, after.1);
+    let (mut n, mut first) = (0u64, None);
+    loop {
+        let reply: Value = redis::cmd("XRANGE")
+            .arg(&redis.stream)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(cap.clamp(1, 1000) + 1)
+            .query_async(con)
+            .await
+            .map_err(|e| anyhow::anyhow!("XRANGE on `{}`: {e}", redis.stream))?;
+        let page = entries(reply)?;
+        let Some(last) = page.last() else {
+            return Ok(Some((n, first)));
+        };
+        if first.is_none() {
+            first = page.first().and_then(|e| stream_id(&e.id));
+        }
+        n += page.len() as u64;
+        if n > cap {
+            return Ok(None);
+        }
+        from = format!("({}", last.id);
+    }
+}
+
+/// Entries counted after the last delivered one: at most this many at a
+/// routine check (further behind, it waits until driftd caught up); a
+/// completion's check counts up to [`EXACT_CAP`].
+const ROUTINE_CAP: u64 = 1_000;
+const EXACT_CAP: u64 = 500_000;
+
+/// Reports entries the group will never read: trimmed (`MAXLEN`, `MINID`)
+/// or deleted (`XDEL`) before it read them, or gone with a Redis that came
+/// back from an older snapshot. `exact`: a completion waits on this check,
+/// so the entries after the group's position are counted however many.
 async fn check_deletions(
     ctx: &SourceContext,
     redis: &RedisConfig,
     con: &mut MultiplexedConnection,
     watch: &std::sync::Mutex<Watch>,
+    exact: bool,
 ) -> anyhow::Result<()> {
+    if lock(watch).lost_total.is_none() {
+        let known = ctx.events.store().stream_losses(&ctx.name).await?;
+        lock(watch).lost_total = Some(known);
+    }
     let state = stream_state(con, redis).await?;
     let Some(delivered) = state.last_delivered else {
         return Ok(());
     };
-    let deleted = state.max_deleted.unwrap_or((0, 0));
-    let (xdel, trimmed) = {
-        let w = lock(watch);
-        (w.lost(deleted, delivered), w.trimmed(&state))
-    };
     let read_to = format!("{}-{}", delivered.0, delivered.1);
-    if xdel {
+    if lock(watch).rolled_back(&state) {
+        let detail = format!(
+            "stream `{}` went back in time (Redis restarted from an older snapshot): group `{}` is back at {read_to}, entries added after the snapshot are gone",
+            redis.stream, redis.group
+        );
+        let upto = lock(watch).last_delivered.map(|(a, b)| format!("{a}-{b}"));
+        report_loss(ctx, LossReason::RolledBack, &detail, 1, upto.as_deref()).await?;
+        lock(watch).resync = true;
+    }
+    let known = lock(watch).lost_total.unwrap_or(0);
+    // An entry deleted after what the group was given, before it read it.
+    let deleted = state.max_deleted.unwrap_or((0, 0));
+    if lock(watch).lost(deleted, delivered) {
         let detail = format!(
             "entries of stream `{}` deleted (XDEL) before group `{}` read them: up to {}-{}, the group having read to {read_to}",
             redis.stream, redis.group, deleted.0, deleted.1
         );
         let upto = format!("{}-{}", deleted.0, deleted.1);
         report_loss(ctx, LossReason::Trimmed, &detail, 1, Some(&upto)).await?;
-        lock(watch).reported = Some(deleted);
+        let mut w = lock(watch);
+        w.reported = Some(deleted);
+        // The lag may count the same entries: the next count is a baseline.
+        w.resync = true;
     }
-    if let Some((n, total)) = trimmed {
-        let first = state
-            .first
-            .map_or("none left".to_string(), |f| format!("{}-{}", f.0, f.1));
-        let detail = format!(
-            "{n} entries of stream `{}` trimmed before group `{}` read them: the group read to {read_to}, the stream now starts at {first}",
-            redis.stream, redis.group
-        );
-        // Everything up to the first entry left may be gone.
-        let upto = state
-            .first
-            .map_or(format!("{}-{}", u64::MAX, u64::MAX), |f| {
-                format!("{}-{}", f.0, f.1)
-            });
-        report_loss(ctx, LossReason::Trimmed, &detail, n, Some(&upto)).await?;
-        lock(watch).trim_accounted = total;
+    match state.lag {
+        // Nothing unread beyond what is known lost: nothing to count.
+        Some(lag) if lag <= known && !lock(watch).resync => {}
+        // Behind: counted once caught up, or when a completion waits on it.
+        Some(lag) if !exact && lag - known > ROUTINE_CAP => {}
+        Some(lag) => {
+            let cap = if exact { EXACT_CAP } else { ROUTINE_CAP };
+            match present_after(con, redis, delivered, cap).await? {
+                Some((present, first)) => {
+                    let trimmed = lock(watch).trimmed(lag, present);
+                    let total = lag.saturating_sub(present);
+                    if let Some((n, _)) = trimmed {
+                        let next = first
+                            .or(state.last_generated)
+                            .map_or(read_to.clone(), |(a, b)| format!("{a}-{b}"));
+                        let detail = format!(
+                            "{n} entries of stream `{}` trimmed or deleted before group `{}` read them (it read to {read_to}; the next entry left is {next})",
+                            redis.stream, redis.group
+                        );
+                        // Every entry lost comes before the next one left.
+                        report_loss(ctx, LossReason::Trimmed, &detail, n, Some(&next)).await?;
+                    }
+                    let changed = lock(watch).lost_total != Some(total);
+                    if changed {
+                        ctx.events
+                            .store()
+                            .save_stream_losses(&ctx.name, total)
+                            .await?;
+                    }
+                    let mut w = lock(watch);
+                    w.lost_total = Some(total);
+                    w.resync = false;
+                }
+                None if exact => {
+                    let detail = format!(
+                        "more than {EXACT_CAP} entries of stream `{}` wait after group `{}`'s position: what was lost cannot be counted",
+                        redis.stream, redis.group
+                    );
+                    report_loss(ctx, LossReason::Trimmed, &detail, 0, Some(&read_to)).await?;
+                }
+                None => {}
+            }
+        }
+        // Redis cannot count the lag (after an XDEL past the group's
+        // position): the deleted id above is all that tells.
+        None => {}
     }
     let mut w = lock(watch);
-    w.max_deleted = Some(deleted);
+    w.max_deleted = state.max_deleted;
     w.last_delivered = Some(delivered);
+    w.entries_added = state.entries_added;
     Ok(())
 }
 
@@ -940,34 +1078,40 @@ mod tests {
 
     #[test]
     fn a_lag_no_entry_left_accounts_for_is_trimmed() {
-        let state = StreamState {
+        let mut w = Watch::default();
+        // 11 unread by Redis's count, 1 entry left after the group: 10 lost.
+        assert_eq!(w.trimmed(11, 1), Some((10, 10)));
+        w.lost_total = Some(10);
+        assert_eq!(w.trimmed(11, 1), None, "reported once");
+        assert_eq!(w.trimmed(13, 1), Some((2, 12)), "two more since");
+        // Entries waiting are not lost.
+        assert_eq!(Watch::default().trimmed(5, 5), None);
+        // A baseline to take, not a loss to report.
+        let resync = Watch {
+            resync: true,
+            ..Watch::default()
+        };
+        assert_eq!(resync.trimmed(11, 1), None);
+    }
+
+    #[test]
+    fn a_stream_back_in_time_is_rolled_back() {
+        let w = Watch {
             last_delivered: Some((10, 0)),
-            lag: Some(11),
-            length: 1,
-            first: Some((30, 0)),
+            read_upto: Some((12, 0)),
+            entries_added: Some(40),
+            ..Watch::default()
+        };
+        let now = |delivered: (u64, u64), added: u64| StreamState {
+            last_delivered: Some(delivered),
+            entries_added: Some(added),
             ..StreamState::default()
         };
-        let mut w = Watch::default();
-        assert_eq!(w.trimmed(&state), Some((10, 10)));
-        w.trim_accounted = 10;
-        assert_eq!(w.trimmed(&state), None, "reported once");
-        // Entries the group read are still there: trimming took none after.
-        let kept = StreamState {
-            first: Some((5, 0)),
-            ..state
-        };
-        assert_eq!(Watch::default().trimmed(&kept), None);
-        // Redis cannot count: nothing known.
-        let unknown = StreamState { lag: None, ..state };
-        assert_eq!(Watch::default().trimmed(&unknown), None);
-        // Caught up on an empty stream with nothing lost.
-        let quiet = StreamState {
-            lag: Some(0),
-            length: 0,
-            first: None,
-            ..state
-        };
-        assert_eq!(Watch::default().trimmed(&quiet), None);
+        assert!(!w.rolled_back(&now((12, 0), 40)));
+        assert!(!w.rolled_back(&now((15, 0), 45)));
+        // Behind what this source read, or fewer entries ever added.
+        assert!(w.rolled_back(&now((11, 0), 40)));
+        assert!(w.rolled_back(&now((12, 0), 39)));
     }
 
     #[test]

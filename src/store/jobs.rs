@@ -109,6 +109,14 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
             // a receive time, and a replay in listed order must apply the
             // newer edit last.
             "ALTER TABLE driftd_dead_letters ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
+            // What each stream source has found lost so far (entries its
+            // group will never read), so a restart neither forgets a loss
+            // found while it was stopped nor reports an old one again.
+            "CREATE TABLE driftd_stream_losses (
+            source TEXT PRIMARY KEY,
+            lost BIGINT NOT NULL,
+            updated_at TEXT NOT NULL
+        )",
         ],
     ),
 ];
@@ -364,6 +372,36 @@ macro_rules! reprovision_methods {
             tx.commit()
                 .await
                 .map_err($crate::store::query_err("commit re-sent keys"))
+        }
+
+        async fn stream_losses(&self, source: &str) -> Result<u64, $crate::store::StoreError> {
+            let n: Option<i64> = sqlx::query_scalar(&$sql(
+                "SELECT lost FROM driftd_stream_losses WHERE source = $1",
+            ))
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err($crate::store::query_err("read a stream's losses"))?;
+            Ok(n.unwrap_or(0).max(0) as u64)
+        }
+
+        async fn save_stream_losses(
+            &self,
+            source: &str,
+            lost: u64,
+        ) -> Result<(), $crate::store::StoreError> {
+            self.writable()?;
+            sqlx::query(&$sql(
+                "INSERT INTO driftd_stream_losses (source, lost, updated_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (source) DO UPDATE SET lost = excluded.lost, updated_at = excluded.updated_at",
+            ))
+            .bind(source)
+            .bind(lost as i64)
+            .bind($crate::store::now_rfc3339())
+            .execute(&self.pool)
+            .await
+            .map_err($crate::store::query_err("record a stream's losses"))?;
+            Ok(())
         }
 
         async fn checkpoint(

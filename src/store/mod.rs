@@ -60,6 +60,15 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The database took the statement but kept fewer rows than were
+    /// written (a trigger that skips rows, a rule): nothing of the batch is
+    /// applied, and applied one by one, the row it drops is refused.
+    #[error("table `{table}`: the database kept {kept} of the {written} row(s) written (a trigger or rule that skips rows?); nothing of them applied")]
+    NotKept {
+        table: String,
+        kept: u64,
+        written: u64,
+    },
 }
 
 impl StoreError {
@@ -93,6 +102,7 @@ impl StoreError {
                 source: sqlx::Error::Database(db),
                 ..
             } => refused(db.as_ref()),
+            StoreError::NotKept { .. } => true,
             _ => false,
         }
     }
@@ -133,8 +143,25 @@ fn refused(db: &dyn sqlx::error::DatabaseError) -> bool {
         // SQLite's extended result code: the primary code is its low byte.
         let primary = code.parse::<i32>().map_or(0, |c| c & 0xff);
         // CONSTRAINT (any: unique, check, foreign key, a trigger's RAISE),
-        // TOOBIG, MISMATCH, RANGE.
-        return matches!(primary, 19 | 18 | 20 | 25);
+        // TOOBIG, MISMATCH, RANGE; and a plain ERROR about a value (a
+        // trigger's function refusing its input) unless it names a missing
+        // table, column or function (the schema, not the row).
+        return match primary {
+            19 | 18 | 20 | 25 => true,
+            1 => {
+                let m = db.message();
+                ![
+                    "no such table",
+                    "no such column",
+                    "has no column named",
+                    "no such function",
+                    "no such collation",
+                ]
+                .iter()
+                .any(|s| m.contains(s))
+            }
+            _ => false,
+        };
     }
     sqlstate_refuses(&code, db.message())
 }
@@ -148,6 +175,11 @@ fn refused(db: &dyn sqlx::error::DatabaseError) -> bool {
 /// table or column, no privilege on the table) but for a row-level
 /// security check on the row itself.
 fn sqlstate_refuses(code: &str, message: &str) -> bool {
+    // A statement timeout on one message's statement: that message is too
+    // slow for the database (the others of its batch apply one by one).
+    if code == "57014" && message.contains("statement timeout") {
+        return true;
+    }
     let class = code.get(..2).unwrap_or("");
     match class {
         "08" | "53" | "57" | "58" | "XX" | "40" | "55" | "25" | "28" | "3D" | "3F" | "0A" => false,
@@ -424,6 +456,17 @@ pub trait Ledger: Send + Sync {
         &self,
         resource: &str,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
+    /// How many entries of a stream source's group are known lost (0 when
+    /// none was recorded).
+    fn stream_losses(&self, source: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
+    /// Records how many entries of a stream source's group are known lost.
+    fn save_stream_losses(
+        &self,
+        source: &str,
+        lost: u64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The keys of `resource` re-sent during `reprovision`.
     fn resent_keys(
@@ -905,6 +948,12 @@ impl Ledger for AnyStore {
     ) -> Result<(), StoreError> {
         delegate!(self, mark_resent(reprovision, resource, keys))
     }
+    async fn stream_losses(&self, source: &str) -> Result<u64, StoreError> {
+        delegate!(self, stream_losses(source))
+    }
+    async fn save_stream_losses(&self, source: &str, lost: u64) -> Result<(), StoreError> {
+        delegate!(self, save_stream_losses(source, lost))
+    }
     async fn checkpoint(&self, resource: &str) -> Result<Option<String>, StoreError> {
         delegate!(self, checkpoint(resource))
     }
@@ -1071,6 +1120,10 @@ mod tests {
         ] {
             assert!(sqlstate_refuses(code, "x"), "{code}");
         }
+        assert!(sqlstate_refuses(
+            "57014",
+            "canceling statement due to statement timeout"
+        ));
         for code in [
             "08006", "57P01", "57014", "53300", "40001", "40P01", "55P03", "25006", "42P01",
             "42703", "XX000", "3D000",

@@ -142,8 +142,20 @@ pub(crate) async fn changes<T: WriteTx>(
         let batch = ChangeBatch::new(these, &judged);
         if !batch.upserts.is_empty() {
             // Revives soft-deleted rows, updates live ones, inserts the rest.
-            tx.update_rows(spec, &batch.upserts).await?;
-            tx.insert_rows(spec, &batch.upserts).await?;
+            let updated = tx.update_rows(spec, &batch.upserts).await?;
+            let inserted = tx.insert_rows(spec, &batch.upserts).await?;
+            // Each key is updated or inserted, once: fewer rows means the
+            // database dropped some (a trigger returning NULL, RAISE(IGNORE)).
+            // A table of the key alone has nothing to update.
+            let written = batch.upserts.len() as u64;
+            let updates = !spec.columns.is_empty() || spec.soft_delete.is_some();
+            if updates && updated + inserted < written {
+                return Err(StoreError::NotKept {
+                    table: spec.table.to_string(),
+                    kept: updated + inserted,
+                    written,
+                });
+            }
         }
         if !batch.deletes.is_empty() {
             tx.purge_keys(spec, &batch.deletes).await?;

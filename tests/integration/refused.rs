@@ -269,8 +269,143 @@ async fn a_reprovision_purge_the_database_refuses_is_incomplete(backend: Backend
     assert_eq!(out[0].outcome, "applied");
 }
 
+fn hook_config(db: &TestDb, addr: std::net::SocketAddr) -> Arc<Settings> {
+    let builder = ConfigBuilder {
+        tail: r#"
+[sources.bus]
+kind = "webhook"
+name_pointer = "/name"
+[sources.bus.events.user_created]
+resource = "users"
+op = "upsert"
+key = "/data/uuid"
+payload = "/data"
+"#
+        .into(),
+        ..ConfigBuilder::default()
+    };
+    Arc::new(builder.settings(db, addr))
+}
+
+/// A trigger that fails on one row's value (it parses a name as JSON):
+/// SQLite says plain SQLITE_ERROR, PostgreSQL 22P02. Either way that
+/// message is a dead letter and the others of the batch apply.
+async fn a_data_error_in_a_trigger_refuses_one_message(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.exec("CREATE TABLE audit (uuid TEXT, nick TEXT)").await;
+    db.exec(match backend {
+        Backend::Sqlite => "CREATE TRIGGER audit_users AFTER INSERT ON users BEGIN \
+             INSERT INTO audit VALUES (NEW.uuid, CASE WHEN NEW.firstname LIKE '{%' THEN json_extract(NEW.firstname, '$.nick') END); END",
+        Backend::Postgres => "CREATE FUNCTION audit_users() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             INSERT INTO audit VALUES (NEW.uuid, CASE WHEN NEW.firstname LIKE '{%' THEN (NEW.firstname::jsonb)->>'nick' END); RETURN NEW; END $$; \
+             CREATE TRIGGER audit_users AFTER INSERT ON users FOR EACH ROW EXECUTE FUNCTION audit_users()",
+    })
+    .await;
+    let (_up, addr) = upstream(users(0)).await;
+    let s = hook_config(&db, addr);
+    let events = engine(&s).await;
+    let all = users(3);
+    let mut poison = all[1].clone();
+    poison["firstname"] = json!("{broken");
+    let out = events
+        .deliver(
+            "bus",
+            &[
+                message("user_created", all[0].clone()),
+                message("user_created", poison),
+                message("user_created", all[2].clone()),
+            ],
+        )
+        .await
+        .expect("one row's bad value must not hand the whole batch back forever");
+    let outcomes: Vec<&str> = out.iter().map(|v| v.outcome).collect();
+    assert_eq!(outcomes, ["applied", "dead_lettered", "applied"]);
+}
+
+/// A BEFORE trigger that drops the row (PostgreSQL: RETURN NULL; SQLite:
+/// RAISE(IGNORE)) is neither an error nor a write: driftd counts the rows
+/// the database kept, so such a message is not `applied`.
+async fn a_row_a_trigger_drops_is_not_applied(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.exec(match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER skip BEFORE INSERT ON users WHEN NEW.firstname = 'Skip' \
+             BEGIN SELECT RAISE(IGNORE); END"
+        }
+        Backend::Postgres => {
+            "CREATE FUNCTION skip() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.firstname = 'Skip' THEN RETURN NULL; END IF; RETURN NEW; END $$; \
+             CREATE TRIGGER skip BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION skip()"
+        }
+    })
+    .await;
+    let (_up, addr) = upstream(users(0)).await;
+    let s = hook_config(&db, addr);
+    let events = engine(&s).await;
+    let mut u = users(1).remove(0);
+    u["firstname"] = json!("Skip");
+    let out = events
+        .deliver("bus", &[message("user_created", u)])
+        .await
+        .unwrap();
+    assert_eq!(db.count("users").await, 0);
+    assert_eq!(out[0].outcome, "dead_lettered", "{out:?}");
+    let error = out[0].error.as_deref().unwrap();
+    assert!(error.contains("kept 0 of the 1 row"), "{error}");
+}
+
+/// One row the database is always too slow for (a trigger sleeping past
+/// `statement_timeout`): that message is a dead letter, the others apply,
+/// and a second delivery of the batch settles too.
+async fn a_statement_timeout_on_one_row_refuses_one_message(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.exec(
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.firstname = 'Slow' THEN PERFORM pg_sleep(3); END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER slow BEFORE INSERT OR UPDATE ON users FOR EACH ROW EXECUTE FUNCTION slow()",
+    )
+    .await;
+    let name = db.url.rsplit('/').next().unwrap().to_string();
+    db.exec(&format!(
+        "ALTER DATABASE {name} SET statement_timeout = '1s'"
+    ))
+    .await;
+    let (_up, addr) = upstream(users(0)).await;
+    let s = hook_config(&db, addr);
+    let events = engine(&s).await;
+    let all = users(3);
+    let mut slow = all[1].clone();
+    slow["firstname"] = json!("Slow");
+    let batch = [
+        message("user_created", all[0].clone()),
+        message("user_created", slow),
+        message("user_created", all[2].clone()),
+    ];
+    for attempt in 0..2 {
+        let out = events.deliver("bus", &batch).await.unwrap_or_else(|e| {
+            panic!(
+                "attempt {attempt}: the batch is handed back ({}); the source is stuck on one message",
+                driftd::pass::error_chain(&e)
+            )
+        });
+        let outcomes: Vec<&str> = out.iter().map(|v| v.outcome).collect();
+        assert_eq!(outcomes, ["applied", "dead_lettered", "applied"], "{out:?}");
+    }
+    assert_eq!(db.count("users").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_statement_timeout_on_one_row_refuses_one_message() {
+    a_statement_timeout_on_one_row_refuses_one_message(Backend::Postgres).await
+}
+
 both_backends!(
     a_trigger_that_raises_refuses_one_message,
     a_cascade_the_database_refuses_is_a_dead_letter,
     a_reprovision_purge_the_database_refuses_is_incomplete,
+    a_data_error_in_a_trigger_refuses_one_message,
+    a_row_a_trigger_drops_is_not_applied,
 );

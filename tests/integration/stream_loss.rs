@@ -9,10 +9,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use serde_json::json;
+use serde_json::{json, Value as Json};
 
 use crate::both_backends;
 use crate::common::*;
+use crate::events::engine;
 use crate::streams::{
     add, all_acked, drop_stream, raw, redis, redis_url, reprovision_source, reprovisions, settings,
     setup, source, wait_rows, Setup,
@@ -71,6 +72,23 @@ async fn half_resent(
     for u in &all[..10] {
         add(con, stream, "user_created", u).await;
     }
+    // The group was given every entry (lag 0) and acknowledged them all.
+    eventually(Duration::from_secs(10), "driftd read every entry", || {
+        let mut con = con.clone();
+        async move {
+            let groups: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            let g = &groups[0];
+            (g.get("lag") == Some(&redis::Value::Int(0)))
+                .then_some(())
+                .ok_or(format!("{g:?}"))
+        }
+    })
+    .await;
     all_acked(con, stream, Duration::from_secs(10)).await;
     all
 }
@@ -244,7 +262,16 @@ impl OwnRedis {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    /// Kills it (nothing is saved) and starts it again, empty.
+    async fn connect(&self) -> MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Kills it (nothing is saved) and starts it again: empty, or from the
+    /// dump a `SAVE` left in its directory.
     fn restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -300,8 +327,405 @@ async fn a_redis_restart_mid_reprovision_purges_nothing(backend: Backend) {
     assert!(d.stop().await);
 }
 
+fn body(name: &str, data: &Json) -> String {
+    json!({"name": name, "timestamp": chrono::Utc::now().to_rfc3339(), "data": data}).to_string()
+}
+
+/// A producer re-sends in one transaction (MULTI/EXEC, as redis-py's
+/// default pipeline does) with an inline `MAXLEN 3`, and completes: the
+/// trim happens while driftd waits in XREADGROUP, between its checks, and
+/// the read moves the group past the first entry left. The check before
+/// the completion counts the group's lag against the entries left: the
+/// reprovision is incomplete and purges nothing.
+async fn a_trim_inside_a_producer_transaction_purges_nothing(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = half_resent(&mut con, &stream, &db, "r1").await;
+    // driftd is caught up and blocked in XREADGROUP. One transaction
+    // re-sends users 10..20 with MAXLEN 3 and completes.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for u in &all[10..] {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("MAXLEN")
+            .arg(3)
+            .arg("*")
+            .arg("name")
+            .arg("user_created")
+            .arg("payload")
+            .arg(body("user_created", u))
+            .ignore();
+    }
+    pipe.cmd("XADD")
+        .arg(&stream)
+        .arg("MAXLEN")
+        .arg(3)
+        .arg("*")
+        .arg("name")
+        .arg("ReprovisionCompleted")
+        .arg("payload")
+        .arg(body("ReprovisionCompleted", &json!({"id": "r1"})))
+        .ignore();
+    let () = pipe.query_async(&mut con).await.unwrap();
+    let (state, why) = ended(&s).await;
+    let n = db.count("users").await;
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+    assert_eq!(
+        (state.as_str(), n),
+        ("incomplete", 20),
+        "re-sends of users 10..18 were trimmed unread, yet the reprovision ended {state} ({why}) and left {n} rows"
+    );
+}
+
+/// `driftd replay` reads outside the group, without the worker's loss
+/// checks: re-sends deleted before anyone read them are simply absent
+/// from its range. It never starts or completes a reprovision; the worker,
+/// reading the completion through its group, finds the loss.
+async fn a_replay_never_completes_a_reprovision(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = half_resent(&mut con, &stream, &db, "r2").await;
+    assert!(d.stop().await);
+    // While the worker is down: re-sends of 10..20, five of them deleted
+    // before anyone read them, then the completion.
+    let mut ids = Vec::new();
+    for u in &all[10..] {
+        ids.push(add(&mut con, &stream, "user_created", u).await);
+    }
+    let mut xdel = vec!["XDEL", stream.as_str()];
+    xdel.extend(ids[..5].iter().map(String::as_str));
+    raw(&mut con, &xdel).await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r2"}),
+    )
+    .await;
+    // The operator rebuilds with `driftd replay bus` (from the last start).
+    let events = engine(&s).await;
+    let out = driftd::sources::redis::replay(&events, "bus", None)
+        .await
+        .unwrap();
+    let r = reprovisions(&s).await.remove(0);
+    assert_eq!(r.state, "open", "{r:?}; {out:?}");
+    assert_eq!(db.count("users").await, 20, "{out:?}");
+    // Its start and completion: a replay acts on neither.
+    assert_eq!(out.outcomes.get("ignored"), Some(&2), "{out:?}");
+    // The worker reads the completion through its group and finds the
+    // deleted re-sends.
+    let (d, _) = start_connected(s.clone()).await;
+    let (state, why) = ended(&s).await;
+    assert_eq!(state, "incomplete", "{why}");
+    assert_eq!(db.count("users").await, 20);
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+}
+
+/// One entry deleted unread while driftd was stopped (a loss, before any
+/// reprovision), then a retention trim of entries driftd had read: the
+/// loss is reported once, the trim is no loss, and a later reprovision
+/// read entry by entry completes and purges what was not re-sent.
+async fn an_old_loss_does_not_fail_later_reprovisions(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let all = users(6);
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    for u in &all[..5] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 5, "applied").await;
+    assert!(d.stop().await);
+    // One entry deleted unread while driftd is down: a real loss, before
+    // any reprovision.
+    let gone = add(&mut con, &stream, "user_created", &all[5]).await;
+    raw(&mut con, &["XDEL", &stream, &gone]).await;
+    let (d, base) = start_connected(s.clone()).await;
+    add(&mut con, &stream, "user_edited", &all[0]).await;
+    all_acked(&con, &stream, Duration::from_secs(10)).await;
+    // A retention job empties the stream of entries driftd has read: no
+    // loss at all.
+    raw(&mut con, &["XTRIM", &stream, "MAXLEN", "0"]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let src = sources(&base).await;
+    // Much later, a clean reprovision: start, re-send users 0..4, complete.
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionStarted",
+        &json!({"id": "r3"}),
+    )
+    .await;
+    for u in &all[..4] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r3"}),
+    )
+    .await;
+    let (state, why) = ended(&s).await;
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+    assert_eq!(
+        state, "completed",
+        "a reprovision read entry by entry ended {state}: {why}; sources: {src}"
+    );
+    assert_eq!(db.count("users").await, 4);
+}
+
+/// Redis restarts from an older RDB snapshot while driftd runs: the group
+/// survives, rolled back, and re-sends added after the snapshot that
+/// driftd had not read are gone. The group's position going back is a
+/// loss: the reprovision purges nothing.
+async fn a_redis_restart_from_an_older_snapshot_purges_nothing(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let mut own = OwnRedis::start();
+    let src = reprovision_source(&stream, COMPLETED).replace(&redis_url(), &own.url());
+    let s = settings(&db, addr, dir.path(), &src);
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = own.connect().await;
+    let all = half_resent(&mut con, &stream, &db, "r4").await;
+    raw(&mut con, &["SAVE"]).await;
+    // Keep driftd busy inside its next batch (a slow database), so that the
+    // re-sends after it wait unread in the stream.
+    let locker = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    add(&mut con, &stream, "user_created", &all[10]).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for u in &all[11..] {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    // Redis crashes and comes back from its last snapshot.
+    own.restart();
+    tx.rollback().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut con = own.connect().await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "r4"}),
+    )
+    .await;
+    let (state, why) = ended(&s).await;
+    let n = db.count("users").await;
+    assert!(d.stop().await);
+    assert_eq!(
+        (state.as_str(), n),
+        ("incomplete", 20),
+        "re-sends of 11..20 were lost in Redis's rollback; the reprovision ended {state} ({why}) with {n} rows"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_redis_restart_from_an_older_snapshot_purges_nothing() {
+    a_redis_restart_from_an_older_snapshot_purges_nothing(Backend::Postgres).await
+}
+
+/// A Lua script adds the re-sends and the completion, and deletes two of
+/// the re-sends before driftd reads any: incomplete, nothing purged.
+async fn an_xdel_in_the_completions_batch_purges_nothing(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = half_resent(&mut con, &stream, &db, "h1").await;
+    let mut inv = redis::cmd("EVAL");
+    inv.arg(r#"local ids = {}
+        for i, b in ipairs(ARGV) do ids[i] = redis.call('XADD', KEYS[1], '*', 'name', i == #ARGV and 'ReprovisionCompleted' or 'user_created', 'payload', b) end
+        redis.call('XDEL', KEYS[1], ids[2], ids[3])
+        return #ids"#).arg(1).arg(&stream);
+    for u in &all[10..] {
+        inv.arg(body("user_created", u));
+    }
+    inv.arg(body("ReprovisionCompleted", &json!({"id": "h1"})));
+    let _: i64 = inv.query_async(&mut con).await.unwrap();
+    let (state, why) = ended(&s).await;
+    let n = db.count("users").await;
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+    assert_eq!((state.as_str(), n), ("incomplete", 20), "{why}");
+}
+
+/// Every XADD trims with `MAXLEN ~ 20` while driftd keeps up: entries it
+/// read are trimmed, none unread; the reprovision completes and purges.
+async fn an_approximate_maxlen_while_keeping_up_is_no_loss(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = users(150);
+    let xadd = |name: &str, data: &Json| {
+        let mut c = redis::cmd("XADD");
+        c.arg(&stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(20)
+            .arg("*")
+            .arg("name")
+            .arg(name)
+            .arg("payload")
+            .arg(body(name, data));
+        c
+    };
+    for u in &all {
+        add(&mut con, &stream, "user_created", u).await;
+    }
+    wait_rows(&db, 150, "applied").await;
+    let _: String = xadd("ReprovisionStarted", &json!({"id": "h2"}))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    for u in &all[..140] {
+        let _: String = xadd("user_created", u).query_async(&mut con).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let _: String = xadd("ReprovisionCompleted", &json!({"id": "h2"}))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let (state, why) = ended(&s).await;
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+    assert_eq!(state, "completed", "{why}");
+    assert_eq!(db.count("users").await, 140);
+}
+
+/// The group destroyed and re-sends added in one transaction while driftd
+/// runs: the group is created anew, the loss reported, nothing purged.
+async fn a_group_destroyed_while_running_purges_nothing(backend: Backend) {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = half_resent(&mut con, &stream, &db, "h3").await;
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("XGROUP")
+        .arg("DESTROY")
+        .arg(&stream)
+        .arg("driftd")
+        .ignore();
+    for u in &all[10..15] {
+        pipe.cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("name")
+            .arg("user_created")
+            .arg("payload")
+            .arg(body("user_created", u))
+            .ignore();
+    }
+    let () = pipe.query_async(&mut con).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    add(
+        &mut con,
+        &stream,
+        "ReprovisionCompleted",
+        &json!({"id": "h3"}),
+    )
+    .await;
+    let (state, why) = ended(&s).await;
+    let n = db.count("users").await;
+    assert!(d.stop().await);
+    drop_stream(&mut con, &stream).await;
+    assert_eq!((state.as_str(), n), ("incomplete", 20), "{why}");
+}
+
 both_backends!(
     a_stream_trimmed_while_driftd_was_stopped_purges_nothing,
     entries_deleted_while_pending_elsewhere_purge_nothing,
     a_redis_restart_mid_reprovision_purges_nothing,
+    a_trim_inside_a_producer_transaction_purges_nothing,
+    a_replay_never_completes_a_reprovision,
+    an_old_loss_does_not_fail_later_reprovisions,
+    an_xdel_in_the_completions_batch_purges_nothing,
+    an_approximate_maxlen_while_keeping_up_is_no_loss,
+    a_group_destroyed_while_running_purges_nothing,
 );
