@@ -194,10 +194,16 @@ async fn consume(
             w.resync = true;
         }
     }
+    let consumer = redis.consumer_name();
+    if !consumed_before {
+        // Two processes under one name would take each other's pending
+        // entries for their own (and a completion would not wait for
+        // re-sends the other holds).
+        consumer_free(&mut con, redis, &consumer).await?;
+    }
     lock(watch).consumed = true;
     check_deletions(ctx, redis, &mut con, watch, false).await?;
     backoff.reset();
-    let consumer = redis.consumer_name();
     ctx.status.connected();
     ctx.events.metrics().source_connected(&ctx.name, true);
     tracing::info!(stream = %redis.stream, group = %redis.group, consumer = %consumer, "consuming");
@@ -851,6 +857,45 @@ async fn stream_state(
         }
     }
     Ok(state)
+}
+
+/// Fails while another process reads the group under `consumer`: the
+/// name is in the group's consumer list and was active within a blocking
+/// read's time (a process of ours that died frees it after that).
+async fn consumer_free(
+    con: &mut MultiplexedConnection,
+    redis: &RedisConfig,
+    consumer: &str,
+) -> anyhow::Result<()> {
+    let reply: Value = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&redis.stream)
+        .arg(&redis.group)
+        .query_async(con)
+        .await
+        .map_err(|e| anyhow::anyhow!("XINFO CONSUMERS on `{}`: {e}", redis.stream))?;
+    // A live consumer reads again at least every blocking read.
+    let busy_ms = (redis.block_ms + 1_000) as i64;
+    for c in array(reply)? {
+        let c = pairs(c)?;
+        let get = |name: &str| c.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        if get("name").and_then(|v| text(v).ok()).as_deref() != Some(consumer) {
+            continue;
+        }
+        // `inactive` (Redis 7.2) is the time since it last read; `idle`,
+        // since it last did anything.
+        let idle = match get("inactive").or(get("idle")) {
+            Some(Value::Int(ms)) => *ms,
+            _ => i64::MAX,
+        };
+        if (0..busy_ms).contains(&idle) {
+            anyhow::bail!(
+                "consumer `{consumer}` of group `{}` is in use by another process (active {idle} ms ago): give each replica its own redis.consumer, or leave it unset (driftd-<host>); retrying",
+                redis.group
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Entries the stream holds after `after`, and the first of them; `None`

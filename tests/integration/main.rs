@@ -29,5 +29,6 @@ mod review5;
 mod review6;
 mod security;
 mod sqlite_file;
+mod stream_consumers;
 mod stream_loss;
 mod streams;
