@@ -60,6 +60,10 @@ pub struct ReprovisionConfig {
     /// completion must carry the id of the open reprovision.
     #[serde(default)]
     pub id_pointer: Option<String>,
+    /// ... or the header (a stream entry's field) holding it, for control
+    /// events that carry no body.
+    #[serde(default)]
+    pub id_header: Option<String>,
     /// The resources it re-sends (default: every resource the source maps).
     #[serde(default)]
     pub resources: Vec<String>,
@@ -364,11 +368,31 @@ impl VersionKind {
                 Ok(format!("{:020}", (n as u64) ^ (1 << 63)))
             }
             VersionKind::Timestamp => match json {
-                serde_json::Value::String(s) => crate::canonical::timestamp(s),
+                serde_json::Value::String(s) => version_timestamp(s),
                 other => Err(format!("version `{other}` is not an RFC 3339 time")),
             },
         }
     }
+}
+
+/// A timestamp version as UTC text that sorts like the time, to the
+/// nanosecond: two edits within a microsecond still order (a version is
+/// compared, never stored in a column).
+fn version_timestamp(raw: &str) -> Result<String, String> {
+    let mut t = chrono::DateTime::parse_from_rfc3339(raw)
+        .map_err(|e| format!("version `{raw}` is not an RFC 3339 time: {e}"))?
+        .with_timezone(&chrono::Utc);
+    let nanos = t.timestamp_subsec_nanos();
+    if nanos >= 1_000_000_000 {
+        // A leap second (`23:59:60`) sorts as the next second.
+        t = chrono::DateTime::from_timestamp(t.timestamp() + 1, nanos - 1_000_000_000)
+            .ok_or_else(|| format!("version `{raw}` is out of range"))?;
+    }
+    let year = chrono::Datelike::year(&t);
+    if !(1..=9999).contains(&year) {
+        return Err(format!("version `{raw}` is outside the years 1 to 9999"));
+    }
+    Ok(t.format("%Y-%m-%dT%H:%M:%S%.9fZ").to_string())
 }
 
 /// Events the source maps but that its header bindings keep out of the
@@ -534,7 +558,7 @@ pub(super) fn validate_source(
         validate_reprovision(r, &src.events)?;
         // A stream entry's id tells a redelivered control event from a new
         // one; other sources' messages have no place: only the id can.
-        if src.kind != SourceKind::Redis && r.id_pointer.is_none() {
+        if src.kind != SourceKind::Redis && r.id_pointer.is_none() && r.id_header.is_none() {
             return Err(problem(
                 "reprovision.id_pointer",
                 "is needed on a source other than redis: without it, a start or completion delivered again cannot be told from a new one",
@@ -589,6 +613,15 @@ fn validate_reprovision(
     }
     if let Some(p) = &r.id_pointer {
         check_pointer("reprovision.id_pointer", p)?;
+    }
+    if r.id_pointer.is_some() && r.id_header.is_some() {
+        return Err(problem(
+            "reprovision.id_header",
+            "set id_pointer (in the body) or id_header, not both",
+        ));
+    }
+    if r.id_header.as_deref().is_some_and(|h| h.trim().is_empty()) {
+        return Err(problem("reprovision.id_header", "must not be empty"));
     }
     if let Some(q) = r.quiet_secs {
         if !(q > 0.0 && q <= 86_400.0) {
@@ -686,5 +719,12 @@ mod tests {
                 .unwrap()
         };
         assert!(t("2026-01-01T10:00:00+02:00") < t("2026-01-01T09:00:00Z"));
+        // Nanoseconds are compared, not refused.
+        assert!(t("2026-01-01T09:00:00.000000001Z") < t("2026-01-01T09:00:00.000000002Z"));
+        assert!(t("2026-01-01T09:00:00.9999999999Z") < t("2026-01-01T09:00:01Z"));
+        assert_eq!(
+            t("2026-01-01T09:00:00.5Z"),
+            t("2026-01-01T09:00:00.500000000Z")
+        );
     }
 }

@@ -900,6 +900,37 @@ impl Settings {
             events::validate_source(src, &self.resources)
                 .map_err(|(field, problem)| global(&format!("sources.{name}.{field}"), problem))?;
         }
+        // One journal of versions per key, whichever source writes it: a
+        // timestamp would sort after every integer.
+        let mut kinds: BTreeMap<&str, (events::VersionKind, String)> = BTreeMap::new();
+        for (name, src) in &self.sources {
+            for (event, ev) in src.events.iter().filter(|(_, e)| e.version.is_some()) {
+                match kinds.get(ev.resource.as_str()) {
+                    Some((kind, other)) if *kind != ev.version_kind => {
+                        return Err(global(
+                            &format!("sources.{name}.events.{event}.version_kind"),
+                            format!(
+                                "`{}` versions of resource `{}` are {}, but {other} gives it {} versions: one kind per resource",
+                                event,
+                                ev.resource,
+                                ev.version_kind.as_str(),
+                                kind.as_str()
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                    None => {
+                        kinds.insert(
+                            ev.resource.as_str(),
+                            (
+                                ev.version_kind,
+                                format!("event `{event}` of source `{name}`"),
+                            ),
+                        );
+                    }
+                }
+            }
+        }
         // A reprovision purges what its source did not re-send: rows
         // another source wrote would go with them.
         for (name, src) in &self.sources {
@@ -1473,6 +1504,24 @@ columns = { name = { from = "/name" } }
             .unwrap_err()
             .to_string();
         assert!(err.contains("upstream.base_url"), "{err}");
+    }
+
+    #[test]
+    fn two_sources_versioning_one_resource_differently_are_refused() {
+        let config = format!(
+            "{MINIMAL}\n[sources.a]\nkind = \"webhook\"\n[sources.a.events]\nuser_edited = {{ resource = \"users\", op = \"upsert\", key = \"/id\", version = \"/rev\" }}\n\
+             [sources.b]\nkind = \"webhook\"\n[sources.b.events]\nuser_changed = {{ resource = \"users\", op = \"upsert\", key = \"/id\", version = \"/at\", version_kind = \"timestamp\" }}\n"
+        );
+        let err = Settings::from_toml_str(&config, "t.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("version_kind") && err.contains("source `a`"),
+            "{err}"
+        );
+        // The same kind in both: fine.
+        let same = config.replace(", version_kind = \"timestamp\"", "");
+        Settings::from_toml_str(&same, "t.toml").unwrap();
     }
 
     #[test]

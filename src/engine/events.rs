@@ -695,9 +695,15 @@ impl Events {
                     Resend::Key
                 },
             };
-        let body: Json = match serde_json::from_slice(&env.body) {
-            Ok(b) => b,
-            Err(e) => return invalid(None, None, format!("the body is not JSON: {e}")),
+        // No body at all: a message that is its name and headers (a
+        // control marker, an event driftd does not map) is read as such.
+        let body: Json = if env.body.is_empty() {
+            Json::Null
+        } else {
+            match serde_json::from_slice(&env.body) {
+                Ok(b) => b,
+                Err(e) => return invalid(None, None, format!("the body is not JSON: {e}")),
+            }
         };
         let name = name_of(cfg, env, &body);
         let Some(name) = name else {
@@ -711,7 +717,7 @@ impl Events {
             return invalid(None, None, place);
         };
         if let Some(r) = &cfg.reprovision {
-            match super::reprovision::Control::read(r, &name, &body) {
+            match super::reprovision::Control::read(r, &name, &body, &env.headers) {
                 Ok(Some(control)) => return Prepared::Control { name, control },
                 Ok(None) => {}
                 Err(error) => {

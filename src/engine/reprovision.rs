@@ -42,18 +42,27 @@ impl Control {
         cfg: &ReprovisionConfig,
         name: &str,
         body: &Json,
+        headers: &std::collections::BTreeMap<String, String>,
     ) -> Result<Option<Control>, String> {
         let started = name == cfg.started;
         if !started && cfg.completed.as_deref() != Some(name) {
             return Ok(None);
         }
-        let id = match &cfg.id_pointer {
-            None => None,
-            Some(p) => match resolve(body, p) {
+        let id = match (&cfg.id_pointer, &cfg.id_header) {
+            (Some(p), _) => match resolve(body, p) {
                 Some(Json::String(s)) => Some(s.clone()),
                 Some(Json::Number(n)) => Some(n.to_string()),
                 _ => return Err(format!("no reprovision id (a string or number) at `{p}`")),
             },
+            (None, Some(h)) => match headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(h))
+                .map(|(_, v)| v.trim())
+            {
+                Some(v) if !v.is_empty() => Some(v.to_string()),
+                _ => return Err(format!("no reprovision id in header `{h}`")),
+            },
+            (None, None) => None,
         };
         Ok(Some(if started {
             Control::Started { id }
@@ -335,7 +344,7 @@ impl Events {
                         return Ok(());
                     }
                 }
-                if cfg.id_pointer.is_some() && r.event_id != id {
+                if (cfg.id_pointer.is_some() || cfg.id_header.is_some()) && r.event_id != id {
                     verdict.outcome = "ignored";
                     verdict.error = Some(format!(
                         "completes reprovision `{}`, but `{}` is open",

@@ -20,6 +20,7 @@ mod rabbit;
 mod refetch;
 mod refused;
 mod repair;
+mod reprovision;
 mod retention;
 mod review;
 mod review2;
