@@ -285,6 +285,15 @@ pub struct IncrementalConfig {
     /// Pages in one run, at most.
     #[serde(default = "default_incremental_pages")]
     pub max_pages: u64,
+    /// Statuses by which the feed says it no longer serves the stored
+    /// checkpoint (it expired): the run fails naming the way back
+    /// (`driftd checkpoint reset` or `set`) instead of a bare error.
+    #[serde(default = "default_expired_statuses")]
+    pub expired_statuses: Vec<u16>,
+}
+
+fn default_expired_statuses() -> Vec<u16> {
+    vec![410]
 }
 
 fn default_deleted_value() -> serde_json::Value {
@@ -327,6 +336,16 @@ impl IncrementalConfig {
         }
         if let Some(p) = &self.deleted_pointer {
             check_pointer("incremental.deleted_pointer", p)?;
+        }
+        if self
+            .expired_statuses
+            .iter()
+            .any(|s| !(400..=599).contains(s))
+        {
+            return Err(problem(
+                "incremental.expired_statuses",
+                "must be HTTP error statuses (400 to 599)",
+            ));
         }
         if self.max_pages == 0 {
             return Err(problem("incremental.max_pages", "must be at least 1"));

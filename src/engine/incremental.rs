@@ -179,7 +179,19 @@ impl<S: Store> Feed<'_, S> {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             params.push((inc.since_param.as_str(), cursor.as_str()));
-            let body = self.client.get_path(self.path, &params).await?;
+            let body = match self.client.get_path(self.path, &params).await {
+                Ok(body) => body,
+                Err(UpstreamError::Status { status, .. })
+                    if inc.expired_statuses.contains(&status) =>
+                {
+                    return Err(PassError::CheckpointExpired {
+                        resource: self.name.to_string(),
+                        checkpoint: cursor,
+                        status,
+                    })
+                }
+                Err(e) => return Err(e.into()),
+            };
             let page: Json =
                 serde_json::from_slice(&body).map_err(|e| malformed(format!("not JSON: {e}")))?;
             let next = match resolve(&page, &inc.cursor_pointer) {
@@ -217,10 +229,11 @@ impl<S: Store> Feed<'_, S> {
             }
             let mut changes = Vec::with_capacity(items.len());
             for (i, item) in items.iter().enumerate() {
-                let deleted = inc
-                    .deleted_pointer
-                    .as_deref()
-                    .is_some_and(|p| resolve(item, p) == Some(&inc.deleted_value));
+                let deleted = match inc.deleted_pointer.as_deref() {
+                    None => false,
+                    Some(p) => is_deleted(resolve(item, p), &inc.deleted_value)
+                        .map_err(|e| malformed(format!("change {i}: `{p}`: {e}")))?,
+                };
                 if deleted {
                     let key = key_from_json(resolve(item, &res.key.upstream), res.key.kind)
                         .map_err(|e| malformed(format!("change {i}: key: {e}")))?;
@@ -331,5 +344,77 @@ impl<S: Store> Feed<'_, S> {
                 .await?;
         }
         Ok(changed)
+    }
+}
+
+/// Whether a change's deleted marker says deleted. A boolean marker also
+/// takes its usual spellings (`1`/`0`, `"true"`/`"false"`, any case);
+/// another value is refused, never read as a live row. A marker of
+/// another kind must equal `expected`; absent or null is not deleted.
+fn is_deleted(marker: Option<&Json>, expected: &Json) -> Result<bool, String> {
+    let Some(v) = marker.filter(|v| !v.is_null()) else {
+        return Ok(false);
+    };
+    if v == expected {
+        return Ok(true);
+    }
+    let Json::Bool(want) = expected else {
+        return Ok(false);
+    };
+    let flag = match v {
+        Json::Bool(b) => Some(*b),
+        Json::Number(n) => match n.to_string().as_str() {
+            "1" => Some(true),
+            "0" => Some(false),
+            _ => None,
+        },
+        Json::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" => Some(true),
+            "false" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    };
+    match flag {
+        Some(f) => Ok(f == *want),
+        None => Err(format!(
+            "deleted marker {v} is neither true nor false (1/0, \"true\"/\"false\")"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod deleted_marker_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_boolean_marker_takes_its_spellings_and_refuses_others() {
+        let t = json!(true);
+        for yes in [
+            json!(true),
+            json!(1),
+            json!("true"),
+            json!("TRUE"),
+            json!("1"),
+        ] {
+            assert_eq!(is_deleted(Some(&yes), &t), Ok(true), "{yes}");
+        }
+        for no in [
+            json!(false),
+            json!(0),
+            json!("false"),
+            json!("0"),
+            Json::Null,
+        ] {
+            assert_eq!(is_deleted(Some(&no), &t), Ok(false), "{no}");
+        }
+        assert_eq!(is_deleted(None, &t), Ok(false));
+        assert!(is_deleted(Some(&json!("yes please")), &t).is_err());
+        assert!(is_deleted(Some(&json!(2)), &t).is_err());
+        // A marker of another kind: equality.
+        let gone = json!("deleted");
+        assert_eq!(is_deleted(Some(&json!("deleted")), &gone), Ok(true));
+        assert_eq!(is_deleted(Some(&json!("active")), &gone), Ok(false));
     }
 }

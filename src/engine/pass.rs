@@ -77,6 +77,12 @@ pub enum PassError {
     Task(String),
     #[error("{0}")]
     Config(String),
+    #[error("the change feed no longer serves checkpoint `{checkpoint}` (HTTP {status}): run a full pass (`driftd reconcile {resource}`), then `driftd checkpoint set {resource} REVISION` with the feed's current revision, or `driftd checkpoint reset {resource}` to read the feed from incremental.initial")]
+    CheckpointExpired {
+        resource: String,
+        checkpoint: String,
+        status: u16,
+    },
 }
 
 impl PassError {
@@ -90,6 +96,7 @@ impl PassError {
             | PassError::DoesNotFit(_)
             | PassError::Task(_)
             | PassError::Config(_)
+            | PassError::CheckpointExpired { .. }
             | PassError::Cancelled => false,
         }
     }

@@ -374,6 +374,28 @@ macro_rules! reprovision_methods {
                 .map_err($crate::store::query_err("commit re-sent keys"))
         }
 
+        async fn set_checkpoint(
+            &self,
+            resource: &str,
+            value: Option<&str>,
+        ) -> Result<(), $crate::store::StoreError> {
+            self.writable()?;
+            match value {
+                Some(v) => sqlx::query(&$sql($crate::store::jobs::CHECKPOINT_SAVE))
+                    .bind(resource)
+                    .bind(v)
+                    .bind($crate::store::now_rfc3339())
+                    .execute(&self.pool)
+                    .await,
+                None => sqlx::query(&$sql("DELETE FROM driftd_checkpoints WHERE resource = $1"))
+                    .bind(resource)
+                    .execute(&self.pool)
+                    .await,
+            }
+            .map_err($crate::store::query_err("store a checkpoint"))?;
+            Ok(())
+        }
+
         async fn stream_losses(&self, source: &str) -> Result<u64, $crate::store::StoreError> {
             let n: Option<i64> = sqlx::query_scalar(&$sql(
                 "SELECT lost FROM driftd_stream_losses WHERE source = $1",

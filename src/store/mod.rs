@@ -457,6 +457,14 @@ pub trait Ledger: Send + Sync {
         resource: &str,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
+    /// Stores `value` as the resource's checkpoint, or forgets it (`None`:
+    /// the next incremental run starts from `incremental.initial`).
+    fn set_checkpoint(
+        &self,
+        resource: &str,
+        value: Option<&str>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
     /// How many entries of a stream source's group are known lost (0 when
     /// none was recorded).
     fn stream_losses(&self, source: &str) -> impl Future<Output = Result<u64, StoreError>> + Send;
@@ -947,6 +955,9 @@ impl Ledger for AnyStore {
         keys: &[&str],
     ) -> Result<(), StoreError> {
         delegate!(self, mark_resent(reprovision, resource, keys))
+    }
+    async fn set_checkpoint(&self, resource: &str, value: Option<&str>) -> Result<(), StoreError> {
+        delegate!(self, set_checkpoint(resource, value))
     }
     async fn stream_losses(&self, source: &str) -> Result<u64, StoreError> {
         delegate!(self, stream_losses(source))

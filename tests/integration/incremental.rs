@@ -31,6 +31,8 @@ struct Feed {
     /// The second request with this `since` (a run reads the feed twice:
     /// counting, then applying) waits this long before answering.
     slow: Mutex<Option<(String, Duration)>>,
+    /// A `since` below this revision has expired: 410 Gone.
+    expired_before: Mutex<u64>,
 }
 
 const PAGE: usize = 50;
@@ -48,6 +50,18 @@ impl Feed {
 }
 
 async fn changes(
+    State(feed): State<Arc<Feed>>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let since: u64 = q.get("since").and_then(|s| s.parse().ok()).unwrap_or(0);
+    if since < *feed.expired_before.lock().unwrap() {
+        return (axum::http::StatusCode::GONE, "revision expired").into_response();
+    }
+    page(State(feed), Query(q)).await.into_response()
+}
+
+async fn page(
     State(feed): State<Arc<Feed>>,
     Query(q): Query<BTreeMap<String, String>>,
 ) -> AxumJson<Json> {
@@ -258,7 +272,102 @@ both_backends!(
     an_incremental_run_applies_the_feed_from_its_checkpoint,
     an_incremental_run_killed_midway_resumes_from_its_checkpoint,
     a_broken_feed_stops_without_skipping,
+    a_deleted_marker_in_another_spelling_deletes,
+    an_expired_checkpoint_can_be_reset,
 );
+
+/// A deleted marker spelled `1` or `"true"` where the config says `true`
+/// deletes the row; it is never upserted as a live one.
+async fn a_deleted_marker_in_another_spelling_deletes(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let feed = Arc::new(Feed::default());
+    let all = users(3);
+    for u in &all {
+        feed.push(u.clone());
+    }
+    feed.push(json!({"uuid": all[0]["uuid"], "deleted": 1}));
+    feed.push(json!({"uuid": all[1]["uuid"], "deleted": "TRUE"}));
+    let mut live = all[2].clone();
+    live["deleted"] = json!("false");
+    feed.push(live);
+    let addr = serve(feed.clone()).await;
+    let s = config(&db, addr);
+    let r = pass(&s, incremental()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(
+        db.keys("users").await,
+        [all[2]["uuid"].as_str().unwrap().to_string()].into(),
+        "{r:?}"
+    );
+    // A marker that is neither: the run fails, the row is not touched.
+    feed.push(json!({"uuid": all[2]["uuid"], "deleted": "perhaps"}));
+    let r = pass(&s, incremental()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert!(r.error.as_deref().unwrap().contains("perhaps"), "{r:?}");
+    assert_eq!(db.count("users").await, 1);
+}
+
+/// A feed that no longer serves the stored checkpoint (410): every run
+/// fails naming the way back; `driftd checkpoint reset` and `set` take it.
+async fn an_expired_checkpoint_can_be_reset(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let feed = Arc::new(Feed::default());
+    let mut expected = fill(&feed, 0, 20);
+    let addr = serve(feed.clone()).await;
+    let s = config(&db, addr);
+    assert_eq!(pass(&s, incremental()).await.outcome, Outcome::Repaired);
+    let at: u64 = checkpoint(&s).await.unwrap().parse().unwrap();
+    // The feed moves on and forgets everything before.
+    expected.extend(fill(&feed, 20, 10));
+    *feed.expired_before.lock().unwrap() = at + 5;
+    let r = pass(&s, incremental()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("no longer serves checkpoint")
+            && error.contains("driftd checkpoint reset users"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("driftd.toml");
+    std::fs::write(&path, builder().toml(&db, addr)).unwrap();
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_driftd"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Json>(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        cli(&["checkpoint", "show", "users"])["checkpoint"],
+        at.to_string()
+    );
+    // Reset: read from `initial` (0), which has expired too here.
+    assert_eq!(
+        cli(&["checkpoint", "reset", "users"])["checkpoint"],
+        Json::Null
+    );
+    assert_eq!(checkpoint(&s).await, None);
+    // Set to the feed's first revision still served (after a full pass,
+    // which this feed-only upstream has no listing for).
+    let from = (at + 5).to_string();
+    cli(&["checkpoint", "set", "users", &from]);
+    let r = pass(&s, incremental()).await;
+    assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+    assert_eq!(
+        checkpoint(&s).await.as_deref(),
+        Some(feed.log.lock().unwrap().len().to_string().as_str())
+    );
+}
 
 #[test]
 fn incremental_config_and_schedules_are_checked() {

@@ -1,6 +1,8 @@
 //! The command line: argument types and the subcommands they run. `main`
 //! only parses, starts telemetry and calls [`run`].
 
+mod checkpoint;
+
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -79,6 +81,12 @@ pub enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// An incremental resource's checkpoint in upstream's change feed:
+    /// show it, reset it, or set it (a way back from an expired one).
+    Checkpoint {
+        #[command(subcommand)]
+        action: checkpoint::Action,
     },
     /// Apply a Redis source's stream again from the start of its last
     /// reprovision (or --from an entry id; 0 is the beginning): rebuilds a
@@ -197,6 +205,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(report::exit::OK)
         }
         Command::DeadLetters { action } => dead_letters(&cli.config, action).await,
+        Command::Checkpoint { action } => {
+            let settings = load_settings(&cli.config)?;
+            let store = open_store(&settings).await?;
+            checkpoint::run(&settings, &store, action).await
+        }
         Command::Replay { source, from } => replay(&cli.config, &source, from).await,
         Command::Quickstart { serve } => crate::quickstart::run(serve).await,
         Command::SampleUpstream {
