@@ -49,7 +49,7 @@ impl Daemon {
         let schedules = Arc::new(
             Schedules::load(&settings.schedules_dir(), &settings).map_err(anyhow::Error::new)?,
         );
-        let store = Arc::new(crate::cli::open_store(&settings).await?);
+        let store = Arc::new(open_store(&settings).await?);
         // Refuse to start over a table driftd cannot mirror faithfully.
         for (name, res) in &settings.resources {
             crate::store::Mirror::prepare(store.as_ref(), &res.table_spec())
@@ -219,4 +219,18 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
+}
+
+/// Opens the store. The error names the URL masked, and its text is
+/// scrubbed of the URL's secrets should the driver have echoed them.
+pub async fn open_store(
+    settings: &crate::config::Settings,
+) -> anyhow::Result<crate::store::AnyStore> {
+    let url = secrecy::ExposeSecret::expose_secret(&settings.store.url);
+    crate::store::AnyStore::open(&settings.store.url, settings.store.max_connections)
+        .await
+        .map_err(|e| {
+            let problem = crate::redact::scrub(&crate::pass::error_chain(&e), url);
+            anyhow::anyhow!("store {}: {problem}", crate::redact::mask_url(url))
+        })
 }

@@ -13,6 +13,10 @@ use serde_json::Value as Json;
 use crate::canonical;
 use crate::config::{ColumnType, KeyType};
 
+/// Index bit marking a local row as seen in the upstream listing: a row's
+/// fingerprint never has it.
+pub const SEEN: u64 = 1 << 63;
+
 /// A row's key, in canonical text form (integers in decimal), so a text key
 /// and an integer key share one representation in the index.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -264,7 +268,7 @@ pub fn fingerprint(values: &[Value]) -> u64 {
 pub fn fingerprint_bytes(sig: &[u8]) -> u64 {
     let mut h = DefaultHasher::new();
     h.write(sig);
-    h.finish() & !crate::diff::SEEN
+    h.finish() & !SEEN
 }
 
 #[cfg(test)]
@@ -358,7 +362,7 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(c, d);
         assert_eq!(a, fingerprint(&[Value::Null]));
-        assert_eq!(a & crate::diff::SEEN, 0);
+        assert_eq!(a & SEEN, 0);
     }
 
     #[test]

@@ -549,17 +549,7 @@ fn load_settings(path: &std::path::Path) -> anyhow::Result<Settings> {
     Ok(Settings::load(path)?)
 }
 
-/// Opens the store. The error names the URL masked, and its text is
-/// scrubbed of the URL's secrets should the driver have echoed them.
-pub async fn open_store(settings: &Settings) -> anyhow::Result<AnyStore> {
-    let url = settings.store.url.expose_secret();
-    AnyStore::open(&settings.store.url, settings.store.max_connections)
-        .await
-        .map_err(|e| {
-            let problem = redact::scrub(&crate::pass::error_chain(&e), url);
-            anyhow::anyhow!("store {}: {problem}", redact::mask_url(url))
-        })
-}
+pub use crate::daemon::open_store;
 
 /// Runs one pass of `resource` through a runner (so it is recorded as a
 /// job), with a progress line on a terminal.

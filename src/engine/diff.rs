@@ -26,8 +26,7 @@ use crate::config::{KeyOrder, KeyType};
 use crate::model::{fingerprint, Key, Row};
 use crate::rows::Rows;
 
-/// Index bit marking a local row as seen in the upstream listing.
-pub const SEEN: u64 = 1 << 63;
+pub use crate::model::SEEN;
 
 /// A reason the listing cannot be trusted, found while diffing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -115,8 +115,8 @@ pub struct Events {
     store: Arc<AnyStore>,
     metrics: Arc<Metrics>,
     pub(super) targets: HashMap<String, Target>,
-    /// Each source's open reprovision, once read (see [`super::reprovision`]).
-    pub(super) reprovisions: super::reprovision::Tracker,
+    /// Each source's open reprovision, once read (see [`super::markers`]).
+    pub(super) reprovisions: super::markers::Tracker,
 }
 
 /// A message, understood.
@@ -134,7 +134,7 @@ enum Prepared {
     /// A reprovision's start or completion.
     Control {
         name: String,
-        control: super::reprovision::Control,
+        control: super::markers::Control,
     },
     Invalid {
         name: Option<String>,
@@ -350,7 +350,7 @@ impl Events {
         // Which messages re-send a row (for an open reprovision).
         let mut resends: Vec<Resend> = Vec::with_capacity(batch.len());
         // Control events: their message, and how many groups come before.
-        let mut controls: Vec<(usize, usize, super::reprovision::Control)> = Vec::new();
+        let mut controls: Vec<(usize, usize, super::markers::Control)> = Vec::new();
         // Runs of consecutive changes to one resource, in order of arrival:
         // a batch is applied in the order it was sent, across resources too
         // (a child created before its parent's delete is purged with it; a
@@ -717,7 +717,7 @@ impl Events {
             return invalid(None, None, place);
         };
         if let Some(r) = &cfg.reprovision {
-            match super::reprovision::Control::read(r, &name, &body, &env.headers) {
+            match super::markers::Control::read(r, &name, &body, &env.headers) {
                 Ok(Some(control)) => return Prepared::Control { name, control },
                 Ok(None) => {}
                 Err(error) => {

@@ -17,7 +17,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value as Json;
 
-use super::pass::{Hooks, PassError};
+use super::run::{Hooks, PassError};
 use crate::config::ResourceConfig;
 use crate::decode::{resolve, RowDecoder};
 use crate::model::{key_from_json, Key};

@@ -10,9 +10,11 @@ pub mod diff;
 pub mod events;
 pub mod guard;
 pub mod incremental;
+pub mod markers;
 pub mod pass;
 pub mod reprovision;
 pub mod rows;
+pub mod run;
 pub mod upstream;
 
 use crate::config::ChildLink;

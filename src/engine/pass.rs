@@ -28,9 +28,8 @@ use tracing::Instrument;
 
 use crate::config::{KeyOrder, KeyType, ResourceConfig, TableSpec, UpstreamConfig};
 use crate::decode::RowDecoder;
-use crate::diff::{Differ, ListingError, Plan};
+use crate::diff::{Differ, Plan};
 use crate::guard::{self, GuardTrip};
-use crate::metrics::Metrics;
 use crate::model::{Key, Row};
 use crate::store::{PassWrite, SortedScan, Store, StoreError};
 use crate::upstream::{Client, Pager, Presence, UpstreamError};
@@ -44,6 +43,8 @@ const WRITE_READ: usize = 4096;
 /// Get-by-key confirmations in flight at once.
 const CONFIRM_CONCURRENCY: usize = 8;
 
+pub use super::run::{Hooks, PassError, Progress};
+pub use crate::vocab::error_chain;
 pub use crate::vocab::{Actions, Counts, Mode, Outcome, PassReport, Samples, Timings};
 
 /// How a pass is run.
@@ -54,82 +55,6 @@ pub struct PassOptions {
     pub dry_run: bool,
     /// Apply even when a guard trips.
     pub force: bool,
-}
-
-/// Why a pass failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PassError {
-    #[error(transparent)]
-    Upstream(#[from] UpstreamError),
-    #[error("incomplete listing: {0}")]
-    Listing(#[from] ListingError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("confirm_purge canary: the get-by-key endpoint answers 404 for `{0}`, which the listing has; its 404s cannot be trusted (check upstream.get_path)")]
-    Canary(Key),
-    #[error("a value does not fit its column unchanged, nothing was written: {0}")]
-    DoesNotFit(String),
-    #[error("{0}")]
-    Rows(String),
-    #[error("cancelled")]
-    Cancelled,
-    #[error("upstream task ended unexpectedly: {0}")]
-    Task(String),
-    #[error("{0}")]
-    Config(String),
-    #[error("the change feed no longer serves checkpoint `{checkpoint}` (HTTP {status}): run a full pass (`driftd reconcile {resource}`), then `driftd checkpoint set {resource} REVISION` with the feed's current revision, or `driftd checkpoint reset {resource}` to read the feed from incremental.initial")]
-    CheckpointExpired {
-        resource: String,
-        checkpoint: String,
-        status: u16,
-    },
-}
-
-impl PassError {
-    /// Whether running the pass again later may succeed.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            PassError::Upstream(e) => e.is_transient(),
-            PassError::Store(e) => e.is_transient(),
-            PassError::Listing(_) | PassError::Rows(_) => true,
-            PassError::Canary(_)
-            | PassError::DoesNotFit(_)
-            | PassError::Task(_)
-            | PassError::Config(_)
-            | PassError::CheckpointExpired { .. }
-            | PassError::Cancelled => false,
-        }
-    }
-}
-
-/// Progress of the listing, for a terminal progress line.
-pub trait Progress: Send + Sync {
-    fn listed(&self, pages: u64, rows: u64);
-}
-
-impl Progress for () {
-    fn listed(&self, _: u64, _: u64) {}
-}
-
-/// What a pass reports to, and listens to, while it runs.
-pub struct Hooks<'a> {
-    /// Listing progress, for a terminal line.
-    pub progress: &'a dyn Progress,
-    /// Cancelled: stop at the next safe point (between pages, between
-    /// write batches); the table stays consistent.
-    pub cancel: CancellationToken,
-    /// Upstream request metrics.
-    pub metrics: Option<Arc<Metrics>>,
-}
-
-impl Default for Hooks<'_> {
-    fn default() -> Self {
-        Hooks {
-            progress: &(),
-            cancel: CancellationToken::new(),
-            metrics: None,
-        }
-    }
 }
 
 /// Runs one pass. Never panics on bad input: every failure becomes a
@@ -197,21 +122,6 @@ pub async fn run_pass<S: Store>(
     }
     .instrument(span)
     .await
-}
-
-/// The error and its sources, `a: b: c`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }
 
 async fn execute<S: Store>(

@@ -12,84 +12,19 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use serde_json::Value as Json;
 use tracing::Instrument;
 
 use super::events::{Events, Resend, Verdict};
+use super::markers::{locked, Control};
 
 /// The re-sent key recorded for a message that may have re-sent a row but
 /// could not be read: no key is empty.
 const UNKNOWN: &str = "";
-use crate::config::ReprovisionConfig;
-use crate::decode::resolve;
 use crate::diff::Plan;
 use crate::jobs::{Job, JobStatus, Trigger};
 use crate::model::Key;
 use crate::store::{Ledger, Mirror, PassWrite, Reprovision, StoreError};
 use crate::vocab::{Actions, Counts, LossReason, Mode, Outcome, PassReport, Samples, Timings};
-
-/// A control event, read.
-#[derive(Debug, Clone)]
-pub enum Control {
-    Started { id: Option<String> },
-    Completed { id: Option<String> },
-}
-
-impl Control {
-    /// The control event `name` is, if any; an error when it lacks the id
-    /// the config asks for.
-    pub fn read(
-        cfg: &ReprovisionConfig,
-        name: &str,
-        body: &Json,
-        headers: &std::collections::BTreeMap<String, String>,
-    ) -> Result<Option<Control>, String> {
-        let started = name == cfg.started;
-        if !started && cfg.completed.as_deref() != Some(name) {
-            return Ok(None);
-        }
-        let id = match (&cfg.id_pointer, &cfg.id_header) {
-            (Some(p), _) => match resolve(body, p) {
-                Some(Json::String(s)) => Some(s.clone()),
-                Some(Json::Number(n)) => Some(n.to_string()),
-                _ => return Err(format!("no reprovision id (a string or number) at `{p}`")),
-            },
-            (None, Some(h)) => match headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(h))
-                .map(|(_, v)| v.trim())
-            {
-                Some(v) if !v.is_empty() => Some(v.to_string()),
-                _ => return Err(format!("no reprovision id in header `{h}`")),
-            },
-            (None, None) => None,
-        };
-        Ok(Some(if started {
-            Control::Started { id }
-        } else {
-            Control::Completed { id }
-        }))
-    }
-}
-
-/// What the events engine keeps of reprovisions: each source's open one
-/// (read once), and when each source last delivered.
-#[derive(Default)]
-pub struct Tracker {
-    open: tokio::sync::Mutex<HashMap<String, Option<Reprovision>>>,
-    activity: std::sync::Mutex<HashMap<String, Instant>>,
-    /// When each source that reads (a stream) last completed a read: a
-    /// quiet time ends only with a read that answered after it, so a hung
-    /// connection is never taken for a quiet stream.
-    heard: std::sync::Mutex<HashMap<String, Instant>>,
-    /// The highest stream position known lost per source: a reprovision
-    /// starting before it has lost entries already.
-    lost_upto: std::sync::Mutex<HashMap<String, (u64, u64)>>,
-}
-
-fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Events {
     /// The source's open reprovision, read from the ledger the first time.

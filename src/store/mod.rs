@@ -110,7 +110,7 @@ impl StoreError {
     /// The refusal's text with the server's detail (PostgreSQL's `DETAIL`
     /// names the row, as in `Key (uuid)=(...) is still referenced`).
     pub fn refusal_text(&self) -> String {
-        let mut text = crate::pass::error_chain(self);
+        let mut text = crate::vocab::error_chain(self);
         if let StoreError::Query {
             source: sqlx::Error::Database(db),
             ..

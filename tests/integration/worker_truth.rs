@@ -1,6 +1,5 @@
-//! Second hostile review: does the worker tell the truth under faults?
-//! Each test here failed against the code it was written for and passes
-//! since the fix.
+//! The worker tells the truth under faults: jobs, reports, metrics and
+//! exit codes say what happened, never success over a failure.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

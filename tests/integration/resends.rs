@@ -1,7 +1,7 @@
-//! Hostile review of the Redis Streams source and reprovisions: a
-//! completion or start delivered again, re-sends pending on a dead
-//! consumer, re-sends that fail, two sources writing one table, and
-//! replays that would store dead letters again.
+//! What a reprovision counts as re-sent: a completion or start delivered
+//! again, re-sends pending on a dead consumer, re-sends that fail, two
+//! sources writing one table, and replays that would store dead letters
+//! again.
 
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! Third hostile review. Each test here failed against the code it was
-//! written for and passes since the fix.
+//! Edges of the local scan and of soft deletes: rows at the extremes of
+//! SQLite's rowids, and a soft-delete column that upstream also maps.
 
 use driftd::pass::{Outcome, PassOptions};
 

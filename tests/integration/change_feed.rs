@@ -1,4 +1,6 @@
-//! Hostile review 6: incremental runs (change feeds).
+//! Incremental runs against change feeds that misbehave: cascades across
+//! pages, a parent deleted and re-created, deletions left by policy, runs
+//! cut short, cursors that cycle, the purge guard across runs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
-//! Review 4: attacks on the live half (events, versions, cascades, dead
-//! letters, RabbitMQ redelivery). Each test states the promise it holds
-//! driftd to; on the code it was written against, each fails for the
-//! reason its comment gives.
+//! Events apply in the order they were sent, versions decide between
+//! edits, cascades follow deleted parents, dead letters keep what failed
+//! and RabbitMQ redeliveries change nothing twice. Each test states the
+//! promise it holds driftd to.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

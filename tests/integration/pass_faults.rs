@@ -1,7 +1,8 @@
-//! A hostile review: each test here showed driftd deleting a row upstream
-//! still has, overwriting a row it should not touch, or reporting
-//! `in_sync`/`repaired` over a table that does not equal upstream. Each one
-//! failed on the code it was written against and passes since the fix.
+//! A pass under faults of the listing and of values: offset paging over a
+//! mutable order, timestamps and numbers a column would store otherwise,
+//! rows a scan could miss, confirmations of keys a URL mangles. Each test
+//! is a way driftd once deleted a row upstream had, overwrote a row, or
+//! reported `in_sync`/`repaired` over a table unequal to upstream.
 
 use std::net::SocketAddr;
 
