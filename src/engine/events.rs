@@ -34,7 +34,13 @@ pub struct Envelope {
     /// Where the message sits in its source, if it has a place (a Redis
     /// stream entry's id).
     pub position: Option<String>,
+    /// The order it arrived in, in this process: orders the dead letters
+    /// of one millisecond.
+    pub arrival: u64,
 }
+
+/// Messages received so far by this process.
+static ARRIVALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Envelope {
     pub fn new(headers: BTreeMap<String, String>, body: Vec<u8>) -> Self {
@@ -43,6 +49,7 @@ impl Envelope {
             body,
             received_at: crate::store::now_rfc3339(),
             position: None,
+            arrival: ARRIVALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -255,8 +262,11 @@ impl Events {
         let envelope = Envelope {
             headers: letter.headers.clone(),
             body: letter.raw.clone(),
-            received_at: letter.received_at.clone(),
+            // What an event wrote after the letter last failed is newer
+            // than it (its own delivery may have journaled the key before).
+            received_at: letter.failed_at.clone(),
             position: None,
+            arrival: 0,
         };
         let mut verdicts = self.settle(&letter.source, &[envelope], false).await?;
         let mut verdict = verdicts.pop().unwrap_or_else(|| Verdict::new("ignored"));
@@ -421,7 +431,13 @@ impl Events {
         let mut marked = 0;
         for (at, before, control) in controls {
             for (resource, group) in groups.by_ref().take(before - applied_groups) {
-                self.apply_group(&resource, group, &mut verdicts).await?;
+                self.apply_group(
+                    &resource,
+                    group,
+                    &mut verdicts,
+                    (!dead_letter).then_some(batch),
+                )
+                .await?;
             }
             applied_groups = before;
             // Only the worker, reading through its group with its loss
@@ -443,7 +459,13 @@ impl Events {
                 .await?;
         }
         for (resource, group) in groups {
-            self.apply_group(&resource, group, &mut verdicts).await?;
+            self.apply_group(
+                &resource,
+                group,
+                &mut verdicts,
+                (!dead_letter).then_some(batch),
+            )
+            .await?;
         }
         if dead_letter {
             self.mark_resent(source, &verdicts[marked..], &resends[marked..])
@@ -486,9 +508,20 @@ impl Events {
         resource: &str,
         group: Group,
         verdicts: &mut [Verdict],
+        replayed: Option<&[Envelope]>,
     ) -> Result<(), StoreError> {
         let Some(target) = self.targets.get(resource) else {
             return Ok(());
+        };
+        // A replayed delete is older than what events wrote since it
+        // failed: a row written again meanwhile stays (a parent deleted,
+        // then created again, is not deleted by the old delete's replay).
+        let group = match replayed {
+            None => group,
+            Some(batch) => {
+                self.drop_overtaken(target, resource, group, verdicts, batch)
+                    .await?
+            }
         };
         // A table driftd cannot mirror is the operator's to fix: the batch
         // goes back to the source, nothing is dead-lettered.
@@ -536,18 +569,22 @@ impl Events {
         let group = if children.is_empty() {
             fits
         } else {
+            // Judged together: the batch's deletes let through so far and
+            // this one, against the children there are now.
+            let mut deleting: Vec<Key> = Vec::new();
             let mut kept = Group::default();
             for (change, i) in fits.changes.into_iter().zip(fits.owners) {
                 let hold = match change.row {
                     Some(_) => None,
                     None => {
-                        super::cascade_hold(
-                            self.store.as_ref(),
-                            children,
-                            resource,
-                            std::slice::from_ref(&change.key),
-                        )
-                        .await?
+                        deleting.push(change.key.clone());
+                        let hold =
+                            super::cascade_hold(self.store.as_ref(), children, resource, &deleting)
+                                .await?;
+                        if hold.is_some() {
+                            deleting.pop();
+                        }
+                        hold
                     }
                 };
                 match hold {
@@ -626,7 +663,7 @@ impl Events {
             {
                 continue; // a newer version of the parent lives
             }
-            match super::cascade(self.store.as_ref(), children, resource, parent).await {
+            match super::cascade(self.store.as_ref(), children, resource, parent, false).await {
                 Ok(done) => {
                     for (child, n) in done {
                         verdicts[i].cascaded.insert(child, n);
@@ -647,6 +684,56 @@ impl Events {
             }
         }
         Ok(())
+    }
+
+    /// The deletes of `group` (replayed) whose row lives and was written
+    /// by an event after the message (of `batch`) last failed become
+    /// `stale`; the rest is returned.
+    async fn drop_overtaken(
+        &self,
+        target: &Target,
+        resource: &str,
+        group: Group,
+        verdicts: &mut [Verdict],
+        batch: &[Envelope],
+    ) -> Result<Group, StoreError> {
+        let mut kept = Group::default();
+        for (change, i) in group.changes.into_iter().zip(group.owners) {
+            if change.row.is_some() {
+                kept.add(i, change);
+                continue;
+            }
+            let arrived = batch.get(i).map(|e| e.received_at.as_str()).unwrap_or("");
+            let touched = self
+                .store
+                .journal_touched(resource, change.key.as_str())
+                .await?
+                .filter(|t| !arrived.is_empty() && t.as_str() > arrived);
+            let lives = match &touched {
+                Some(_) => {
+                    self.store
+                        .count_children(
+                            &target.spec,
+                            &target.spec.key_column,
+                            std::slice::from_ref(&change.key),
+                        )
+                        .await?
+                        > 0
+                }
+                None => false,
+            };
+            match touched {
+                Some(t) if lives => {
+                    verdicts[i].outcome = "stale";
+                    verdicts[i].error = Some(format!(
+                        "an event wrote `{}` at {t}, after this delete last failed ({arrived}): the row written since stays",
+                        change.key
+                    ));
+                }
+                _ => kept.add(i, change),
+            }
+        }
+        Ok(kept)
     }
 
     fn cached_shape(&self, target: &Target) -> Option<Arc<crate::store::Shape>> {
@@ -897,23 +984,18 @@ async fn refetch(
     }
 }
 
-/// Checks, as a pass does before trusting confirmations, that `get_path`
-/// finds a key the listing's first page has (other than `except`); a
-/// success is trusted [`GET_PATH_TRUSTED`]. A `get_path` that answers 404
-/// for every key (a typo in the path) must delete nothing.
+/// Checks, as a pass does before trusting confirmations, that the key
+/// answered 404 may go: the listing's first page does not have it (a get
+/// endpoint scoped narrower than the listing answers 404 for keys the
+/// listing has, and a pass never purges a listed key), and `get_path`
+/// finds another key of that page (a typo in the path answers 404 for
+/// every key); that second check is trusted [`GET_PATH_TRUSTED`].
 async fn get_path_finds_listed_keys(
     target: &Target,
     res: &ResourceConfig,
     client: &Arc<Client>,
-    except: &Key,
+    gone: &Key,
 ) -> Result<(), String> {
-    let checked = *target
-        .get_path_checked
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if checked.is_some_and(|t| t.elapsed() < GET_PATH_TRUSTED) {
-        return Ok(());
-    }
     let mut cfg = res.upstream.clone();
     cfg.look_ahead = false;
     let mut pager = crate::upstream::Pager::new(client.clone(), cfg);
@@ -923,12 +1005,24 @@ async fn get_path_finds_listed_keys(
             crate::pass::error_chain(&e)
         )
     })?;
-    let Some(canary) = page
+    let keys: Vec<Key> = page
         .into_iter()
         .flat_map(|p| p.items)
         .map(|row| row.key)
-        .find(|k| k != except)
-    else {
+        .collect();
+    if keys.contains(gone) {
+        return Err(format!(
+            "the listing has `{gone}` (its first page): get_path answers 404 for a key upstream lists, so a pass would keep it"
+        ));
+    }
+    let checked = *target
+        .get_path_checked
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if checked.is_some_and(|t| t.elapsed() < GET_PATH_TRUSTED) {
+        return Ok(());
+    }
+    let Some(canary) = keys.into_iter().next() else {
         return Err("the listing's first page has no other key to check get_path with".to_string());
     };
     match client.confirm(canary.as_str()).await {
@@ -967,6 +1061,7 @@ fn letter_for(source: &str, event: Option<&str>, error: &str, env: &Envelope) ->
         raw: env.body.clone(),
         received_at: env.received_at.clone(),
         failed_at: crate::store::now_rfc3339(),
+        arrival: env.arrival,
     }
 }
 

@@ -335,7 +335,7 @@ impl<S: Store> Feed<'_, S> {
         }
         if cascades {
             for (child, n) in
-                super::cascade(self.store, &self.res.children, self.name, &gone).await?
+                super::cascade(self.store, &self.res.children, self.name, &gone, true).await?
             {
                 *report.actions.cascaded.entry(child).or_default() += n;
             }

@@ -74,17 +74,21 @@ async fn child_guard<S: Store>(
     Ok(None)
 }
 
-/// Purges the children of purged parents, resource by resource, each
-/// behind its own purge guards: a child resource that does not purge
-/// (`purge_extra = false`), or would lose more rows than its
-/// `max_purge_count` or `max_purge_fraction`, keeps them (its next pass
-/// finds them extra, behind the same guards). Returns the rows purged per
-/// child resource.
+/// Purges the children of purged parents, resource by resource. A child
+/// resource that does not purge (`purge_extra = false`) keeps them (its
+/// next pass finds them extra). `guarded`: a child that would lose more
+/// rows than its `max_purge_count` or `max_purge_fraction` keeps them too;
+/// callers that judged the whole purge with [`cascade_hold`] before
+/// deleting any parent pass `false`, so that a purge applied in batches is
+/// not judged again against a table its earlier batches shrank (which
+/// would keep children of parents already deleted). Returns the rows
+/// purged per child resource.
 pub async fn cascade<S: Store>(
     store: &S,
     children: &[ChildLink],
     parent: &str,
     purged: &[Key],
+    guarded: bool,
 ) -> Result<Vec<(String, u64)>, StoreError> {
     let mut done = Vec::new();
     if purged.is_empty() {
@@ -104,7 +108,11 @@ pub async fn cascade<S: Store>(
         if count == 0 {
             continue;
         }
-        if let Some(why) = child_guard(store, child, count).await? {
+        let why = match guarded {
+            true => child_guard(store, child, count).await?,
+            false => None,
+        };
+        if let Some(why) = why {
             tracing::warn!(
                 parent,
                 child = %child.resource,

@@ -592,7 +592,9 @@ async fn apply<S: Store>(
             .filter(|k| !written.yielded.contains(k))
             .cloned()
             .collect();
-        for (child, n) in crate::engine::cascade(store, w.children, w.resource, &purged).await? {
+        for (child, n) in
+            crate::engine::cascade(store, w.children, w.resource, &purged, false).await?
+        {
             *done.cascaded.entry(child).or_default() += n;
         }
     }

@@ -625,7 +625,9 @@ impl Events {
                     .filter(|k| !w.yielded.contains(k))
                     .cloned()
                     .collect();
-                match super::cascade(self.store().as_ref(), children, resource, &purged).await {
+                match super::cascade(self.store().as_ref(), children, resource, &purged, false)
+                    .await
+                {
                     Ok(c) => {
                         for (child, n) in c {
                             *done.cascaded.entry(child).or_default() += n;

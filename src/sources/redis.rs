@@ -10,6 +10,8 @@
 //! it settles: a database outage does not count as a delivery.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
@@ -195,14 +197,132 @@ async fn consume(
         }
     }
     let consumer = redis.consumer_name();
-    if !consumed_before {
-        // Two processes under one name would take each other's pending
-        // entries for their own (and a completion would not wait for
-        // re-sends the other holds).
-        consumer_free(&mut con, redis, &consumer).await?;
+    // Two processes under one name would take each other's pending
+    // entries for their own (and a completion would not wait for re-sends
+    // the other holds): the name is leased, and the lease renewed by a
+    // task of its own, however long a batch takes to settle.
+    let lease = Lease::take(&mut con, redis, &consumer).await?;
+    let lost = Arc::new(AtomicBool::new(false));
+    let _renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+        lease.clone().renew(con.clone(), lost.clone()),
+    ));
+    let result = read_loop(ctx, redis, &mut con, backoff, watch, &consumer, &lost).await;
+    if result.is_ok() {
+        lease.release(&mut con).await;
     }
+    result
+}
+
+/// A consumer name's lease: a key holding this process's token, expiring
+/// unless renewed.
+#[derive(Clone)]
+struct Lease {
+    key: String,
+    token: String,
+    ttl: Duration,
+}
+
+impl Lease {
+    /// Takes the lease of `consumer`, or fails naming who holds it.
+    async fn take(
+        con: &mut MultiplexedConnection,
+        redis: &RedisConfig,
+        consumer: &str,
+    ) -> anyhow::Result<Lease> {
+        let lease = Lease {
+            key: format!(
+                "driftd:consumer:{}:{}:{consumer}",
+                redis.stream, redis.group
+            ),
+            token: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            // A process that died frees its name after this.
+            ttl: Duration::from_millis(redis.block_ms + 1_000).max(Duration::from_secs(1)),
+        };
+        let taken: Value = redis::cmd("SET")
+            .arg(&lease.key)
+            .arg(&lease.token)
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.ttl.as_millis() as u64)
+            .query_async(con)
+            .await
+            .map_err(|e| anyhow::anyhow!("SET {}: {e}", lease.key))?;
+        if taken == Value::Nil {
+            anyhow::bail!(
+                "consumer `{consumer}` of group `{}` is in use by another process (lease `{}`): give each replica its own redis.consumer, or leave it unset (driftd-<host>); retrying",
+                redis.group,
+                lease.key
+            );
+        }
+        Ok(lease)
+    }
+
+    /// Renews the lease a third of its time apart until aborted; sets
+    /// `lost` if another process holds it now.
+    async fn renew(self, mut con: MultiplexedConnection, lost: Arc<AtomicBool>) {
+        loop {
+            tokio::time::sleep(self.ttl / 3).await;
+            let renewed: redis::RedisResult<i64> = redis::cmd("EVAL")
+                .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end")
+                .arg(1)
+                .arg(&self.key)
+                .arg(&self.token)
+                .arg(self.ttl.as_millis() as u64)
+                .query_async(&mut con)
+                .await;
+            match renewed {
+                Ok(1) => {}
+                Ok(_) => {
+                    tracing::error!(lease = %self.key, "the consumer name's lease was lost (another process holds it): stopping this connection");
+                    lost.store(true, Ordering::SeqCst);
+                    return;
+                }
+                // The read loop sees a broken connection itself.
+                Err(e) => {
+                    tracing::warn!(lease = %self.key, error = %e, "cannot renew the consumer name's lease; retrying")
+                }
+            }
+        }
+    }
+
+    /// Frees the name for the next process at once (a clean stop).
+    async fn release(&self, con: &mut MultiplexedConnection) {
+        let freed: redis::RedisResult<i64> = redis::cmd("EVAL")
+            .arg("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end")
+            .arg(1)
+            .arg(&self.key)
+            .arg(&self.token)
+            .query_async(con)
+            .await;
+        if let Err(e) = freed {
+            tracing::warn!(lease = %self.key, error = %e, "cannot free the consumer name's lease; it expires by itself");
+        }
+    }
+}
+
+/// Reads the group until shutdown (`Ok`) or a failure, the name leased.
+async fn read_loop(
+    ctx: &SourceContext,
+    redis: &RedisConfig,
+    con: &mut MultiplexedConnection,
+    backoff: &super::Backoff,
+    watch: &std::sync::Mutex<Watch>,
+    consumer: &str,
+    lost: &AtomicBool,
+) -> anyhow::Result<()> {
+    let block = Duration::from_millis(redis.block_ms);
+    let consumer = consumer.to_string();
+    let lease_lost = || {
+        if lost.load(Ordering::SeqCst) {
+            Err(anyhow::anyhow!(
+                "consumer `{consumer}`: another process took its lease"
+            ))
+        } else {
+            Ok(())
+        }
+    };
     lock(watch).consumed = true;
-    check_deletions(ctx, redis, &mut con, watch, false).await?;
+    check_deletions(ctx, redis, con, watch, false).await?;
     backoff.reset();
     ctx.status.connected();
     ctx.events.metrics().source_connected(&ctx.name, true);
@@ -214,11 +334,11 @@ async fn consume(
     loop {
         let entries = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            r = read_group(&mut con, redis, &consumer, count, None, &cursor) => r?,
+            r = read_group(con, redis, &consumer, count, None, &cursor) => r?,
         };
         let Some(last) = entries.last() else { break };
         cursor = last.id.clone();
-        if !settle(ctx, redis, &mut con, &consumer, entries, true, watch).await? {
+        if !settle(ctx, redis, con, &consumer, entries, true, watch).await? {
             return Ok(());
         }
     }
@@ -228,7 +348,7 @@ async fn consume(
     let mut next_check = Instant::now();
     loop {
         if Instant::now() >= next_claim {
-            if !claim(ctx, redis, &mut con, &consumer).await? {
+            if !claim(ctx, redis, con, &consumer).await? {
                 return Ok(());
             }
             next_claim = Instant::now() + claim_every;
@@ -238,12 +358,13 @@ async fn consume(
         // are lost, before whatever comes next is settled (under a
         // reprovision at every read, else once a second).
         if reprovisions || Instant::now() >= next_check {
-            check_deletions(ctx, redis, &mut con, watch, false).await?;
+            check_deletions(ctx, redis, con, watch, false).await?;
             next_check = Instant::now() + Duration::from_secs(1);
         }
+        lease_lost()?;
         let entries = tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(()),
-            r = read_group(&mut con, redis, &consumer, count, Some(wait), ">") => r?,
+            r = read_group(con, redis, &consumer, count, Some(wait), ">") => r?,
         };
         ctx.events.heard(&ctx.name);
         if let Some(last) = entries.last().and_then(|e| stream_id(&e.id)) {
@@ -254,11 +375,11 @@ async fn consume(
             // Caught up. Entries still pending on another consumer may
             // re-send rows: a reprovision is not quiet while they wait.
             if ctx.events.reprovisions_of(&ctx.name)
-                && others_hold(&mut con, redis, &consumer, "+").await?
+                && others_hold(con, redis, &consumer, "+").await?
             {
                 ctx.events.touch(&ctx.name);
             }
-        } else if !settle(ctx, redis, &mut con, &consumer, entries, false, watch).await? {
+        } else if !settle(ctx, redis, con, &consumer, entries, false, watch).await? {
             return Ok(());
         }
     }
@@ -857,45 +978,6 @@ async fn stream_state(
         }
     }
     Ok(state)
-}
-
-/// Fails while another process reads the group under `consumer`: the
-/// name is in the group's consumer list and was active within a blocking
-/// read's time (a process of ours that died frees it after that).
-async fn consumer_free(
-    con: &mut MultiplexedConnection,
-    redis: &RedisConfig,
-    consumer: &str,
-) -> anyhow::Result<()> {
-    let reply: Value = redis::cmd("XINFO")
-        .arg("CONSUMERS")
-        .arg(&redis.stream)
-        .arg(&redis.group)
-        .query_async(con)
-        .await
-        .map_err(|e| anyhow::anyhow!("XINFO CONSUMERS on `{}`: {e}", redis.stream))?;
-    // A live consumer reads again at least every blocking read.
-    let busy_ms = (redis.block_ms + 1_000) as i64;
-    for c in array(reply)? {
-        let c = pairs(c)?;
-        let get = |name: &str| c.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-        if get("name").and_then(|v| text(v).ok()).as_deref() != Some(consumer) {
-            continue;
-        }
-        // `inactive` (Redis 7.2) is the time since it last read; `idle`,
-        // since it last did anything.
-        let idle = match get("inactive").or(get("idle")) {
-            Some(Value::Int(ms)) => *ms,
-            _ => i64::MAX,
-        };
-        if (0..busy_ms).contains(&idle) {
-            anyhow::bail!(
-                "consumer `{consumer}` of group `{}` is in use by another process (active {idle} ms ago): give each replica its own redis.consumer, or leave it unset (driftd-<host>); retrying",
-                redis.group
-            );
-        }
-    }
-    Ok(())
 }
 
 /// Entries the stream holds after `after`, and the first of them; `None`

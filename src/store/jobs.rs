@@ -105,9 +105,10 @@ pub(crate) const MIGRATIONS: &[(i64, &[&str])] = &[
     (
         5,
         &[
-            // Dead letters in arrival order: two letters of one batch share
-            // a receive time, and a replay in listed order must apply the
-            // newer edit last.
+            // Dead letters in arrival order: letters of one batch share a
+            // receive time (to the millisecond), so each carries the order
+            // its message arrived in, and a replay in listed order applies
+            // the newer edit last.
             "ALTER TABLE driftd_dead_letters ADD COLUMN seq BIGINT NOT NULL DEFAULT 0",
             // What each stream source has found lost so far (entries its
             // group will never read), so a restart neither forgets a loss
@@ -154,8 +155,7 @@ pub(crate) const DEAD_LETTER_REFAIL: &str =
     "UPDATE driftd_dead_letters SET error = $2, failed_at = $3 WHERE id = $1";
 
 pub(crate) const DEAD_LETTER_INSERT: &str = "INSERT INTO driftd_dead_letters \
-     (id, source, event, error, headers, body, received_at, failed_at, seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-     (SELECT COALESCE(MAX(seq), 0) + 1 FROM driftd_dead_letters))";
+     (id, source, event, error, headers, body, received_at, failed_at, seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
 pub(crate) const DEAD_LETTER_COLUMNS: &str =
     "SELECT id, source, event, error, headers, body, received_at, failed_at FROM driftd_dead_letters";
@@ -374,6 +374,21 @@ macro_rules! reprovision_methods {
                 .map_err($crate::store::query_err("commit re-sent keys"))
         }
 
+        async fn journal_touched(
+            &self,
+            resource: &str,
+            key: &str,
+        ) -> Result<Option<String>, $crate::store::StoreError> {
+            sqlx::query_scalar(&$sql(
+                "SELECT touched_at FROM driftd_key_journal WHERE resource = $1 AND key = $2",
+            ))
+            .bind(resource)
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err($crate::store::query_err("read the key journal"))
+        }
+
         async fn set_checkpoint(
             &self,
             resource: &str,
@@ -472,6 +487,7 @@ macro_rules! dead_letter_methods {
                 .bind(&d.raw)
                 .bind(&d.received_at)
                 .bind(&d.failed_at)
+                .bind(d.arrival as i64)
                 .execute(&self.pool)
                 .await
                 .map_err($crate::store::query_err("store a dead letter"))?;
@@ -484,7 +500,7 @@ macro_rules! dead_letter_methods {
             limit: i64,
         ) -> Result<Vec<$crate::store::DeadLetter>, $crate::store::StoreError> {
             let sql = format!(
-                "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY seq, received_at, id LIMIT $2",
+                "{} WHERE (CAST($1 AS TEXT) IS NULL OR source = $1) ORDER BY received_at, seq, id LIMIT $2",
                 $crate::store::jobs::DEAD_LETTER_COLUMNS
             );
             let rows: Vec<$crate::store::DeadLetterRow> = sqlx::query_as(&$sql(&sql))

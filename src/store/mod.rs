@@ -457,6 +457,14 @@ pub trait Ledger: Send + Sync {
         resource: &str,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
+    /// When an event last wrote `key` of `resource` (RFC 3339), if the
+    /// journal still has it.
+    fn journal_touched(
+        &self,
+        resource: &str,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// Stores `value` as the resource's checkpoint, or forgets it (`None`:
     /// the next incremental run starts from `incremental.initial`).
     fn set_checkpoint(
@@ -515,6 +523,10 @@ pub struct DeadLetter {
     pub raw: Vec<u8>,
     pub received_at: String,
     pub failed_at: String,
+    /// The order its message arrived in this process, after others of the
+    /// same millisecond (stored, not read back).
+    #[serde(skip)]
+    pub arrival: u64,
 }
 
 impl DeadLetter {
@@ -531,6 +543,7 @@ impl DeadLetter {
             raw,
             received_at,
             failed_at,
+            arrival: 0,
         }
     }
 }
@@ -956,6 +969,13 @@ impl Ledger for AnyStore {
     ) -> Result<(), StoreError> {
         delegate!(self, mark_resent(reprovision, resource, keys))
     }
+    async fn journal_touched(
+        &self,
+        resource: &str,
+        key: &str,
+    ) -> Result<Option<String>, StoreError> {
+        delegate!(self, journal_touched(resource, key))
+    }
     async fn set_checkpoint(&self, resource: &str, value: Option<&str>) -> Result<(), StoreError> {
         delegate!(self, set_checkpoint(resource, value))
     }
@@ -995,10 +1015,33 @@ pub(crate) fn judge_versions(
     changes
         .iter()
         .map(|c| match (&c.version, stored.get(c.key.as_str())) {
-            (Some(new), Some(old)) if new <= old => ChangeResult::Stale,
+            (Some(new), Some(old)) if !newer(new, old) => ChangeResult::Stale,
             _ => ChangeResult::Applied,
         })
         .collect()
+}
+
+/// Whether sortable version `new` is newer than the journaled `old`. A
+/// timestamp journaled to the microsecond (before versions kept
+/// nanoseconds) compares as its nanoseconds. Versions of another kind
+/// than the journaled one (the resource's `version_kind` changed since)
+/// cannot be compared: the new one applies, and is journaled in its place.
+fn newer(new: &str, old: &str) -> bool {
+    /// An integer version is 20 digits; a timestamp has a date.
+    fn is_integer(v: &str) -> bool {
+        v.len() == 20 && v.bytes().all(|b| b.is_ascii_digit())
+    }
+    if is_integer(new) != is_integer(old) {
+        return true;
+    }
+    /// `...ss.ffffffZ` as `...ss.ffffff000Z`.
+    fn nanos(v: &str) -> std::borrow::Cow<'_, str> {
+        match v.strip_suffix('Z').and_then(|s| s.rsplit_once('.')) {
+            Some((_, frac)) if frac.len() == 6 => format!("{}000Z", &v[..v.len() - 1]).into(),
+            _ => v.into(),
+        }
+    }
+    nanos(new) > nanos(old)
 }
 
 /// A pass batch without the keys journaled since its mark.
@@ -1121,6 +1164,39 @@ pub(crate) fn rows_per_statement(columns: usize, max_params: usize, batch: usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_compare_across_formats_and_kinds() {
+        // A microsecond timestamp journaled before versions kept nanoseconds.
+        assert!(newer(
+            "2026-01-01T09:00:00.500000400Z",
+            "2026-01-01T09:00:00.500000Z"
+        ));
+        assert!(!newer(
+            "2026-01-01T09:00:00.500000000Z",
+            "2026-01-01T09:00:00.500000Z"
+        ));
+        assert!(!newer(
+            "2026-01-01T09:00:00.499999999Z",
+            "2026-01-01T09:00:00.500000Z"
+        ));
+        assert!(newer(
+            "2026-01-01T09:00:00.000000002Z",
+            "2026-01-01T09:00:00.000000001Z"
+        ));
+        // Integers as integers.
+        assert!(newer("09223372036854775815", "09223372036854775814"));
+        assert!(!newer("09223372036854775814", "09223372036854775814"));
+        // The kind changed: the new version applies.
+        assert!(newer(
+            "09223372036854775815",
+            "2026-01-01T09:00:00.000000000Z"
+        ));
+        assert!(newer(
+            "2026-01-01T09:00:00.000000000Z",
+            "09223372036854775815"
+        ));
+    }
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 

@@ -5,6 +5,7 @@
 //! as a letter to replay, counted), never `applied`; a pass or a
 //! reprovision purge trips the `cascade` guard and purges nothing.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use driftd::config::Settings;
@@ -41,6 +42,10 @@ key = "/data/uuid"
         }
         .settings(db, addr),
     )
+}
+
+fn uuid(u: &serde_json::Value) -> String {
+    u["uuid"].as_str().unwrap().to_string()
 }
 
 async fn world(
@@ -134,7 +139,112 @@ async fn a_pass_purging_past_the_child_guard_trips(backend: Backend) {
     assert_eq!(db.count("users").await, 27);
 }
 
+async fn orphans(db: &TestDb) -> i64 {
+    db.text(
+        "SELECT CAST(COUNT(*) AS TEXT) FROM users WHERE tenant_uuid NOT IN (SELECT uuid FROM tenants)",
+    )
+    .await[0]
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// tenants and users as [`family_config`], with tenants' create event.
+fn config_with_create(db: &TestDb, addr: SocketAddr, fraction: f64) -> Arc<Settings> {
+    let tenant_lines = tenants_resource(addr);
+    let tail = format!(
+        r#"
+{tenant_lines}
+[sources.bus]
+kind = "webhook"
+name_pointer = "/name"
+[sources.bus.events.auth_tenant_deleted]
+resource = "tenants"
+op = "delete"
+key = "/data/uuid"
+[sources.bus.events.auth_tenant_created]
+resource = "tenants"
+op = "upsert"
+key = "/data/uuid"
+payload = "/data"
+"#
+    );
+    Arc::new(
+        ConfigBuilder {
+            policy: format!("max_purge_fraction = {fraction}\nmax_purge_count = 1000"),
+            tail,
+            ..ConfigBuilder::default()
+        }
+        .settings(db, addr),
+    )
+}
+
+/// Two tenant deletes in one batch, each purging 3 of 30 users (10%)
+/// where the users' policy allows 10.5%: judged together (20%), the
+/// second is held; no parent is deleted while its children stay.
+async fn the_deletes_of_one_batch_are_judged_together(backend: Backend) {
+    let (db, _up, addr) = world(backend).await;
+    let s = config(&db, addr, 0.105);
+    let events = engine(&s).await;
+    let t = |i: u64| tenant(i)["uuid"].as_str().unwrap().to_string();
+    let out = events
+        .deliver(
+            "bus",
+            &[
+                message("auth_tenant_deleted", json!({"uuid": t(0)})),
+                message("auth_tenant_deleted", json!({"uuid": t(1)})),
+            ],
+        )
+        .await
+        .unwrap();
+    let letters = events
+        .store()
+        .list_dead_letters(Some("bus"), 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        orphans(&db).await,
+        0,
+        "a parent was deleted while its children were kept (orphans), verdicts {out:#?}, letters kept: {}",
+        letters.len()
+    );
+}
+
+/// A held delete replayed after its parent came back (created again by a
+/// later event, and upstream lists it) is stale: the parent and its
+/// children stay.
+async fn a_held_delete_replayed_after_the_parent_came_back_is_stale(backend: Backend) {
+    let (db, _up, addr) = world(backend).await;
+    let t0 = tenant(0);
+    let key = uuid(&t0);
+    let events = engine(&config_with_create(&db, addr, 0.05)).await;
+    let out = events
+        .deliver(
+            "bus",
+            &[message("auth_tenant_deleted", json!({"uuid": key}))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "held", "{out:?}");
+    let letter = out[0].dead_letter.clone().unwrap();
+    let out = events
+        .deliver("bus", &[message("auth_tenant_created", t0.clone())])
+        .await
+        .unwrap();
+    assert_eq!(out[0].outcome, "applied", "{out:?}");
+    let events = engine(&config_with_create(&db, addr, 1.0)).await;
+    let v = events.replay(&letter).await.unwrap();
+    assert_eq!(
+        (db.count("tenants").await, db.count("users").await),
+        (TENANTS as i64, 30),
+        "the replayed held delete removed a tenant created again since (upstream lists it) and its users: {v:?}"
+    );
+}
+
 both_backends!(
     a_delete_past_the_child_fraction_is_held,
     a_pass_purging_past_the_child_guard_trips,
+    the_deletes_of_one_batch_are_judged_together,
+    a_held_delete_replayed_after_the_parent_came_back_is_stale,
 );

@@ -8,11 +8,15 @@ use std::sync::Arc;
 
 use driftd::config::Settings;
 use driftd::store::Ledger;
-use serde_json::json;
+use serde_json::{json, Value as Json};
 
 use crate::both_backends;
 use crate::common::*;
 use crate::events::{engine, message, BUS};
+
+fn uuid(u: &Json) -> String {
+    u["uuid"].as_str().unwrap().to_string()
+}
 
 fn config(db: &TestDb, addr: std::net::SocketAddr, bus: &str) -> Arc<Settings> {
     Arc::new(
@@ -154,6 +158,73 @@ async fn the_gauge_follows_the_table(backend: Backend) {
     )
     .await;
     assert!(d.stop().await);
+}
+
+/// Two webhook requests settle concurrently: the first (an edit that
+/// does not fit, beside a slow refetch) arrives first but settles last.
+/// Letters list in arrival order, so replayed in listed order the newer
+/// edit applies last. PostgreSQL only: its `lastname` is varchar(64).
+async fn postgres_letters_of_concurrent_batches_list_in_arrival_order() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.create_users().await;
+    let all = users(2);
+    let (up, addr) = upstream(all.clone()).await;
+    let s = Arc::new(
+        ConfigBuilder {
+            tail: BUS.to_string(),
+            ..ConfigBuilder::default()
+        }
+        .settings(&db, addr),
+    );
+    let events = Arc::new(engine(&s).await);
+    let key = uuid(&all[0]);
+    let edit = |tag: &str| {
+        let mut u = all[0].clone();
+        u["lastname"] = json!(format!("{tag}{}", "x".repeat(70)));
+        message("user_created", u)
+    };
+    up.inject(driftd::sample::Fault::SlowGet { ms: 800 });
+    let first = vec![
+        edit("old"),
+        message("user_refetch", json!({"uuid": uuid(&all[1])})),
+    ];
+    let e1 = events.clone();
+    let t1 = tokio::spawn(async move { e1.deliver("bus", &first).await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let second = vec![edit("new")];
+    let out2 = events.deliver("bus", &second).await.unwrap();
+    let out1 = t1.await.unwrap();
+    assert_eq!(out1[0].outcome, "dead_lettered", "{out1:?}");
+    assert_eq!(out2[0].outcome, "dead_lettered", "{out2:?}");
+    up.clear_faults();
+    // The operator widens the column and replays the letters in listed
+    // (arrival, says the README) order.
+    db.exec("ALTER TABLE users ALTER COLUMN lastname TYPE TEXT")
+        .await;
+    let letters = events
+        .store()
+        .list_dead_letters(Some("bus"), 10)
+        .await
+        .unwrap();
+    let mut verdicts = Vec::new();
+    for l in &letters {
+        verdicts.push(events.replay(&l.id).await.unwrap().outcome);
+    }
+    let lastname = db
+        .text(&format!(
+            "SELECT lastname FROM users WHERE CAST(uuid AS TEXT) = '{key}'"
+        ))
+        .await;
+    assert!(
+        lastname[0].as_deref().unwrap().starts_with("new"),
+        "replayed in listed order ({verdicts:?}), the older edit applied last: {lastname:?}; letters listed: {:?}",
+        letters.iter().map(|l| (&l.received_at, &l.failed_at)).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_concurrent_batches() {
+    postgres_letters_of_concurrent_batches_list_in_arrival_order().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -33,4 +33,5 @@ mod sqlite_file;
 mod stream_consumers;
 mod stream_loss;
 mod streams;
+mod versions;
 mod worker_truth;
