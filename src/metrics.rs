@@ -286,19 +286,7 @@ impl Metrics {
             }
             return;
         }
-        for (kind, n) in [
-            ("missing", report.found.missing),
-            ("stale", report.found.stale),
-            ("extra", report.found.extra),
-        ] {
-            self.drift_rows.with_label_values(&[r, kind]).set(n as i64);
-        }
-        self.local_rows
-            .with_label_values(&[r])
-            .set(report.local_rows as i64);
-        self.upstream_rows
-            .with_label_values(&[r])
-            .set(report.upstream_rows as i64);
+        self.seed_gauges(report);
         if report.outcome != Outcome::GuardTripped {
             let dry = if report.dry_run { "true" } else { "false" };
             for (action, n) in [
@@ -322,6 +310,25 @@ impl Metrics {
     /// (`0` = none on record), so the series exists, and the "no recent
     /// success" alert can fire, before the next pass. A pass that ended
     /// meanwhile is newer and is kept.
+    /// Sets the drift and row gauges from a pass recorded before this
+    /// process started.
+    pub fn seed_gauges(&self, report: &PassReport) {
+        let r = report.resource.as_str();
+        for (kind, n) in [
+            ("missing", report.found.missing),
+            ("stale", report.found.stale),
+            ("extra", report.found.extra),
+        ] {
+            self.drift_rows.with_label_values(&[r, kind]).set(n as i64);
+        }
+        self.local_rows
+            .with_label_values(&[r])
+            .set(report.local_rows as i64);
+        self.upstream_rows
+            .with_label_values(&[r])
+            .set(report.upstream_rows as i64);
+    }
+
     pub fn seed_last_success(&self, resource: &str, unix_secs: f64) {
         let gauge = self.last_success.with_label_values(&[resource]);
         gauge.set(gauge.get().max(unix_secs));

@@ -174,6 +174,31 @@ impl Runner {
                 None => 0.0,
             };
             self.inner.metrics.seed_last_success(resource, secs);
+            // The drift and row gauges show the last pass's figures from the
+            // start, not nothing until the next pass.
+            let recent = self
+                .inner
+                .store
+                .list_jobs(&JobFilter {
+                    resource: Some(resource.clone()),
+                    status: None,
+                    limit: SUCCESS_LOOKBACK,
+                })
+                .await?;
+            let last = recent.iter().find_map(|j| {
+                let report: crate::vocab::PassReport =
+                    serde_json::from_value(j.report.clone()?).ok()?;
+                let counts = report.mode != crate::vocab::Mode::Incremental
+                    && !matches!(
+                        report.outcome,
+                        crate::vocab::Outcome::Failed | crate::vocab::Outcome::Cancelled
+                    )
+                    && j.trigger != crate::jobs::Trigger::Reprovision;
+                counts.then_some(report)
+            });
+            if let Some(report) = last {
+                self.inner.metrics.seed_gauges(&report);
+            }
         }
         Ok(())
     }
@@ -267,7 +292,15 @@ impl Runner {
                         "overlap: job {running} of this resource is running"
                     )),
                 );
-                self.inner.store.save_job(&skipped).await?;
+                if let Err(e) = self.inner.store.save_job(&skipped).await {
+                    // Not even the skip can be recorded (the database is
+                    // gone while a pass waits to record its end): a
+                    // trigger that did not become a pass is a failed one.
+                    self.inner
+                        .metrics
+                        .pass_not_started(&req.resource, req.trigger);
+                    return Err(e.into());
+                }
                 self.inner.metrics.skipped(&req.resource, "overlap");
                 tracing::info!(resource = %req.resource, running = %running, "trigger coalesced with the running pass");
                 Ok(Err(Submitted::Coalesced {

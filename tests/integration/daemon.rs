@@ -145,6 +145,23 @@ async fn reconcile_through_the_api_reaches_succeeded() {
     );
     assert!(!metrics.contains(&id), "job ids never become labels");
     assert!(d.stop().await);
+
+    // Restarted, the worker shows the last pass's figures at once (its
+    // job report), not nothing until the next pass.
+    let d = Daemon::start(s.settings.clone())
+        .await
+        .expect("daemon starts again");
+    let base = format!("http://{}", d.addr);
+    let (_, metrics) = api("GET", &format!("{base}/metrics"), None, None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    for line in [
+        r#"driftd_local_rows{resource="users"} 301"#,
+        r#"driftd_upstream_rows{resource="users"} 300"#,
+        r#"driftd_drift_rows{kind="extra",resource="users"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} after a restart:\n{metrics}");
+    }
+    assert!(d.stop().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -246,3 +246,63 @@ async fn a_job_a_dead_driftd_left_running_is_abandoned_by_the_next_pass() {
     assert!(other.reason.unwrap_or_default().contains("abandoned"));
     d.stop().await;
 }
+
+/// The database goes while a pass runs (its upstream is slow): the pass
+/// cannot record its end, and every scheduled tick meanwhile, which would
+/// be an overlap, cannot even record its skip: each counts as a failed
+/// pass, so the failing-pass alert sees the outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticks_during_an_outage_count_as_failed_while_a_pass_runs() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.create_users().await;
+    db.insert_users(&users(20)).await;
+    let (up, addr) = upstream(users(20)).await;
+    let target = db
+        .url
+        .split('@')
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let proxy = Proxy::start(target.clone()).await;
+    let schedules = tempfile::tempdir().unwrap();
+    std::fs::write(
+        schedules.path().join("users.toml"),
+        "[[schedule]]\nresource = \"users\"\ncron = \"* * * * * *\"\n",
+    )
+    .unwrap();
+    let cfg = ConfigBuilder {
+        tail: open_worker_tail(schedules.path()),
+        ..ConfigBuilder::default()
+    };
+    let toml = cfg
+        .toml(&db, addr)
+        .replace(&target, &proxy.addr.to_string());
+    let settings = driftd::config::Settings::from_toml_str(&toml, "test.toml").unwrap();
+    up.inject(driftd::sample::Fault::Delay {
+        offset: 0,
+        ms: 1_500,
+    });
+    let d = Daemon::start(Arc::new(settings))
+        .await
+        .expect("daemon starts");
+    let base = format!("http://{}", d.addr);
+    let until = Instant::now() + Duration::from_secs(15);
+    while jobs(&base, "running").await.is_empty() {
+        assert!(Instant::now() < until, "no scheduled pass started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    let failed_before = failed_passes(&metrics);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (_, metrics) = get(&format!("{base}/metrics")).await;
+    assert!(
+        failed_passes(&metrics) >= failed_before + 3.0,
+        "ticks during the outage, a pass running, must count as failed ({failed_before} before):\n{metrics}"
+    );
+    proxy.restore();
+    d.stop().await;
+}
