@@ -60,6 +60,24 @@ pub const KEY_IS_UNIQUE: &str = "SELECT EXISTS (SELECT 1 FROM pg_index i \
      WHERE i.indrelid = to_regclass($1) AND i.indisunique AND i.indpred IS NULL \
      AND i.indexprs IS NULL AND i.indnkeyatts = 1 AND a.attname = $2)";
 
+/// Whether a unique index on `$2` (a column name) of table `$1` compares
+/// it under a non-deterministic (case-insensitive) collation: the database
+/// then takes keys driftd tells apart for one (upstream's `Alice` and the
+/// table's `alice`), whatever the column's own collation.
+pub const KEY_INDEX_IS_NONDETERMINISTIC: &str = "SELECT EXISTS (SELECT 1 FROM pg_index i \
+     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+     JOIN pg_collation c ON c.oid = ANY(i.indcollation) \
+     WHERE i.indrelid = to_regclass($1) AND i.indisunique AND a.attname = $2 \
+     AND NOT c.collisdeterministic)";
+
+/// Whether row-level security filters what driftd's role sees of table
+/// `$1`: enabled on it, applying to the table's owner only when forced,
+/// and the role neither a superuser nor `BYPASSRLS`.
+pub const ROWS_HIDDEN_BY_RLS: &str = "SELECT COALESCE((SELECT c.relrowsecurity \
+     AND (c.relforcerowsecurity OR NOT pg_has_role(current_user, c.relowner, 'MEMBER')) \
+     AND NOT (r.rolsuper OR r.rolbypassrls) \
+     FROM pg_class c, pg_roles r WHERE c.oid = to_regclass($1) AND r.rolname = current_user), false)";
+
 /// The 4-byte header PostgreSQL adds to type modifiers.
 const VARHDRSZ: i32 = 4;
 

@@ -525,6 +525,28 @@ impl Mirror for PgStore {
         if !unique {
             return Err(refuse(shape::not_unique(spec.key_column.as_str())));
         }
+        let hidden: bool = sqlx::query_scalar(pg_schema::ROWS_HIDDEN_BY_RLS)
+            .bind(spec.table.quoted())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect the policies of {}", spec.table)))?;
+        if hidden {
+            return Err(refuse(
+                "row-level security filters the rows driftd's role sees: a pass would take the rows it may not see for missing, and be in_sync or purge over them; give the role BYPASSRLS, or disable row-level security on the table".into(),
+            ));
+        }
+        let folded: bool = sqlx::query_scalar(pg_schema::KEY_INDEX_IS_NONDETERMINISTIC)
+            .bind(spec.table.quoted())
+            .bind(spec.key_column.as_str())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(query_err(format!("inspect the key of {}", spec.table)))?;
+        if folded {
+            return Err(refuse(format!(
+                "a unique index on key column `{}` uses a non-deterministic (case-insensitive) collation: the database takes keys that differ only in case for one, so a pass would purge a row upstream has under another spelling; index the key under a deterministic collation",
+                spec.key_column.as_str()
+            )));
+        }
         let mut shape = Shape::unlimited(spec);
         if let Some(key) = find(spec.key_column.as_str()) {
             if !shape::key_fits(spec.key_type, key.kind()) {

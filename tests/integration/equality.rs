@@ -82,17 +82,29 @@ async fn case_insensitive_key_collation_is_refused(backend: Backend) {
         vec![Some("alice".into())]
     );
 
-    if backend == Backend::Sqlite {
-        // The collation of a unique index on the key counts too.
-        let db = TestDb::new(backend).await;
-        db.exec(
+    // The collation of a unique index on the key counts too, whatever
+    // the column's own.
+    let db = TestDb::new(backend).await;
+    db.exec(match backend {
+        Backend::Sqlite => {
             "CREATE TABLE items (id TEXT NOT NULL, name TEXT);
-             CREATE UNIQUE INDEX items_id ON items (id COLLATE NOCASE)",
-        )
-        .await;
-        let settings = items_settings(&db, addr, "text", r#"name = { from = "/name" }"#);
-        failed_with(&pass_items(&settings).await, &["collation"]);
-    }
+             CREATE UNIQUE INDEX items_id ON items (id COLLATE NOCASE)"
+        }
+        Backend::Postgres => {
+            "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
+             CREATE TABLE items (id TEXT NOT NULL, name TEXT);
+             CREATE UNIQUE INDEX items_id ON items (id COLLATE ci)"
+        }
+    })
+    .await;
+    db.exec("INSERT INTO items VALUES ('alice', 'a')").await;
+    let settings = items_settings(&db, addr, "text", r#"name = { from = "/name" }"#);
+    failed_with(&pass_items(&settings).await, &["collation"]);
+    assert_eq!(
+        db.text("SELECT id FROM items").await,
+        vec![Some("alice".into())],
+        "a purge-only or full pass deleted `alice`, which upstream has as `Alice`"
+    );
 }
 
 async fn uuid_keys_are_canonical(backend: Backend) {

@@ -83,3 +83,37 @@ async fn soft_delete_column_that_is_also_mapped(backend: Backend) {
 }
 
 crate::both_backends!(soft_delete_column_that_is_also_mapped);
+
+/// PostgreSQL, driftd connecting as a role that row-level security
+/// filters (the table enables it, the role may see one tenant's users):
+/// the scan would see a third of the rows and take the rest for missing
+/// (or be `in_sync` over them). The table is refused, naming row-level
+/// security, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rows_hidden_by_row_level_security_are_refused() {
+    let db = TestDb::new(Backend::Postgres).await;
+    db.create_users().await;
+    let all = users(30);
+    db.insert_users(&all).await;
+    let role = format!("driftd_rls_{:x}", fastrand::u32(..));
+    let tenant = all[0]["tenant_uuid"].as_str().unwrap().to_string();
+    db.exec(&format!(
+        "CREATE ROLE {role} LOGIN; GRANT ALL ON users TO {role}; \
+         GRANT ALL ON SCHEMA public TO {role}; GRANT CREATE ON DATABASE {dbname} TO {role}; \
+         ALTER TABLE users ENABLE ROW LEVEL SECURITY; \
+         CREATE POLICY one_tenant ON users TO {role} USING (tenant_uuid = '{tenant}')",
+        dbname = db.url.rsplit('/').next().unwrap()
+    ))
+    .await;
+    let (_up, addr) = upstream(all.clone()).await;
+    let mut settings = ConfigBuilder::default().settings(&db, addr);
+    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
+    settings.store.url = url.into();
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
+    assert!(
+        r.error.as_deref().unwrap_or("").contains("row-level security"),
+        "{r:?}"
+    );
+    assert_eq!(db.count("users").await, 30);
+}
