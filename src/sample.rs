@@ -175,6 +175,9 @@ pub struct SampleUpstream {
     /// Collections whose get-by-key looks items up by another field than
     /// the one they are ordered by.
     get_by: Mutex<HashMap<String, String>>,
+    /// Get-by-key requests being answered now, and the most at once, for
+    /// tests of an upstream that takes one request at a time.
+    gets: Mutex<(u64, u64)>,
 }
 
 impl SampleUpstream {
@@ -202,6 +205,11 @@ impl SampleUpstream {
             key_field: key,
         }
         .put(item);
+    }
+
+    /// The most get-by-key requests answered at once so far.
+    pub fn max_concurrent_gets(&self) -> u64 {
+        self.gets.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 
     /// Removes one item by key.
@@ -491,9 +499,15 @@ async fn get_one(
             Fault::SlowGet { ms } => Some(*ms),
             _ => None,
         });
+    {
+        let mut gets = up.gets.lock().unwrap_or_else(|p| p.into_inner());
+        gets.0 += 1;
+        gets.1 = gets.1.max(gets.0);
+    }
     if let Some(ms) = slow {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    up.gets.lock().unwrap_or_else(|p| p.into_inner()).0 -= 1;
     let field = up
         .get_by
         .lock()

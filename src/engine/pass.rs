@@ -176,7 +176,9 @@ async fn execute<S: Store>(
             report.guard = Some(trip);
             report.outcome = Outcome::GuardTripped;
             report.left = report.found.clone();
-            fill_planned(report, &mut plan, true)?;
+            // A sample of the keys: every one only in a dry run (a guard
+            // trips on a large plan, whose keys would swell every report).
+            fill_planned(report, &mut plan, opts.dry_run)?;
             return Ok(());
         }
         tracing::warn!(guard = trip.name(), "{trip}; applying anyway (forced)");
@@ -186,7 +188,15 @@ async fn execute<S: Store>(
     let applying = Instant::now();
     if res.confirms_purges() && !plan.purge.is_empty() {
         check_canary(&client, plan.canary.as_ref()).await?;
-        let (gone, kept) = confirm(&client, std::mem::take(&mut plan.purge), res.key.kind).await?;
+        // An upstream that takes one request at a time (look_ahead = false)
+        // gets its confirmations one at a time too.
+        let in_flight = if res.upstream.look_ahead {
+            CONFIRM_CONCURRENCY
+        } else {
+            1
+        };
+        let purge = std::mem::take(&mut plan.purge);
+        let (gone, kept) = confirm(&client, purge, res.key.kind, in_flight).await?;
         plan.purge = gone;
         report.actions.purge_kept = kept;
     }
@@ -516,6 +526,7 @@ async fn confirm(
     client: &Client,
     candidates: Vec<Key>,
     key_type: KeyType,
+    in_flight: usize,
 ) -> Result<(Vec<Key>, u64), PassError> {
     let checks: Vec<(Key, Result<Presence, UpstreamError>)> = stream::iter(candidates)
         .map(|key| async move {
@@ -525,7 +536,7 @@ async fn confirm(
             }
             (key, presence)
         })
-        .buffered(CONFIRM_CONCURRENCY)
+        .buffered(in_flight)
         .collect()
         .await;
     let mut gone = Vec::new();

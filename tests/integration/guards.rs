@@ -470,6 +470,58 @@ async fn confirm_before_purge_keeps_rows_still_upstream(backend: Backend) {
     assert_eq!(db.keys("users").await, expected);
 }
 
+/// Purge confirmations keep to the upstream's pace: with `look_ahead =
+/// false` (an upstream that takes one request at a time) one get-by-key
+/// at a time, else a few at once.
+async fn confirmations_respect_one_request_at_a_time(backend: Backend) {
+    let mut most = Vec::new();
+    for look_ahead in [false, true] {
+        let db = TestDb::new(backend).await;
+        in_sync_plus_ghosts(&db).await;
+        let (up, addr) = upstream(users(N)).await;
+        up.inject(Fault::SlowGet { ms: 30 });
+        let settings = ConfigBuilder {
+            policy: "max_purge_fraction = 1.0\nconfirm_purge = true".into(),
+            upstream: format!("look_ahead = {look_ahead}"),
+            ..ConfigBuilder::default()
+        }
+        .settings(&db, addr);
+        let r = pass(&settings, PassOptions::default()).await;
+        assert_eq!(r.outcome, Outcome::Repaired, "{r:?}");
+        assert_eq!(r.actions.purge, 5, "{r:?}");
+        most.push(up.max_concurrent_gets());
+    }
+    assert_eq!(most[0], 1, "look_ahead = false: {most:?}");
+    assert!(most[1] > 1, "look_ahead = true: {most:?}");
+}
+
+/// A guard-tripped report names a sample of the keys it would have
+/// purged, not all of them; a dry run names every one.
+async fn a_tripped_report_carries_a_sample_of_keys(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    db.insert_users(&users(200)).await;
+    let (_up, addr) = upstream(users(150)).await;
+    let settings = ConfigBuilder {
+        policy: "max_purge_fraction = 0.1".into(),
+        ..ConfigBuilder::default()
+    }
+    .settings(&db, addr);
+    let r = pass(&settings, PassOptions::default()).await;
+    assert_eq!(r.outcome, Outcome::GuardTripped, "{r:?}");
+    assert_eq!(r.keys.purge.len(), 10, "{:?}", r.keys.purge.len());
+    let dry = pass(
+        &settings,
+        PassOptions {
+            dry_run: true,
+            ..PassOptions::default()
+        },
+    )
+    .await;
+    assert_eq!(dry.keys.purge.len(), 50);
+    assert_eq!(db.count("users").await, 200);
+}
+
 async fn confirm_with_a_wrong_get_path_purges_nothing(backend: Backend) {
     // A get_path that 404s for everything would confirm every candidate as
     // gone. The canary check (a key the listing has must be found) stops it.
@@ -607,6 +659,8 @@ async fn big_numbers_keep_their_digits_in_text(backend: Backend) {
 both_backends!(
     renamed_field_fails_and_mass_update_trips,
     nul_text_is_refused_naming_the_item,
+    confirmations_respect_one_request_at_a_time,
+    a_tripped_report_carries_a_sample_of_keys,
     big_numbers_keep_their_digits_in_text,
     http_error_after_retries_aborts,
     client_error_aborts,

@@ -112,7 +112,10 @@ async fn postgres_rows_hidden_by_row_level_security_are_refused() {
     let r = pass(&settings, PassOptions::default()).await;
     assert_eq!(r.outcome, Outcome::Failed, "{r:?}");
     assert!(
-        r.error.as_deref().unwrap_or("").contains("row-level security"),
+        r.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("row-level security"),
         "{r:?}"
     );
     assert_eq!(db.count("users").await, 30);
