@@ -471,7 +471,11 @@ impl Events {
             self.mark_resent(source, &verdicts[marked..], &resends[marked..])
                 .await?;
         }
-        for (v, env) in verdicts.iter_mut().zip(batch) {
+        // A message delivered again (a broker redelivering a batch whose
+        // acknowledgement was lost) that is a dead letter already keeps
+        // that one letter, counted once: one message, one outcome.
+        let mut again = vec![false; verdicts.len()];
+        for ((v, env), again) in verdicts.iter_mut().zip(batch).zip(again.iter_mut()) {
             if matches!(v.outcome, "dead_lettered" | "held") && dead_letter {
                 let letter = letter_for(
                     source,
@@ -479,6 +483,12 @@ impl Events {
                     v.error.as_deref().unwrap_or_default(),
                     env,
                 );
+                if let Some(id) = self.store.same_dead_letter(&letter).await? {
+                    tracing::info!(source, dead_letter = %id, "message delivered again is a dead letter already");
+                    v.dead_letter = Some(id);
+                    *again = true;
+                    continue;
+                }
                 self.store.add_dead_letter(&letter).await?;
                 tracing::warn!(
                     source,
@@ -492,7 +502,7 @@ impl Events {
         }
         // A replay is not a new event: it is not counted again.
         if dead_letter {
-            for v in &verdicts {
+            for (v, _) in verdicts.iter().zip(&again).filter(|(_, again)| !**again) {
                 self.metrics
                     .event(source, v.resource.as_deref().unwrap_or(""), v.outcome);
             }

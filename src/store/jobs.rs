@@ -374,6 +374,21 @@ macro_rules! reprovision_methods {
                 .map_err($crate::store::query_err("commit re-sent keys"))
         }
 
+        async fn same_dead_letter(
+            &self,
+            d: &$crate::store::DeadLetter,
+        ) -> Result<Option<String>, $crate::store::StoreError> {
+            sqlx::query_scalar(&$sql(
+                "SELECT id FROM driftd_dead_letters WHERE source = $1 AND body = $2 AND headers = $3 LIMIT 1",
+            ))
+            .bind(&d.source)
+            .bind(&d.raw)
+            .bind(serde_json::to_string(&d.headers).unwrap_or_default())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err($crate::store::query_err("look for the same dead letter"))
+        }
+
         async fn journal_touched(
             &self,
             resource: &str,

@@ -457,6 +457,13 @@ pub trait Ledger: Send + Sync {
         resource: &str,
     ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
 
+    /// The id of a dead letter keeping the same message as `d` (source,
+    /// body and headers), if one is stored.
+    fn same_dead_letter(
+        &self,
+        d: &DeadLetter,
+    ) -> impl Future<Output = Result<Option<String>, StoreError>> + Send;
+
     /// When an event last wrote `key` of `resource` (RFC 3339), if the
     /// journal still has it.
     fn journal_touched(
@@ -968,6 +975,9 @@ impl Ledger for AnyStore {
         keys: &[&str],
     ) -> Result<(), StoreError> {
         delegate!(self, mark_resent(reprovision, resource, keys))
+    }
+    async fn same_dead_letter(&self, d: &DeadLetter) -> Result<Option<String>, StoreError> {
+        delegate!(self, same_dead_letter(d))
     }
     async fn journal_touched(
         &self,

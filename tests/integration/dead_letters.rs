@@ -56,6 +56,36 @@ async fn letters_list_in_arrival_order(backend: Backend) {
     assert_eq!(order, want);
 }
 
+/// A batch delivered again (its acknowledgement lost: a consumer
+/// timeout, a closed connection) keeps one letter per message and counts
+/// it once: one message, one outcome.
+async fn a_batch_delivered_again_keeps_one_letter_per_message(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    db.create_users().await;
+    let (_up, addr) = upstream(users(0)).await;
+    let events = engine(&config(&db, addr, BUS)).await;
+    let batch = vec![
+        message("user_created", json!({"firstname": "no key"})),
+        message("user_created", users(1)[0].clone()),
+    ];
+    let first = events.deliver("bus", &batch).await.unwrap();
+    let again = events.deliver("bus", &batch).await.unwrap();
+    assert_eq!(first[0].dead_letter, again[0].dead_letter, "{again:?}");
+    let letters = events
+        .store()
+        .list_dead_letters(Some("bus"), 10)
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let metrics = events.metrics().render();
+    assert!(
+        metrics.contains(
+            r#"driftd_events_total{outcome="dead_lettered",resource="users",source="bus"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
 /// A letter whose event the config no longer maps: its replay applies
 /// nothing, so the letter stays and the replay says it failed.
 async fn a_replay_of_an_unmapped_event_keeps_the_letter(backend: Backend) {
@@ -234,6 +264,7 @@ async fn postgres_widened_column() {
 
 both_backends!(
     letters_list_in_arrival_order,
+    a_batch_delivered_again_keeps_one_letter_per_message,
     a_replay_of_an_unmapped_event_keeps_the_letter,
     the_gauge_follows_the_table,
 );
