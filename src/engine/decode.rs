@@ -333,6 +333,22 @@ impl RowDecoder {
     fn decode_document(&self, body: &[u8]) -> Result<Decoded<Row>, String> {
         let mut doc: Json =
             serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+        // A document keeps the last of two equal keys silently: the items
+        // met twice on their path fail the page, as on the fast path.
+        if !self.items_pointer.is_empty() {
+            let segs: Vec<String> = self
+                .items_pointer
+                .split('/')
+                .skip(1)
+                .map(|s| s.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            let mut de = serde_json::Deserializer::from_slice(body);
+            if let Ok(Some(name)) = (PathTwice { segs: &segs }).deserialize(&mut de) {
+                return Err(format!(
+                    "the page has `{name}` twice: which listing it means cannot be told"
+                ));
+            }
+        }
         let total = self
             .total_pointer
             .as_ref()
@@ -394,6 +410,65 @@ impl PageDecoder for RowDecoder {
             Err(e) if e.is_data() => Err(e.to_string()),
             Err(e) => Err(format!("invalid JSON: {e}")),
         }
+    }
+}
+
+/// Finds an object key met twice along a pointer's path (`segs`), the
+/// items' field among them: `Some(key)` when one is.
+struct PathTwice<'a> {
+    segs: &'a [String],
+}
+
+impl<'de> DeserializeSeed<'de> for PathTwice<'_> {
+    type Value = Option<String>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for PathTwice<'_> {
+    type Value = Option<String>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let Some((first, rest)) = self.segs.split_first() else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(None);
+        };
+        let (mut seen, mut twice) = (0, None);
+        while let Some(hit) = map.next_key_seed(KeySeed(std::slice::from_ref(first)))? {
+            if hit.is_some() {
+                seen += 1;
+                let below = map.next_value_seed(PathTwice { segs: rest })?;
+                twice = twice.or(below);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(if seen > 1 { Some(first.clone()) } else { twice })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
     }
 }
 
@@ -470,6 +545,11 @@ impl<'de> Visitor<'de> for PageSeed<'_> {
         let mut found = false;
         while let Some(hit) = map.next_key_seed(KeySeed(&names))? {
             match hit {
+                Some(0) if found => {
+                    return Err(de::Error::custom(format!(
+                        "the page has `{items_name}` twice: which listing it means cannot be told"
+                    )));
+                }
                 Some(0) => {
                     page.items = map.next_value_seed(ItemsSeed(self.decoder, self.plan))?;
                     found = true;
@@ -932,6 +1012,29 @@ b = { from = "/2/city", optional = true }
         let fast = d.decode(page).unwrap_err();
         assert!(fast.contains("not UTF-8 text"), "{fast}");
         assert!(d.decode_document(page).is_err());
+    }
+
+    #[test]
+    fn a_page_with_items_twice_fails_on_both_paths() {
+        let d = decoder("");
+        let page = br#"{"items": [{"id": 1, "name": "a", "address": {"city": "X"}}], "items": []}"#;
+        for err in [
+            d.decode(page).unwrap_err(),
+            d.decode_document(page).unwrap_err(),
+        ] {
+            assert!(err.contains("`items` twice"), "{err}");
+        }
+        let nested = decoder(r#", items_pointer = "/data/items""#);
+        let page = br#"{"data": {"items": [], "items": []}}"#;
+        for err in [
+            nested.decode(page).unwrap_err(),
+            nested.decode_document(page).unwrap_err(),
+        ] {
+            assert!(err.contains("`items` twice"), "{err}");
+        }
+        // Once is fine, and other keys twice are none of the listing's.
+        let page = br#"{"items": [], "total": 0, "total": 0}"#;
+        assert!(d.decode_document(page).is_ok());
     }
 
     #[test]
