@@ -73,12 +73,14 @@ pub async fn run(ctx: SourceContext) {
         let ctx = &ctx;
         let redis = &redis;
         let watch = &std::sync::Mutex::new(Watch::default());
+        // This source's lease token, for every connection it makes.
+        let token = &format!("{}:{}", std::process::id(), uuid::Uuid::new_v4().simple());
         super::keep_consuming(
             ctx,
             redis.resolve_url(),
             redis.max_backoff_secs,
             |url, backoff| async move {
-                consume(ctx, redis, url.expose_secret(), &backoff, watch).await
+                consume(ctx, redis, url.expose_secret(), &backoff, watch, token).await
             },
         )
         .await
@@ -173,6 +175,7 @@ async fn consume(
     url: &str,
     backoff: &super::Backoff,
     watch: &std::sync::Mutex<Watch>,
+    token: &str,
 ) -> anyhow::Result<()> {
     let block = Duration::from_millis(redis.block_ms);
     let mut con = connect(url, block).await?;
@@ -201,7 +204,7 @@ async fn consume(
     // entries for their own (and a completion would not wait for re-sends
     // the other holds): the name is leased, and the lease renewed by a
     // task of its own, however long a batch takes to settle.
-    let lease = Lease::take(&mut con, redis, &consumer).await?;
+    let lease = Lease::take(&mut con, redis, &consumer, token).await?;
     let lost = Arc::new(AtomicBool::new(false));
     let _renewal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
         lease.clone().renew(con.clone(), lost.clone()),
@@ -223,18 +226,21 @@ struct Lease {
 }
 
 impl Lease {
-    /// Takes the lease of `consumer`, or fails naming who holds it.
+    /// Takes the lease of `consumer` for `token` (this source's, the same
+    /// across its reconnections, so a lost connection does not lock the
+    /// name out until the lease expires), or fails naming who holds it.
     async fn take(
         con: &mut MultiplexedConnection,
         redis: &RedisConfig,
         consumer: &str,
+        token: &str,
     ) -> anyhow::Result<Lease> {
         let lease = Lease {
             key: format!(
                 "driftd:consumer:{}:{}:{consumer}",
                 redis.stream, redis.group
             ),
-            token: format!("{}:{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            token: token.to_string(),
             // A process that died frees its name after this.
             ttl: Duration::from_millis(redis.block_ms + 1_000).max(Duration::from_secs(1)),
         };
@@ -247,7 +253,17 @@ impl Lease {
             .query_async(con)
             .await
             .map_err(|e| anyhow::anyhow!("SET {}: {e}", lease.key))?;
-        if taken == Value::Nil {
+        // Held already: by this source (a connection before this one)?
+        let ours = taken != Value::Nil || {
+            let held: Option<String> = redis::cmd("GET")
+                .arg(&lease.key)
+                .query_async(con)
+                .await
+                .ok()
+                .flatten();
+            held.as_deref() == Some(token)
+        };
+        if !ours {
             anyhow::bail!(
                 "consumer `{consumer}` of group `{}` is in use by another process (lease `{}`): give each replica its own redis.consumer, or leave it unset (driftd-<host>); retrying",
                 redis.group,
