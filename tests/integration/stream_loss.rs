@@ -93,6 +93,48 @@ async fn half_resent(
     all
 }
 
+/// A worker consuming a stream of its own with reprovisions, after
+/// [`half_resent`] of reprovision `id`: what most tests here start from.
+struct Resending {
+    db: TestDb,
+    _up: std::sync::Arc<driftd::sample::SampleUpstream>,
+    _dir: tempfile::TempDir,
+    stream: String,
+    s: std::sync::Arc<driftd::config::Settings>,
+    d: driftd::daemon::Daemon,
+    con: MultiplexedConnection,
+    all: Vec<serde_json::Value>,
+}
+
+async fn resending(backend: Backend, id: &str) -> Resending {
+    let Setup {
+        db,
+        _up,
+        addr,
+        dir,
+        stream,
+    } = setup(backend).await;
+    let s = settings(
+        &db,
+        addr,
+        dir.path(),
+        &reprovision_source(&stream, COMPLETED),
+    );
+    let (d, _) = start_connected(s.clone()).await;
+    let mut con = redis().await;
+    let all = half_resent(&mut con, &stream, &db, id).await;
+    Resending {
+        db,
+        _up,
+        _dir: dir,
+        stream,
+        s,
+        d,
+        con,
+        all,
+    }
+}
+
 /// Completes reprovision `id`, then waits for it to end `incomplete`
 /// for `reason`, with every row kept.
 async fn complete_and_expect_incomplete(
@@ -120,22 +162,16 @@ async fn complete_and_expect_incomplete(
 /// reprovision is incomplete, nothing is purged, the loss is counted and
 /// shown.
 async fn a_stream_trimmed_while_driftd_was_stopped_purges_nothing(backend: Backend) {
-    let Setup {
+    let Resending {
         db,
         _up,
-        addr,
-        dir,
+        _dir,
         stream,
-    } = setup(backend).await;
-    let s = settings(
-        &db,
-        addr,
-        dir.path(),
-        &reprovision_source(&stream, COMPLETED),
-    );
-    let (d, _) = start_connected(s.clone()).await;
-    let mut con = redis().await;
-    let all = half_resent(&mut con, &stream, &db, "r1").await;
+        s,
+        d,
+        mut con,
+        all,
+    } = resending(backend, "r1").await;
     assert_eq!(reprovisions(&s).await[0].state, "open");
     assert!(d.stop().await);
     for u in &all[10..] {
@@ -338,22 +374,16 @@ fn body(name: &str, data: &Json) -> String {
 /// the completion counts the group's lag against the entries left: the
 /// reprovision is incomplete and purges nothing.
 async fn a_trim_inside_a_producer_transaction_purges_nothing(backend: Backend) {
-    let Setup {
+    let Resending {
         db,
         _up,
-        addr,
-        dir,
+        _dir,
         stream,
-    } = setup(backend).await;
-    let s = settings(
-        &db,
-        addr,
-        dir.path(),
-        &reprovision_source(&stream, COMPLETED),
-    );
-    let (d, _) = start_connected(s.clone()).await;
-    let mut con = redis().await;
-    let all = half_resent(&mut con, &stream, &db, "r1").await;
+        s,
+        d,
+        mut con,
+        all,
+    } = resending(backend, "r1").await;
     // driftd is caught up and blocked in XREADGROUP. One transaction
     // re-sends users 10..20 with MAXLEN 3 and completes.
     let mut pipe = redis::pipe();
@@ -397,22 +427,16 @@ async fn a_trim_inside_a_producer_transaction_purges_nothing(backend: Backend) {
 /// from its range. It never starts or completes a reprovision; the worker,
 /// reading the completion through its group, finds the loss.
 async fn a_replay_never_completes_a_reprovision(backend: Backend) {
-    let Setup {
+    let Resending {
         db,
         _up,
-        addr,
-        dir,
+        _dir,
         stream,
-    } = setup(backend).await;
-    let s = settings(
-        &db,
-        addr,
-        dir.path(),
-        &reprovision_source(&stream, COMPLETED),
-    );
-    let (d, _) = start_connected(s.clone()).await;
-    let mut con = redis().await;
-    let all = half_resent(&mut con, &stream, &db, "r2").await;
+        s,
+        d,
+        mut con,
+        all,
+    } = resending(backend, "r2").await;
     assert!(d.stop().await);
     // While the worker is down: re-sends of 10..20, five of them deleted
     // before anyone read them, then the completion.
@@ -578,22 +602,16 @@ async fn postgres_a_redis_restart_from_an_older_snapshot_purges_nothing() {
 /// A Lua script adds the re-sends and the completion, and deletes two of
 /// the re-sends before driftd reads any: incomplete, nothing purged.
 async fn an_xdel_in_the_completions_batch_purges_nothing(backend: Backend) {
-    let Setup {
+    let Resending {
         db,
         _up,
-        addr,
-        dir,
+        _dir,
         stream,
-    } = setup(backend).await;
-    let s = settings(
-        &db,
-        addr,
-        dir.path(),
-        &reprovision_source(&stream, COMPLETED),
-    );
-    let (d, _) = start_connected(s.clone()).await;
-    let mut con = redis().await;
-    let all = half_resent(&mut con, &stream, &db, "h1").await;
+        s,
+        d,
+        mut con,
+        all,
+    } = resending(backend, "h1").await;
     let mut inv = redis::cmd("EVAL");
     inv.arg(r#"local ids = {}
         for i, b in ipairs(ARGV) do ids[i] = redis.call('XADD', KEYS[1], '*', 'name', i == #ARGV and 'ReprovisionCompleted' or 'user_created', 'payload', b) end
@@ -669,22 +687,16 @@ async fn an_approximate_maxlen_while_keeping_up_is_no_loss(backend: Backend) {
 /// The group destroyed and re-sends added in one transaction while driftd
 /// runs: the group is created anew, the loss reported, nothing purged.
 async fn a_group_destroyed_while_running_purges_nothing(backend: Backend) {
-    let Setup {
+    let Resending {
         db,
         _up,
-        addr,
-        dir,
+        _dir,
         stream,
-    } = setup(backend).await;
-    let s = settings(
-        &db,
-        addr,
-        dir.path(),
-        &reprovision_source(&stream, COMPLETED),
-    );
-    let (d, _) = start_connected(s.clone()).await;
-    let mut con = redis().await;
-    let all = half_resent(&mut con, &stream, &db, "h3").await;
+        s,
+        d,
+        mut con,
+        all,
+    } = resending(backend, "h3").await;
     let mut pipe = redis::pipe();
     pipe.atomic()
         .cmd("XGROUP")
