@@ -7,7 +7,7 @@ use anyhow::Context;
 
 use crate::config::Settings;
 use crate::report;
-use crate::store::{AnyStore, Ledger};
+use crate::store::Ledger;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
@@ -22,7 +22,7 @@ pub enum Action {
     Set { resource: String, value: String },
 }
 
-pub async fn run(settings: &Settings, store: &AnyStore, action: Action) -> anyhow::Result<i32> {
+pub async fn run(settings: &Settings, action: Action) -> anyhow::Result<i32> {
     let resource = match &action {
         Action::Show { resource } | Action::Reset { resource } | Action::Set { resource, .. } => {
             resource
@@ -34,6 +34,8 @@ pub async fn run(settings: &Settings, store: &AnyStore, action: Action) -> anyho
             "resource `{resource}` has no [resources.{resource}.incremental]: it keeps no checkpoint"
         );
     };
+    // The request is checked before the database is opened.
+    let store = crate::daemon::open_store(settings).await?;
     match &action {
         Action::Show { .. } => {
             let stored = store.checkpoint(resource).await?;

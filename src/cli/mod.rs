@@ -207,8 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::DeadLetters { action } => dead_letters(&cli.config, action).await,
         Command::Checkpoint { action } => {
             let settings = load_settings(&cli.config)?;
-            let store = open_store(&settings).await?;
-            checkpoint::run(&settings, &store, action).await
+            checkpoint::run(&settings, action).await
         }
         Command::Replay { source, from } => replay(&cli.config, &source, from).await,
         Command::Quickstart { serve } => crate::quickstart::run(serve).await,

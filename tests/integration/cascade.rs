@@ -44,10 +44,6 @@ key = "/data/uuid"
     )
 }
 
-fn uuid(u: &serde_json::Value) -> String {
-    u["uuid"].as_str().unwrap().to_string()
-}
-
 async fn world(
     backend: Backend,
 ) -> (

@@ -99,10 +99,6 @@ async fn checkpoint(s: &driftd::config::Settings, resource: &str) -> Option<Stri
     store.checkpoint(resource).await.unwrap()
 }
 
-fn uuid(j: &Json) -> String {
-    j["uuid"].as_str().unwrap().to_string()
-}
-
 /// users (child of tenants) + tenants with a change feed.
 async fn family(backend: Backend) -> (TestDb, driftd::config::Settings, Arc<Script>) {
     let db = TestDb::new(backend).await;

@@ -222,6 +222,11 @@ fn lit(v: &Json) -> String {
     }
 }
 
+/// A sample item's `uuid`.
+pub fn uuid(item: &Json) -> String {
+    item["uuid"].as_str().unwrap().to_string()
+}
+
 /// `n` sample users.
 pub fn users(n: u64) -> Vec<Json> {
     (0..n).map(|i| user(i, TENANTS)).collect()

@@ -8,15 +8,11 @@ use std::sync::Arc;
 
 use driftd::config::Settings;
 use driftd::store::Ledger;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 
 use crate::both_backends;
 use crate::common::*;
 use crate::events::{engine, message, BUS};
-
-fn uuid(u: &Json) -> String {
-    u["uuid"].as_str().unwrap().to_string()
-}
 
 fn config(db: &TestDb, addr: std::net::SocketAddr, bus: &str) -> Arc<Settings> {
     Arc::new(

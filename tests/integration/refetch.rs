@@ -34,10 +34,6 @@ fn config(db: &TestDb, addr: std::net::SocketAddr, get_path: &str, budget: f64) 
     .settings(db, addr)
 }
 
-fn uuid(u: &Json) -> String {
-    u["uuid"].as_str().unwrap().to_string()
-}
-
 /// A `get_path` with a typo answers 404 for every key: a refetch of a
 /// row the table holds and upstream lists deletes nothing; the event is a
 /// dead letter saying why. With the right path, a 404 for a row upstream

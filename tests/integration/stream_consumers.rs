@@ -12,10 +12,6 @@ use crate::both_backends;
 use crate::common::*;
 use crate::streams::{add, drop_stream, redis, settings, setup, source, wait_rows, Setup};
 
-fn uuid(u: &serde_json::Value) -> String {
-    u["uuid"].as_str().unwrap().to_string()
-}
-
 async fn a_consumer_name_in_use_is_not_shared(backend: Backend) {
     let Setup {
         db,

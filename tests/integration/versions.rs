@@ -8,15 +8,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use driftd::config::Settings;
-use serde_json::{json, Value as Json};
+use serde_json::json;
 
 use crate::both_backends;
 use crate::common::*;
 use crate::events::{engine, message, BUS};
-
-fn uuid(u: &Json) -> String {
-    u["uuid"].as_str().unwrap().to_string()
-}
 
 /// The users' `user_edited` event versioned by a time (`/data/updated_at`).
 fn timestamp_config(db: &TestDb, addr: SocketAddr, kind: &str) -> Arc<Settings> {
